@@ -1,0 +1,393 @@
+"""Benchmark harness: a registry of op cases, timers, peak-memory probes, JSON-lines results.
+
+A *case* is one op at one shape on one device with several implementations: ours (the first
+entry, the *primary*) and the peers it is measured against. Every implementation of a case runs
+in the same process on the same inputs. For each one the harness records
+
+* the median and the 20%/80% quantiles of its time (``triton.testing.do_bench`` with CUDA events
+  on GPU; a warm repeat-and-median ``perf_counter`` timer on CPU),
+* its peak memory above what the inputs already hold (CUDA allocator stats on GPU; on CPU the
+  process's resident high-water mark, reset through ``/proc/self/clear_refs``, with each case run
+  in a fresh subprocess so that nothing else pollutes it),
+* its error metric against the case's reference (a speed-up for a wrong answer is worthless),
+* its time and peak-memory ratios to the primary, and throughput if the case declares FLOPs/bytes.
+
+Results are appended as JSON lines to ``bench/results/<device>.jsonl`` with the device name,
+torch/triton versions, git commit and date, and printed as a table.
+
+Op modules register cases with ``@register_cases("op_name")`` on a function
+``(device: str, quick: bool) -> list[Case]``; they live in ``bench/bench_<op>.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS_DIR = Path(os.environ.get("FASTMODELS_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
+
+
+@dataclass
+class Case:
+    """One benchmark case. ``impls`` maps a label to ``fn(inputs) -> output``; the first is ours."""
+
+    op: str
+    name: str
+    device: str
+    setup: Callable[[], dict]
+    impls: dict[str, Callable[[dict], Any]]
+    error: Callable[[dict, Any], float] | None = None  # (inputs, output) -> error metric (lower is better)
+    error_name: str = "rms_rel_err"
+    flops: Callable[[dict], float] | None = None
+    bytes: Callable[[dict], float] | None = None
+    targets: dict[str, float] = field(default_factory=dict)  # e.g. {"speedup:sdpa": 1/1.5}
+    quick: bool = False
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.name}"
+
+
+_REGISTRY: dict[str, list[Callable[[str, bool], list[Case]]]] = {}
+
+
+def register_cases(op: str):
+    def deco(fn):
+        _REGISTRY.setdefault(op, []).append(fn)
+        return fn
+
+    return deco
+
+
+def load_case_modules() -> None:
+    pkg = importlib.import_module(__package__ or "fastmodels.bench")
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("bench_"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def collect_cases(device: str, ops: list[str] | None = None, quick: bool = False) -> list[Case]:
+    load_case_modules()
+    cases = []
+    for op, fns in sorted(_REGISTRY.items()):
+        if ops and op not in ops:
+            continue
+        for fn in fns:
+            cases.extend(c for c in fn(device, quick) if (c.quick or not quick))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_cpu(fn: Callable[[], Any], *, budget_s: float = 2.0, min_reps: int = 5, max_reps: int = 200) -> list[float]:
+    """Times in ms of repeated warm calls (the caller warms up first)."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_cuda(fn: Callable[[], Any], *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:
+    try:
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    except ImportError:
+        times = []
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        for _ in range(50):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        q = statistics.quantiles(times, n=10)
+        return statistics.median(times), q[1], q[7]
+
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def peak_cpu_mb(fn: Callable[[], Any]) -> float | None:
+    """Resident-memory high-water mark of one call above the resident size before it."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _rss_kb("VmRSS")
+    out = fn()
+    peak = _rss_kb("VmHWM")
+    del out
+    return max(peak - before, 0) / 1024
+
+
+def peak_cuda_mb(fn: Callable[[], Any]) -> float:
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - base) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment facts
+# ---------------------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit,
+        "dirty": dirty,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a case
+# ---------------------------------------------------------------------------------------------
+
+
+def run_case(case: Case, *, measure_memory: bool = True, cpu_budget_s: float = 2.0) -> list[dict]:
+    """Run every implementation of ``case`` on the same inputs; return one row per implementation."""
+    torch.manual_seed(0)
+    inputs = case.setup()
+    rows = []
+    for label, impl in case.impls.items():
+        row: dict[str, Any] = {"op": case.op, "case": case.name, "impl": label, "primary": not rows}
+        fn = lambda: impl(inputs)  # noqa: E731
+        try:
+            out = fn()  # warm-up: compilation, autotuning, lazy initialisation
+            _sync(case.device)
+            if case.error is not None:
+                row[case.error_name] = float(case.error(inputs, out))
+            del out
+            if measure_memory:
+                row["peak_mb"] = peak_cuda_mb(fn) if case.device == "cuda" else peak_cpu_mb(fn)
+            if case.device == "cuda":
+                med, p20, p80 = time_cuda(fn)
+            else:
+                times = time_cpu(fn, budget_s=cpu_budget_s)
+                q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+                med, p20, p80 = statistics.median(times), q[0], q[3]
+                row["reps"] = len(times)
+            row.update(median_ms=med, p20_ms=p20, p80_ms=p80)
+            if case.flops is not None:
+                row["tflops"] = case.flops(inputs) / (med * 1e-3) / 1e12
+            if case.bytes is not None:
+                row["gbps"] = case.bytes(inputs) / (med * 1e-3) / 1e9
+        except torch.cuda.OutOfMemoryError as exc:  # a peer running out of memory is a result
+            row["error"] = f"OOM: {str(exc).splitlines()[0]}"
+            torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        rows.append(row)
+        gc.collect()
+    primary = rows[0]
+    for row in rows:
+        if "median_ms" in row and "median_ms" in primary:
+            row["time_ratio"] = row["median_ms"] / primary["median_ms"]  # > 1: ours is faster
+        if row.get("peak_mb") and primary.get("peak_mb") is not None:
+            row["mem_ratio"] = row["peak_mb"] / max(primary["peak_mb"], 1e-3)  # > 1: ours uses less
+    for target, value in case.targets.items():
+        # "time_ratio:<impl>" >= value, "mem_ratio:<impl>" >= value, "<metric>" <= value for primary
+        kind, _, impl = target.partition(":")
+        row = next((r for r in rows if r["impl"] == impl), None) if impl else primary
+        got = None if row is None else row.get(kind)
+        ok = got is not None and (got >= value if kind in ("time_ratio", "mem_ratio") else got <= value)
+        primary.setdefault("targets", {})[target] = {"want": value, "got": got, "met": bool(ok)}
+    for row in rows:
+        if case.note:
+            row["note"] = case.note
+    return rows
+
+
+def _run_case_subprocess(device: str, op: str, index: int, quick: bool, budget: float) -> list[dict]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        path = tmp.name
+    cmd = [sys.executable, "-m", "fastmodels.bench.harness", "--worker", op, str(index), "--device", device, "--out", path, "--budget", str(budget)]
+    if quick:
+        cmd.append("--quick")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return [{"op": op, "case": f"#{index}", "impl": "?", "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}]
+        with open(path) as f:
+            return json.load(f)
+    finally:
+        os.unlink(path)
+
+
+def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write: bool = True, progress: bool = True, cpu_budget_s: float = 2.0) -> list[dict]:
+    cases = collect_cases(device, ops, quick)
+    env = environment(device)
+    rows: list[dict] = []
+    iterator = cases
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(cases, desc=f"bench [{device}]", unit="case", file=sys.stderr)
+            iterator = bar
+        except ImportError:
+            pass
+    for case in iterator:
+        if bar is not None:
+            bar.set_postfix_str(case.key[:48])
+        if device == "cpu":
+            index = [c.key for c in collect_cases(device, [case.op], quick)].index(case.key)
+            case_rows = _run_case_subprocess(device, case.op, index, quick, cpu_budget_s)
+        else:
+            case_rows = run_case(case)
+        for row in case_rows:
+            row.update(env)
+        rows.extend(case_rows)
+        if write:
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            with open(RESULTS_DIR / f"{device}.jsonl", "a") as f:
+                for row in case_rows:
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'op / case':<52} {'impl':<26} {'median ms':>10} {'p20-p80':>17} {'peak MB':>9} {'x ours':>7} {'mem x':>7} {'error':>9}"
+    lines = [header, "-" * len(header)]
+    last = None
+    for r in rows:
+        key = f"{r['op']}/{r['case']}"
+        label = key if key != last else ""
+        last = key
+        err_keys = [k for k in r if k.endswith("err") or k.endswith("error_ratio")]
+        err = r.get(err_keys[0]) if err_keys else None
+        if "error" in r and "median_ms" not in r:
+            lines.append(f"{label[:52]:<52} {r['impl'][:26]:<26} FAILED: {r['error'][:80]}")
+            continue
+        q = f"{_fmt(r.get('p20_ms'), '.3g')}-{_fmt(r.get('p80_ms'), '.3g')}"
+        lines.append(
+            f"{label[:52]:<52} {r['impl'][:26]:<26} {_fmt(r.get('median_ms'), '10.3f')} {q:>17} {_fmt(r.get('peak_mb'), '9.1f')} "
+            f"{_fmt(r.get('time_ratio'), '7.2f')} {_fmt(r.get('mem_ratio'), '7.2f')} {_fmt(err, '9.2e')}"
+        )
+        for target, t in r.get("targets", {}).items():
+            lines.append(f"{'':<52}   target {target}: want {'>=' if ':' in target else '<='} {t['want']:.3g}, got {_fmt(t['got'], '.3g')} -> {'met' if t['met'] else 'NOT MET'}")
+    lines.append("x ours = peer time / our time (>1: fastmodels is faster); mem x = peer peak / our peak.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastmodels bench", description="Run the registered benchmarks.")
+    p.add_argument("ops", nargs="*", help="ops to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="only the small cases")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
+    p.add_argument("--no-write", action="store_true", help="do not append to bench/results")
+    p.add_argument("--budget", type=float, default=2.0, help="CPU seconds of timing per implementation")
+    p.add_argument("--worker", nargs=2, metavar=("OP", "INDEX"), help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.worker:
+        op, index = args.worker[0], int(args.worker[1])
+        case = collect_cases(device, [op], args.quick)[index]
+        rows = run_case(case, cpu_budget_s=args.budget)
+        with open(args.out, "w") as f:
+            json.dump(rows, f)
+        return 0
+    load_case_modules()
+    unknown = set(args.ops) - set(_REGISTRY)
+    if unknown:
+        p.error(f"unknown op(s) {sorted(unknown)}; registered: {sorted(_REGISTRY)}")
+    rows = run(device, args.ops or None, args.quick, write=not args.no_write, cpu_budget_s=args.budget)
+    print(format_table(rows))
+    return 1 if any("error" in r and r.get("primary") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from fastmodels.cli import main
+
+raise SystemExit(main())

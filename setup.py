@@ -1,0 +1,75 @@
+"""Build script.
+
+The layout keeps the Triton kernels in the top-level ``kernels/`` folder and the benchmark harness
+in ``bench/``; both install inside the fastmodels namespace (``fastmodels.kernels`` and
+``fastmodels.bench``) because a top-level ``kernels`` module would collide with an unrelated PyPI
+package.
+
+The C++ CPU kernels in ``csrc/cpu/*.cpp`` build into one pybind11 extension, ``fastmodels._C``
+(OpenMP, -O3). They take raw pointers, so the build needs pybind11 and a C++ compiler but never
+torch. A failed build does not fail the install: the ``cpu`` backends then report why they are
+unavailable (``fastmodels.backends()``), and the reference backends still work. Set
+FASTMODELS_REQUIRE_CPP=1 to make a failed build an error instead.
+
+CUDA C++ sources (``csrc/cuda/*.cu``) are not built here: they are compiled with nvcc on first use
+on a GPU machine and cached (see fastmodels/_cuda.py).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ext_modules = []
+cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+if cpu_sources:
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
+
+    # Compile translation units in parallel (setuptools has no ninja backend without torch).
+    ParallelCompile("FASTMODELS_BUILD_JOBS", default=0).install()
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    ext_modules.append(
+        Pybind11Extension(
+            "fastmodels._C",
+            cpu_sources,
+            include_dirs=[os.path.join("csrc", "include")],
+            extra_compile_args=["-O3", "-ffp-contract=fast", *openmp],
+            extra_link_args=openmp,
+            cxx_std=17,
+        )
+    )
+
+
+class OptionalBuildExt(build_ext):
+    """Build the C++ extension, but let the pure-Python package install if it fails."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any compiler failure
+            if os.environ.get("FASTMODELS_REQUIRE_CPP") == "1":
+                raise
+            print(f"WARNING: fastmodels C++ extension not built ({exc}); cpu backends disabled", file=sys.stderr)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            if os.environ.get("FASTMODELS_REQUIRE_CPP") == "1":
+                raise
+            print(f"WARNING: building {ext.name} failed ({exc}); cpu backends disabled", file=sys.stderr)
+
+
+packages = find_packages(include=["fastmodels", "fastmodels.*"])
+packages += ["fastmodels.kernels", "fastmodels.bench"]
+
+setup(
+    packages=packages,
+    package_dir={"fastmodels.kernels": "kernels", "fastmodels.bench": "bench"},
+    package_data={"fastmodels.bench": ["*.sh"], "fastmodels": ["py.typed"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": OptionalBuildExt},
+    zip_safe=False,
+)

@@ -1,0 +1,48 @@
+"""Test harness shared by every op's tests.
+
+- ``device``: "cuda" when a GPU is visible (or FASTMODELS_TEST_DEVICE says so), else "cpu".
+- Tests parametrized with ``backend="triton"`` are marked ``triton`` automatically; on CPU they
+  run only under TRITON_INTERPRET=1 (CI's second pass), otherwise they are skipped with the reason.
+- Tests that need CUDA carry the ``gpu`` marker and are skipped without a GPU.
+- Fresh allocations are poisoned with NaN (torch.empty and friends), so an output element that a
+  kernel never writes fails the comparison. Mark a test ``no_poison`` to opt out (torch.compile
+  tests, which would otherwise trace the patched allocator).
+- Every test starts from torch.manual_seed(0).
+"""
+
+import pytest
+import torch
+
+from helpers import DEVICE, INTERPRET, poisoned_allocators
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_poison: do not NaN-poison fresh allocations in this test")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "triton":
+            item.add_marker(pytest.mark.triton)
+        if callspec is not None and callspec.params.get("backend") == "cuda":
+            item.add_marker(pytest.mark.gpu)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if item.get_closest_marker("triton") and DEVICE == "cpu" and not INTERPRET:
+            item.add_marker(pytest.mark.skip(reason="Triton on CPU needs TRITON_INTERPRET=1 (run tests/run.sh)"))
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison(request):
+    torch.manual_seed(0)
+    if request.node.get_closest_marker("no_poison"):
+        yield
+        return
+    with poisoned_allocators():
+        yield

@@ -1,0 +1,58 @@
+"""The benchmark harness times, measures peak memory and records ratios and targets."""
+
+import json
+
+import torch
+
+from fastmodels.bench import harness
+
+
+def _case():
+    def setup():
+        return {"x": torch.randn(512, 512)}
+
+    def big(inp):  # allocates ~32 MB of temporaries
+        return (inp["x"].repeat(4, 4) * 2).sum()
+
+    def small(inp):
+        return inp["x"].sum() * 32
+
+    ref = lambda inp: (inp["x"].double().sum() * 32)  # noqa: E731
+    return harness.Case(
+        op="_toy", name="sum", device="cpu", setup=setup,
+        impls={"ours": small, "peer": big},
+        error=lambda inp, out: abs(float(out) - float(ref(inp))) / abs(float(ref(inp))),
+        targets={"mem_ratio:peer": 4.0, "rms_rel_err": 1e-3},
+    )
+
+
+def test_run_case_rows_and_ratios():
+    rows = harness.run_case(_case(), cpu_budget_s=0.05)
+    ours, peer = rows
+    assert ours["primary"] and not peer["primary"]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["rms_rel_err"] < 1e-3
+    # The peer's 32 MB temporary shows up in its peak, ours stays small.
+    assert peer["peak_mb"] > 20
+    assert ours["peak_mb"] < 10
+    assert peer["mem_ratio"] > 4
+    assert ours["targets"]["mem_ratio:peer"]["met"]
+    assert ours["targets"]["rms_rel_err"]["met"]
+    table = harness.format_table(rows)
+    assert "_toy/sum" in table and "peer" in table
+
+
+def test_failures_are_recorded_not_raised():
+    case = _case()
+    case.impls = {"ours": case.impls["ours"], "broken": lambda inp: 1 / 0}
+    rows = harness.run_case(case, cpu_budget_s=0.05)
+    assert "ZeroDivisionError" in rows[1]["error"]
+    assert "FAILED" in harness.format_table(rows)
+
+
+def test_environment_fields():
+    env = harness.environment("cpu")
+    for key in ("device_name", "torch", "triton", "commit", "date"):
+        assert key in env
+    json.dumps(env)
