@@ -32,7 +32,7 @@ _LIBS: dict[str, ctypes.CDLL] = {}
 
 def csrc_dir() -> Path:
     for cand in _CSRC_CANDIDATES:
-        if (cand / "cuda").is_dir():
+        if (cand / "include").is_dir():
             return cand
     raise FileNotFoundError(f"CUDA sources not found (looked in {[str(c) for c in _CSRC_CANDIDATES]})")
 
