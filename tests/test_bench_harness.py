@@ -56,3 +56,18 @@ def test_environment_fields():
     for key in ("device_name", "torch", "triton", "commit", "date"):
         assert key in env
     json.dumps(env)
+
+
+def test_report_takes_latest_run(tmp_path):
+    from fastmodels.bench import report
+
+    rows = harness.run_case(_case(), cpu_budget_s=0.02)
+    path = tmp_path / "cpu.jsonl"
+    with open(path, "w") as f:
+        for date in ("2026-01-01", "2026-02-01"):
+            for r in rows:
+                f.write(json.dumps({**r, "date": date, "device_name": "test cpu"}) + "\n")
+    latest = report.latest_rows(path)
+    assert len(latest) == len(rows) and {r["date"] for r in latest} == {"2026-02-01"}
+    text = report.markdown(latest)
+    assert "| _toy / sum | ours |" in text and "test cpu" in text
