@@ -257,6 +257,22 @@ def test_large_scene_cpu_default():
     assert_rms_close(c, rc, 1e-4, "comm")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_at_benchmark_shape(backend):
+    """The benchmark's shape (N=4, R=64, M=32, walls, fish near walls and objects) on the GPU."""
+    args, arena = scene(512, 4, 32, 64, near=True, device="cuda")
+    a, c = electric_image(*args, arena=arena, backend=backend)
+    ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
+    assert_rms_close(a, ra, 1e-4, "active")
+    assert_rms_close(c, rc, 1e-4, "comm")
+    # many objects: more than one block of objects in Triton, a larger shared-memory layout in CUDA
+    args, arena = scene(8, 3, 700, 20, device="cuda")
+    a, c = electric_image(*args, arena=arena, backend=backend)
+    ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
+    assert_rms_close(a, ra, 1e-4, "active")
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------
