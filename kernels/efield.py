@@ -1,0 +1,176 @@
+"""Electric images in Triton (fp32): one program per (environment, fish), receptors across lanes.
+
+Same math as csrc/include/efield_math.h (the C++ and CUDA backends): pole signal
+n . q d / rho^3 and dipole signal (3 (P.d)(n.d) - (n.P)|d|^2) / (|d|^2 rho^3), rho = |d| + eps;
+displacements formed as (fish i - source anchor) - source offset + receptor offset so large arena
+coordinates never round the small offsets. The induced dipoles P_m = chi a^3 E_eod(c_m) are
+recomputed by every fish's program (2N M pole evaluations, negligible next to the R (N + M) x 5
+source-receptor pairs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if _INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_M": 16}, num_warps=1)]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": 16}, num_warps=2),
+        triton.Config({"BLOCK_M": 32}, num_warps=2),
+        triton.Config({"BLOCK_M": 32}, num_warps=4),
+        triton.Config({"BLOCK_M": 64}, num_warps=4),
+    ]
+
+
+@triton.jit
+def _inv_rho3(r2, eps):
+    rho = tl.sqrt(r2) + eps
+    return 1.0 / (rho * rho * rho)
+
+
+@triton.jit
+def _pole_signal(dx, dy, nx, ny, q, eps):
+    return q * (nx * dx + ny * dy) * _inv_rho3(dx * dx + dy * dy, eps)
+
+
+@triton.jit
+def _dipole_signal(dx, dy, nx, ny, px, py, eps):
+    r2 = dx * dx + dy * dy
+    rho = tl.sqrt(r2) + eps
+    den = tl.maximum(r2 * rho * rho * rho, 1e-30)
+    return (3.0 * (px * dx + py * dy) * (nx * dx + ny * dy) - (nx * px + ny * py) * r2) / den
+
+
+@triton.jit
+def _image(k: tl.constexpr, W, H):
+    """(sign_x, sign_y, shift_x, shift_y) of wall image k: x = 0, x = W, y = 0, y = H."""
+    if k == 0:
+        return -1.0, 1.0, 0.0, 0.0
+    elif k == 1:
+        return -1.0, 1.0, 2.0 * W, 0.0
+    elif k == 2:
+        return 1.0, -1.0, 0.0, 0.0
+    else:
+        return 1.0, -1.0, 0.0, 2.0 * H
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "M", "R", "HAS_WALLS"])
+@triton.jit
+def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena, active, comm,
+                      N, M, R, half, eps, gamma,
+                      HAS_WALLS: tl.constexpr, HAS_COMM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // N
+    i = pid - b * N
+    o_r = tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+    # receptor offsets and normals of fish i in the world frame
+    th = tl.load(heading + pid).to(tl.float32)
+    c = tl.cos(th)
+    s = tl.sin(th)
+    b_rx = tl.load(rec_pos + 2 * o_r, mask=m_r, other=0.0).to(tl.float32)
+    b_ry = tl.load(rec_pos + 2 * o_r + 1, mask=m_r, other=0.0).to(tl.float32)
+    b_qx = tl.load(rec_nrm + 2 * o_r, mask=m_r, other=0.0).to(tl.float32)
+    b_qy = tl.load(rec_nrm + 2 * o_r + 1, mask=m_r, other=0.0).to(tl.float32)
+    ox = c * b_rx - s * b_ry
+    oy = s * b_rx + c * b_ry
+    nx = c * b_qx - s * b_qy
+    ny = s * b_qx + c * b_qy
+    xi = tl.load(fish_pos + 2 * pid).to(tl.float32)
+    yi = tl.load(fish_pos + 2 * pid + 1).to(tl.float32)
+    if HAS_WALLS:
+        W = tl.load(arena + 2 * b).to(tl.float32)
+        H = tl.load(arena + 2 * b + 1).to(tl.float32)
+    else:
+        W = 0.0
+        H = 0.0
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+
+    # direct poles of every fish j (comm), and their images
+    for j in range(0, N):
+        fj = b * N + j
+        xj = tl.load(fish_pos + 2 * fj).to(tl.float32)
+        yj = tl.load(fish_pos + 2 * fj + 1).to(tl.float32)
+        thj = tl.load(heading + fj).to(tl.float32)
+        ej = tl.load(eod + fj).to(tl.float32)
+        ux = half * tl.cos(thj)
+        uy = half * tl.sin(thj)
+        dx = xi - xj
+        dy = yi - yj
+        v = _pole_signal((dx - ux) + ox, (dy - uy) + oy, nx, ny, ej, eps) + \
+            _pole_signal((dx + ux) + ox, (dy + uy) + oy, nx, ny, -ej, eps)
+        v = tl.where(j == i, 0.0, v)
+        acc += v
+        if HAS_COMM:
+            tl.store(comm + (pid * N + j) * R + o_r, v, mask=m_r)
+        if HAS_WALLS:
+            for k in tl.static_range(4):
+                sx, sy, tx, ty = _image(k, W, H)
+                ix = xi - (sx * xj + tx)
+                iy = yi - (sy * yj + ty)
+                acc += _pole_signal((ix - sx * ux) + ox, (iy - sy * uy) + oy, nx, ny, gamma * ej, eps)
+                acc += _pole_signal((ix + sx * ux) + ox, (iy + sy * uy) + oy, nx, ny, -gamma * ej, eps)
+
+    # induced dipoles, a block of objects at a time: [BLOCK_R, BLOCK_M] tiles summed over objects
+    for m0 in range(0, M, BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M)
+        m_m = o_m < M
+        p_m = b * M + o_m
+        b_cx = tl.load(obj_pos + 2 * p_m, mask=m_m, other=0.0).to(tl.float32)
+        b_cy = tl.load(obj_pos + 2 * p_m + 1, mask=m_m, other=0.0).to(tl.float32)
+        b_st = tl.load(strength + p_m, mask=m_m, other=0.0).to(tl.float32)
+        ex = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ey = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for j in range(0, N):
+            fj = b * N + j
+            xj = tl.load(fish_pos + 2 * fj).to(tl.float32)
+            yj = tl.load(fish_pos + 2 * fj + 1).to(tl.float32)
+            thj = tl.load(heading + fj).to(tl.float32)
+            ej = tl.load(eod + fj).to(tl.float32)
+            ux = half * tl.cos(thj)
+            uy = half * tl.sin(thj)
+            for p in tl.static_range(2):
+                sg = 1.0 - 2.0 * p
+                dx = (b_cx - xj) - sg * ux
+                dy = (b_cy - yj) - sg * uy
+                w = sg * ej * _inv_rho3(dx * dx + dy * dy, eps)
+                ex += w * dx
+                ey += w * dy
+        b_px = b_st * ex
+        b_py = b_st * ey
+        dx = (xi - b_cx)[None, :] + ox[:, None]
+        dy = (yi - b_cy)[None, :] + oy[:, None]
+        acc += tl.sum(_dipole_signal(dx, dy, nx[:, None], ny[:, None], b_px[None, :], b_py[None, :], eps), axis=1)
+        if HAS_WALLS:
+            for k in tl.static_range(4):
+                sx, sy, tx, ty = _image(k, W, H)
+                dx = (xi - (sx * b_cx + tx))[None, :] + ox[:, None]
+                dy = (yi - (sy * b_cy + ty))[None, :] + oy[:, None]
+                acc += tl.sum(_dipole_signal(dx, dy, nx[:, None], ny[:, None], (gamma * sx * b_px)[None, :],
+                                             (gamma * sy * b_py)[None, :], eps), axis=1)
+    tl.store(active + pid * R + o_r, acc, mask=m_r)
+
+
+def efield_fwd(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena, active, comm,
+               pole_separation: float, eps: float, image_strength: float) -> None:
+    """Fill ``active`` [B, N, R] and ``comm`` [B, N, N, R] (or None); fp32 contiguous inputs with
+    the objects' strengths chi a^3 (0 where masked) precomputed."""
+    B, N, _ = fish_pos.shape
+    M = obj_pos.shape[1]
+    R = rec_pos.shape[0]
+    if B * N == 0 or R == 0:
+        return
+    has_walls = arena is not None
+    has_comm = comm is not None
+    efield_fwd_kernel[(B * N,)](
+        fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena if has_walls else fish_pos, active,
+        comm if has_comm else active, N, M, R, 0.5 * float(pole_separation), float(eps), float(image_strength),
+        HAS_WALLS=has_walls, HAS_COMM=has_comm, BLOCK_R=triton.next_power_of_2(R),
+    )

@@ -1,0 +1,364 @@
+"""electric_image: physics checks of the reference, every backend vs the float64 reference, errors."""
+
+import math
+
+import pytest
+import torch
+from helpers import DEVICE, assert_rms_close, backend_device, op_backends, pick
+
+import fastmodels.ops  # noqa: F401 - registers the op
+from fastmodels.efish import field_scale, receptor_ring, to_volts_per_metre
+from fastmodels.ops import electric_image
+
+ref = dict(backend="reference")
+
+
+def scene(B, N, M, R=12, *, walls=True, near=False, dtype=torch.float32, device="cpu", seed=0):
+    """A random scene generated in fp32 (the reference then sees exactly the fused backends' inputs).
+
+    ``near``: fish within 0.3-2 cm of a wall and objects within 0.5-3 cm of a fish."""
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    arena = 10 + 40 * u(B, 2)
+    fish = 2 + (arena[:, None] - 4) * u(B, N, 2)
+    if near:  # push each fish's x next to the wall x = 0 or x = W
+        d = 0.3 + 1.7 * u(B, N)
+        left = u(B, N) < 0.5
+        fish[..., 0] = torch.where(left, d, arena[:, None, 0] - d)
+    heading = 2 * math.pi * u(B, N)
+    eod = torch.where(u(B, N) < 0.25, torch.zeros(B, N), 0.5 + u(B, N))
+    obj = 1 + (arena[:, None] - 2) * u(B, M, 2)
+    if near and M:
+        host = torch.randint(0, N, (B, M), generator=g)
+        ang, dist = 2 * math.pi * u(B, M), 0.5 + 2.5 * u(B, M)
+        obj = torch.gather(fish, 1, host[..., None].expand(B, M, 2)) + dist[..., None] * torch.stack((ang.cos(), ang.sin()), -1)
+    radius = 0.05 + 0.45 * u(B, M)
+    contrast = -0.5 + 1.5 * u(B, M)
+    mask = u(B, M) < 0.8
+    rpos, rnrm = receptor_ring(R, 1.0, offset=0.1)
+    args = [fish, heading, eod, obj, radius, contrast, mask, rpos, rnrm]
+    args = [a.to(device, dtype) if a.is_floating_point() else a.to(device) for a in args]
+    return args, (arena.to(device, dtype) if walls else None)
+
+
+def f64(args, arena):
+    conv = lambda t: t.double() if t is not None and t.is_floating_point() else t  # noqa: E731
+    return [conv(a) for a in args], conv(arena)
+
+
+# ------------------------------------------------------------------------------------------------
+# Physics of the reference (float64)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sphere_in_uniform_field_closed_form():
+    """An object's echo is the field of chi a^3 (E0 . r) / r^3 (E = -grad of it), E0 the EOD field at
+    the object; checked against a finite-difference gradient of that closed-form potential."""
+    D = torch.float64
+    chi, a = -0.5, 0.25
+    emitter = torch.tensor([[-150.0, 3.0]], dtype=D)  # far away: a near-uniform field at the object
+    centre = torch.tensor([4.0, -2.0], dtype=D)
+    observer = torch.tensor([[5.0, 0.0]], dtype=D)
+    fish = torch.cat((emitter, observer))[None]
+    heading = torch.tensor([[0.3, 1.1]], dtype=D)
+    eod = torch.tensor([[1.0, 0.0]], dtype=D)
+    R = 16
+    rpos, rnrm = receptor_ring(R, 1.3, dtype=D)
+    args = [fish, heading, eod, centre[None, None], torch.full((1, 1), a, dtype=D), torch.full((1, 1), chi, dtype=D),
+            torch.ones(1, 1, dtype=torch.bool), rpos, rnrm]
+    active, comm = electric_image(*args, eps=0.0, **ref)
+    echo = active[0, 1] - comm[0, 1, 0]  # observer: other fish's direct field + the object's echo
+
+    # E0: the emitter's two poles at the object centre (Coulomb, written out here).
+    u = torch.tensor([math.cos(0.3), math.sin(0.3)], dtype=D)
+    E0 = torch.zeros(2, dtype=D)
+    for q, s in ((1.0, emitter[0] + 0.5 * u), (-1.0, emitter[0] - 0.5 * u)):
+        d = centre - s
+        E0 += q * d / d.norm() ** 3
+    phi = lambda r: chi * a**3 * (E0 @ (r - centre)) / (r - centre).norm() ** 3  # noqa: E731
+    c, s_ = math.cos(1.1), math.sin(1.1)
+    rot = torch.tensor([[c, -s_], [s_, c]], dtype=D)
+    h = 1e-5
+    for r in range(R):
+        p = observer[0] + rot @ rpos[r]
+        n = rot @ rnrm[r]
+        grad = torch.stack([(phi(p + h * e) - phi(p - h * e)) / (2 * h) for e in torch.eye(2, dtype=D)])
+        expected = -(n @ grad)
+        assert abs(echo[r] - expected) <= 1e-7 * abs(expected) + 1e-15, (r, echo[r].item(), expected.item())
+    assert echo.abs().max() > 1e-9  # a real echo (the emitter is 150 cm away)
+
+
+@pytest.mark.parametrize("wall", ["x0", "xW", "y0", "yH"])
+def test_normal_field_vanishes_on_insulating_wall(wall):
+    """With images on, the field normal to a wall vanishes on it. Receptors of a silent observer
+    fish are placed on the wall with normals along the wall's normal; the emitter and an object sit
+    near that wall, far (5000 cm) from the other walls, whose images are then negligible."""
+    D = torch.float64
+    L = 1e4
+    arena = torch.tensor([[L, L]], dtype=D)
+    along = torch.linspace(-6, 6, 25, dtype=D)
+    # Work in a frame where the wall is x = 0 (x0), then map to the wall asked for.
+    em, ob, obs = torch.tensor([2.0, 0.7]), torch.tensor([1.2, -1.5]), torch.tensor([0.0, 0.0])
+    rpos = torch.stack((torch.zeros_like(along), along), -1)
+    rnrm = torch.tensor([1.0, 0.0], dtype=D).expand(25, 2)
+
+    def place(p):
+        x, y = float(p[0]), float(p[1])
+        return {"x0": (x, L / 2 + y), "xW": (L - x, L / 2 + y), "y0": (L / 2 + y, x), "yH": (L / 2 + y, L - x)}[wall]
+
+    fish = torch.tensor([[place(em), place(obs)]], dtype=D)
+    # The observer's heading turns its frame so that receptor x = 0 lies on the wall.
+    obs_heading = {"x0": 0.0, "xW": math.pi, "y0": -math.pi / 2, "yH": math.pi / 2}[wall]
+    heading = torch.tensor([[0.4, obs_heading]], dtype=D)
+    eod = torch.tensor([[1.0, 0.0]], dtype=D)
+    obj = torch.tensor([[place(ob)]], dtype=D)
+    args = [fish, heading, eod, obj, torch.full((1, 1), 0.4, dtype=D), torch.full((1, 1), -0.5, dtype=D),
+            torch.ones(1, 1, dtype=torch.bool), rpos, rnrm]
+    active, comm = electric_image(*args, arena=arena, **ref)
+    direct = comm[0, 1, 0]  # the emitter's normal field on the wall without its image
+    assert direct.abs().max() > 1e-3
+    assert active[0, 1].abs().max() < 1e-9 * direct.abs().max(), active[0, 1]
+    # Without walls the same receptors see the emitter's and the object's fields.
+    active_free, _ = electric_image(*args, **ref)
+    assert active_free[0, 1].abs().max() > 0.5 * direct.abs().max()
+
+
+@pytest.mark.parametrize("walls", [False, True])
+def test_mirror_symmetric_scene_gives_mirrored_outputs(walls):
+    """Mirroring a scene across x = W/2 (headings theta -> pi - theta) mirrors every output:
+    receptor k of the ring maps to receptor (R - k) % R (the ring is symmetric about the heading)."""
+    args, arena = f64(*scene(3, 4, 9, R=10, walls=True))
+    rpos, rnrm = receptor_ring(10, dtype=torch.float64)
+    args[7], args[8] = rpos, rnrm
+    fish, heading, eod, obj, radius, contrast, mask = args[:7]
+    W = arena[:, 0]
+    m_args = list(args)
+    m_args[0] = torch.stack((W[:, None] - fish[..., 0], fish[..., 1]), -1)
+    m_args[1] = math.pi - heading
+    m_args[3] = torch.stack((W[:, None] - obj[..., 0], obj[..., 1]), -1)
+    kw = dict(arena=arena if walls else None, **ref)
+    a, c = electric_image(*args, **kw)
+    ma, mc = electric_image(*m_args, **kw)
+    perm = [(10 - k) % 10 for k in range(10)]
+    torch.testing.assert_close(ma, a[..., perm], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(mc, c[..., perm], rtol=1e-9, atol=1e-12)
+
+
+def test_superposition_and_eod_switch():
+    """Everything is linear in the EODs: switching fish j off removes exactly what fish j alone
+    produces (its direct field, its images, and the object echoes it induces)."""
+    args, arena = f64(*scene(2, 4, 12, walls=True))
+    eod = args[2]
+    full_a, full_c = electric_image(*args, arena=arena, **ref)
+    for j in range(4):
+        off, only = eod.clone(), torch.zeros_like(eod)
+        off[:, j], only[:, j] = 0, eod[:, j]
+        a_off, c_off = electric_image(*args[:2], off, *args[3:], arena=arena, **ref)
+        a_only, c_only = electric_image(*args[:2], only, *args[3:], arena=arena, **ref)
+        torch.testing.assert_close(full_a - a_off, a_only, rtol=1e-9, atol=1e-12)
+        assert (c_off[:, :, j] == 0).all()
+        keep = [k for k in range(4) if k != j]
+        torch.testing.assert_close(c_off[:, :, keep], full_c[:, :, keep], rtol=0, atol=0)
+        # Fish j's own active signal no longer holds other fish's direct fields when it is alone.
+        torch.testing.assert_close(c_only.sum(2)[:, j], torch.zeros_like(c_only.sum(2)[:, j]))
+
+
+def test_masked_objects_contribute_nothing():
+    args, arena = f64(*scene(2, 3, 10, walls=True))
+    mask = args[6]
+    kept = mask[0].nonzero().squeeze(1)
+    a, c = electric_image(*args, arena=arena, **ref)
+    sub = [args[0], args[1], args[2]] + [t[:, kept] for t in args[3:7]] + args[7:]
+    # Only environment 0's valid objects survive the indexing; compare environment 0.
+    a2, c2 = electric_image(*[t[:1] if i < 7 else t for i, t in enumerate(sub)], arena=arena[:1], **ref)
+    torch.testing.assert_close(a[:1], a2, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(c[:1], c2)
+
+
+def test_pole_formula_and_units():
+    """One fish, one receptor in front of it on the axis: n . E of a +1/-1 pole pair at distances
+    d -/+ l/2 is r/(r + eps)^3 summed with signs (r = d -/+ l/2); and the unit conversion."""
+    D = torch.float64
+    fish = torch.tensor([[[0.0, 0.0], [10.0, 0.0]]], dtype=D)
+    heading = torch.tensor([[0.0, 0.0]], dtype=D)
+    eod = torch.tensor([[1.0, 0.0]], dtype=D)
+    rpos = torch.tensor([[-3.0, 0.0]], dtype=D)  # observer's receptor at x = 7
+    rnrm = torch.tensor([[1.0, 0.0]], dtype=D)
+    e = torch.zeros(1, 0, dtype=D)
+    _, comm = electric_image(fish, heading, eod, torch.zeros(1, 0, 2, dtype=D), e, e, e.bool(), rpos, rnrm, eps=1e-3, **ref)
+    want = 6.5 / (6.5 + 1e-3) ** 3 - 7.5 / (7.5 + 1e-3) ** 3
+    assert abs(comm[0, 1, 0, 0].item() - want) < 1e-14
+    assert abs(field_scale() - 8.99e9 * 1.11e-15 / 1e-4) < 1e-12
+    assert to_volts_per_metre(2.0) == pytest.approx(2 * 0.099789)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every backend vs the float64 reference
+# ------------------------------------------------------------------------------------------------
+
+SCENES = [  # (B, N, M, R, walls, near)
+    (3, 1, 0, 12, True, False),
+    (2, 2, 5, 7, False, False),
+    (2, 3, 17, 12, True, True),
+    (2, 4, 40, 12, True, True),
+    (2, 5, 33, 9, False, True),
+]
+
+
+@pytest.mark.parametrize("backend", op_backends("electric_image"))
+@pytest.mark.parametrize("case", SCENES, ids=lambda c: "B{}N{}M{}R{}{}{}".format(c[0], c[1], c[2], c[3], "w" if c[4] else "", "near" if c[5] else ""))
+def test_backend_matches_reference(backend, case):
+    B, N, M, R, walls, near = case
+    dev = backend_device(backend)
+    args, arena = scene(B, N, M, R, walls=walls, near=near, device=dev, seed=N * 100 + M)
+    a64, c64 = f64(args, arena)
+    ra, rc = electric_image(*a64, arena=c64, **ref)
+    a, c = electric_image(*args, arena=arena, backend=backend)
+    assert a.dtype == torch.float32 and c.dtype == torch.float32
+    assert_rms_close(a, ra, 1e-4, "active")
+    assert_rms_close(c, rc, 1e-4, "comm")
+    assert (c[:, torch.arange(N), torch.arange(N)] == 0).all()
+    a2, none = electric_image(*args, arena=arena, backend=backend, per_emitter=False)
+    assert none is None
+    assert_rms_close(a2, ra, 1e-4, "active (per_emitter=False)")
+
+
+@pytest.mark.parametrize("backend", op_backends("electric_image"))
+def test_backend_float64_inputs_return_float64(backend):
+    dev = backend_device(backend)
+    args, arena = scene(2, 2, 3, 5, device=dev)
+    a64, ar64 = f64(args, arena)
+    ra, rc = electric_image(*a64, arena=ar64, **ref)
+    a, c = electric_image(*a64, arena=ar64, backend=backend)
+    assert a.dtype == c.dtype == torch.float64
+    assert_rms_close(a, ra, 1e-4, "active")
+    assert_rms_close(c, rc, 1e-4, "comm")
+
+
+@pytest.mark.parametrize("backend", op_backends("electric_image"))
+def test_backend_empty_batch_and_single_receptor(backend):
+    dev = backend_device(backend)
+    args, arena = scene(0, 2, 3, 4, device=dev)
+    a, c = electric_image(*args, arena=arena, backend=backend)
+    assert a.shape == (0, 2, 4) and c.shape == (0, 2, 2, 4)
+    args, arena = scene(2, 3, 4, 1, device=dev)
+    a, c = electric_image(*args, arena=arena, backend=backend)
+    ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
+    assert_rms_close(a, ra, 1e-4, "active")
+    assert_rms_close(c, rc, 1e-4, "comm")
+
+
+def test_large_scene_cpu_default():
+    """The default backend on CPU tensors (the C++ one when built) at a larger size."""
+    args, arena = scene(pick(16, 64), 4, 32, 64, near=True)
+    a, c = electric_image(*args, arena=arena)
+    ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
+    assert_rms_close(a, ra, 1e-4, "active")
+    assert_rms_close(c, rc, 1e-4, "comm")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_at_benchmark_shape(backend):
+    """The benchmark's shape (N=4, R=64, M=32, walls, fish near walls and objects) on the GPU."""
+    args, arena = scene(512, 4, 32, 64, near=True, device="cuda")
+    a, c = electric_image(*args, arena=arena, backend=backend)
+    ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
+    assert_rms_close(a, ra, 1e-4, "active")
+    assert_rms_close(c, rc, 1e-4, "comm")
+    # many objects: more than one block of objects in Triton, a larger shared-memory layout in CUDA
+    args, arena = scene(8, 3, 700, 20, device="cuda")
+    a, c = electric_image(*args, arena=arena, backend=backend)
+    ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
+    assert_rms_close(a, ra, 1e-4, "active")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def _bad(args, arena, i, value):
+    args = list(args)
+    args[i] = value
+    return args, arena
+
+
+def test_bad_inputs():
+    args, arena = scene(2, 3, 4, 5)
+    names = ["fish_pos", "fish_heading", "eod", "obj_pos", "obj_radius", "obj_contrast", "obj_mask", "receptor_pos", "receptor_normal"]
+
+    def expect(err, match, a, ar=arena, **kw):
+        with pytest.raises(err, match=match):
+            electric_image(*a, arena=ar, **kw)
+
+    expect(ValueError, "fish_pos: expected at least one fish", scene(2, 0, 4, 5)[0])
+    expect(ValueError, "fish_heading", *_bad(args, arena, 1, args[1][:, :2]))
+    expect(ValueError, "obj_radius", *_bad(args, arena, 4, args[4][:, :3]))
+    expect(ValueError, "receptor_normal", *_bad(args, arena, 8, args[8][:3]))
+    expect(ValueError, "fish_pos", *_bad(args, arena, 0, args[0][..., :1]))
+    expect(ValueError, "arena", args, arena[:1])
+    expect(TypeError, "obj_mask", *_bad(args, arena, 6, args[6].float()))
+    expect(TypeError, "eod", *_bad(args, arena, 2, args[2].double()))
+    expect(TypeError, "fish_pos", [args[0].half()] + args[1:])
+    neg = args[4].clone()
+    neg[1, 2] = -0.1
+    expect(ValueError, "obj_radius: expected radii >= 0", *_bad(args, arena, 4, neg))
+    for bad_c in (-0.6, 1.2, float("nan")):
+        cc = args[5].clone()
+        cc[0, 0] = bad_c
+        expect(ValueError, r"obj_contrast: expected contrasts in \[-0.5, 1\]", *_bad(args, arena, 5, cc))
+    for i in (0, 1, 2, 3, 7, 8):
+        t = args[i].clone()
+        t.view(-1)[0] = float("inf") if i % 2 else float("nan")
+        expect(ValueError, f"{names[i]}: expected finite values", *_bad(args, arena, i, t))
+    expect(ValueError, "arena: expected finite arena sides > 0", args, -arena)
+    expect(ValueError, "eps", args, eps=-1.0)
+    expect(ValueError, "pole_separation", args, pole_separation=float("nan"))
+    expect(TypeError, "per_emitter", args, per_emitter=1)
+    expect(ValueError, "backend", args, backend="fast")
+    # Skipping value checks is explicit.
+    t = args[4].clone()
+    t[0, 0] = -1.0
+    electric_image(*_bad(args, arena, 4, t)[0], arena=arena, check_values=False, **ref)
+
+
+def test_receptor_ring():
+    pos, nrm = receptor_ring(6, 2.0)
+    torch.testing.assert_close(pos, 2.0 * nrm)
+    torch.testing.assert_close(nrm.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(nrm[0], torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="R"):
+        receptor_ring(0)
+    with pytest.raises(ValueError, match="radius"):
+        receptor_ring(4, -1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.no_poison
+def test_opcheck():
+    args, arena = scene(2, 3, 4, 5)
+    for be in ("reference", "cpu" if DEVICE == "cpu" else "cuda"):
+        for ar, pe in ((arena, True), (None, False)):
+            torch.library.opcheck(torch.ops.fastmodels.electric_image.default,
+                                  (*args, ar, 1.0, 1e-3, 1.0, pe, be), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.no_poison
+def test_torch_compile_fullgraph():
+    args, arena = scene(2, 3, 4, 5)
+
+    def step(fish_pos, heading, *rest):
+        fish_pos = fish_pos + 0.1 * torch.stack((heading.cos(), heading.sin()), -1)  # move, then sense
+        active, comm = electric_image(fish_pos, heading, *rest, arena=arena)
+        return active.clamp(-1, 1), comm.sum(2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    a, c = compiled(*args)
+    ea, ec = step(*args)
+    torch.testing.assert_close(a, ea)
+    torch.testing.assert_close(c, ec)
