@@ -7,3 +7,4 @@ Conventions every op follows (see fastmodels/_dispatch.py and fastmodels/_valida
   torch.compile(fullgraph=True) traces through it;
 - a public function that validates its arguments and takes ``backend=None``.
 """
+from fastmodels.ops.pushdown import pushdown_attention
