@@ -152,17 +152,24 @@ def test_fwd_compact_matches_trees(T, lengths, V, binary, device):
     assert_rms_close(out, out_d, 1e-6, "compact vs dense")
 
 
-def test_fwd_compact_large_boundary(device):
-    """Arbitrary boundary values (incl. a huge 'still open' marker): S = max(0, D_j - min c)."""
-    B, H, T, D, V = 2, 1, 37, 16, 6
-    depth = torch.randint(0, 8, (B, T), dtype=torch.int32)
-    boundary = torch.randint(0, 8, (B, T), dtype=torch.int32)
+def formula_tape(B, T, seed):
+    """Arbitrary depth/boundary values (incl. a huge 'still open' marker) and S from the compact
+    formula itself, S = max(0, D_j - min c): exercises every gap/prefix minimum of the kernels."""
+    g = torch.Generator().manual_seed(seed)
+    depth = torch.randint(0, 8, (B, T), dtype=torch.int32, generator=g)
+    boundary = torch.randint(0, 8, (B, T), dtype=torch.int32, generator=g)
     boundary[:, -1] = 2**30
-    boundary[1, 5] = 2**30
+    boundary[-1, T // 3] = 2**30
     S = torch.zeros(B, T, T, dtype=torch.int64)
     for t in range(T):
         for j in range(t + 1):
             S[:, t, j] = depth[:, j] - boundary[:, j : t + 1].min(dim=1).values
+    return depth, boundary, S
+
+
+def test_fwd_compact_formula(device):
+    B, H, T, D, V = 2, 1, 50, 16, 6
+    depth, boundary, S = formula_tape(B, T, seed=1)
     q, k, v, emb = make_inputs(B, H, T, T, D, V, torch.float32, device)
     out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, depth.to(device), boundary.to(device), None, 0.25, False)
     ref_out, ref_lse = run_ref(q, k, v, emb, depth_index(S, V, False), 0.25)
@@ -201,6 +208,13 @@ def test_bwd_compact(T, lengths, D, V, binary, device):
     depth, boundary, S = random_tape(lengths, T, seed=100 + T)
     q, k, v, emb = make_inputs(B, H, T, T, D, V, torch.float32, device)
     check_bwd(q, k, v, emb, depth.to(device), boundary.to(device), None, depth_index(S, V, binary), 0.2, binary, 1e-5)
+
+
+def test_bwd_compact_formula(device):
+    B, H, T, D, V = 2, 1, 50, 16, 6
+    depth, boundary, S = formula_tape(B, T, seed=2)
+    q, k, v, emb = make_inputs(B, H, T, T, D, V, torch.float32, device)
+    check_bwd(q, k, v, emb, depth.to(device), boundary.to(device), None, depth_index(S, V, False), 0.25, False, 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
