@@ -50,19 +50,24 @@ _LN2 = 0.6931471805599453
 _DQ_BM = 16 if INTERPRET else 64
 
 
+# FASTMODELS_AUTOTUNE=0: first GPU config only (quick compile checks)
+_AUTOTUNE = os.environ.get("FASTMODELS_AUTOTUNE", "1") != "0"
+
+
 def _configs(pairs):
     """Autotune grid: one small config under the interpreter, a few on GPU."""
     if INTERPRET:
         return [triton.Config({"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
+    pairs = pairs if _AUTOTUNE else pairs[:1]
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
-_FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2)])
-_DKDV_CONFIGS = _configs([(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)])
+_FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)])
+_DKDV_CONFIGS = _configs([(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2)])
 _DQ_CONFIGS = (
     [triton.Config({"BN": 16}, num_warps=1, num_stages=1)]
     if INTERPRET
-    else [triton.Config({"BN": bn}, num_warps=w, num_stages=2) for bn, w in ((32, 4), (64, 4), (64, 8))]
+    else [triton.Config({"BN": bn}, num_warps=w, num_stages=2) for bn, w in ((32, 4), (64, 4), (64, 8))[: 3 if _AUTOTUNE else 1]]
 )
 _KEY = ["BD", "VP", "COMPACT", "BINARY"]
 
@@ -152,8 +157,8 @@ def _fwd_tile(acc, m_i, l_i, R, b_q, b_qe, k, v, dep, bnd, dense, bh, b, n0,
     m_n = o_n < Tk
     p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
     m_kv = m_n[:, None] & m_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0)
 
     qk = tl.dot(_mm(b_q, k, FP32_DOT), tl.trans(_mm(b_k, k, FP32_DOT)), input_precision=PREC)
     S, R = _tape_tile_qstat(dep, bnd, dense, b, o_m, o_t, o_n, m_m, m_n, R, Tq, Tk, COMPACT, MASKED)
@@ -195,9 +200,9 @@ def pushdown_attention_fwd_kernel(
 
     p_q = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
     m_q = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_q, mask=m_q, other=0.0).to(tl.float32)
+    b_q = tl.load(q + p_q, mask=m_q, other=0.0)
     b_e = tl.load(e + h * s_eh + o_v[:, None] * s_ev + o_d[None, :] * s_ed,
-                  mask=m_v[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+                  mask=m_v[:, None] & m_d[None, :], other=0.0)
     # QE = q E^T: the depth term of every (row, depth) pair, kept in registers
     b_qe = tl.dot(_mm(b_q, q, FP32_DOT), tl.trans(_mm(b_e, q, FP32_DOT)), input_precision=PREC)
 
@@ -251,9 +256,9 @@ def pushdown_attention_bwd_preprocess_kernel(
     b_o = tl.load(o + p_x, mask=m_x, other=0.0).to(tl.float32)
     b_do = tl.load(do + p_x, mask=m_x, other=0.0).to(tl.float32)
     tl.store(delta + bh * Tq + o_m, tl.sum(b_o * b_do, axis=1), mask=m_m)
-    b_q = tl.load(q + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
     b_e = tl.load(e + h * s_eh + o_v[:, None] * s_ev + o_d[None, :] * s_ed,
-                  mask=(o_v[:, None] < V) & m_d[None, :], other=0.0).to(tl.float32)
+                  mask=(o_v[:, None] < V) & m_d[None, :], other=0.0)
     b_qe = tl.dot(_mm(b_q, q, FP32_DOT), tl.trans(_mm(b_e, q, FP32_DOT)), input_precision=PREC)
     tl.store(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], b_qe, mask=m_m[:, None])
 
@@ -270,8 +275,8 @@ def _dkdv_tile(dk, dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, b
     m_m = o_m < Tq
     p_x = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
     m_x = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_x, mask=m_x, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
+    b_do = tl.load(do + p_x, mask=m_x, other=0.0)
     # padded query rows get lse = +inf, hence P = 0
     b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
     b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
@@ -331,8 +336,8 @@ def pushdown_attention_bwd_dkdv_kernel(
     m_d = o_d < D
     p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
     m_kv = m_n[:, None] & m_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0)
 
     if COMPACT:
         c_k = tl.load(bnd + b * Tk + o_n, mask=m_n, other=_BIG)
@@ -389,8 +394,8 @@ def _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, den
     m_n = o_n < Tk
     p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
     m_kv = m_n[:, None] & m_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0)
 
     qk = tl.dot(_mm(b_q, k, FP32_DOT), tl.trans(_mm(b_k, k, FP32_DOT)), input_precision=PREC)
     S, R = _tape_tile_qstat(dep, bnd, dense, b, o_m, o_t, o_n, m_m, m_n, R, Tq, Tk, COMPACT, MASKED)
@@ -436,8 +441,8 @@ def pushdown_attention_bwd_dq_kernel(
 
     p_x = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
     m_x = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_x, mask=m_x, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
+    b_do = tl.load(do + p_x, mask=m_x, other=0.0)
     b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
     b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
     b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
@@ -461,7 +466,7 @@ def pushdown_attention_bwd_dq_kernel(
                                  COMPACT, BINARY, False, BN, VP, FP32_DOT, PREC)
 
     b_e = tl.load(e + h * s_eh + o_v[:, None] * s_ev + o_d[None, :] * s_ed,
-                  mask=m_v[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+                  mask=m_v[:, None] & m_d[None, :], other=0.0)
     b_dq += tl.dot(_mm(hist, q, FP32_DOT), _mm(b_e, q, FP32_DOT), input_precision=PREC)
     tl.store(dq + p_x, (b_dq * scale).to(dq.dtype.element_ty), mask=m_x)
     b_de = tl.dot(tl.trans(_mm(hist, q, FP32_DOT)), _mm(b_q, q, FP32_DOT), input_precision=PREC)
