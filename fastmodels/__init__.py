@@ -6,6 +6,7 @@ built, the C++ cpu) backends are available. ``fastmodels.backends()`` reports wh
 """
 
 from fastmodels._dispatch import BACKENDS, backends, select_backend
+from fastmodels.pushdown import PushdownAttention
 
 __version__ = "0.1.0"
 

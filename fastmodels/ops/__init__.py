@@ -8,3 +8,4 @@ Conventions every op follows (see fastmodels/_dispatch.py and fastmodels/_valida
 - a public function that validates its arguments and takes ``backend=None``.
 """
 from fastmodels.ops.efield import electric_image, electric_image_reference  # noqa: F401
+from fastmodels.ops.pushdown import pushdown_attention

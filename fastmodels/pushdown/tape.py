@@ -1,0 +1,374 @@
+"""Stack tapes: which depth every key token has as seen by every query position.
+
+For a sentence with a binarized constituency tree (binary nodes cover spans [a, b] of tokens),
+
+    S(t, j) = #{binary nodes [a, b] : a <= j <= b <= t}        (j <= t; 0 for j > t)
+
+is the number of reduces token j has taken part in once token t has been read. The compact form
+stores two integers per token and regenerates S exactly:
+
+    D_j = #{nodes containing j}                     (``depth``)
+    c_k = #{nodes containing both k and k + 1}      (``boundary``; 0 after the last token)
+    S(t, j) = D_j - min_{j <= k <= t} c_k
+
+(the nodes of j that are still open at time t are the common ancestors of j and t + 1).
+Padding positions have D = c = 0, so S is 0 on padded keys.
+
+Three ways to build a tape:
+
+* :meth:`StackTape.from_trees` -- gold trees (``nltk.Tree`` or bracket strings), n-ary nodes
+  binarized right-factored (as ``nltk``'s ``chomsky_normal_form``) and unary chains collapsed;
+* :meth:`StackTape.from_brackets` -- Dyck strings: each matched pair closes a constituent
+  (open bracket, the constituents inside, close bracket), used with ``binary=True`` (index S > 0);
+* :class:`StackTapeBuilder` -- incrementally, one attachment decision per new token, for decoding:
+  the current depth row is what the next query needs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["StackTape", "StackTapeBuilder", "tree_spans", "attachments_from_spans", "dense_from_compact"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trees -> binary spans
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_brackets(s: str):
+    """Parse an unlabeled bracket string such as "((The dog) (is happy))" into nested lists."""
+    tokens = s.replace("(", " ( ").replace(")", " ) ").split()
+    stack: list[list] = [[]]
+    for tok in tokens:
+        if tok == "(":
+            stack.append([])
+        elif tok == ")":
+            if len(stack) == 1:
+                raise ValueError(f"unbalanced bracket string (extra ')'): {s!r}")
+            node = stack.pop()
+            stack[-1].append(node)
+        else:
+            stack[-1].append(tok)
+    if len(stack) != 1:
+        raise ValueError(f"unbalanced bracket string (missing ')'): {s!r}")
+    top = stack[0]
+    return top[0] if len(top) == 1 else top
+
+
+def _children(node):
+    """Children of a tree node (nltk.Tree or nested list); None for a leaf."""
+    if isinstance(node, list):
+        return node
+    try:
+        import nltk
+
+        if isinstance(node, nltk.Tree):
+            return list(node)
+    except ImportError:  # pragma: no cover - nltk is a test dependency
+        pass
+    return None
+
+
+def _walk(tree) -> tuple[int, list[tuple[int, int]]]:
+    """(n_leaves, spans) of nested lists / nltk Trees, walked without recursion (deep trees)."""
+    spans: list[tuple[int, int]] = []
+    n = 0
+    # Each frame: [node, children, next child index, list of (start, end) of finished children]
+    root_kids = _children(tree)
+    if root_kids is None:
+        return 1, spans
+    frames = [[tree, root_kids, 0, []]]
+    while frames:
+        frame = frames[-1]
+        node, kids, i, done = frame
+        if i < len(kids):
+            frame[2] += 1
+            child = kids[i]
+            ck = _children(child)
+            if ck is None:
+                done.append((n, n))
+                n += 1
+            elif len(ck) == 0:
+                continue  # an empty node covers no token
+            else:
+                frames.append([child, ck, 0, []])
+            continue
+        frames.pop()
+        if not done:
+            rng = None
+        else:
+            end = done[-1][1]
+            for start, _ in done[:-1]:  # right-factored binarization of the n-ary node
+                spans.append((start, end))
+            rng = (done[0][0], end)
+        if frames and rng is not None:
+            frames[-1][3].append(rng)
+    return n, spans
+
+
+def tree_spans(tree, *, labeled: bool = False) -> tuple[int, list[tuple[int, int]]]:
+    """(number of leaves, binary-node spans [a, b]) of a tree.
+
+    ``tree``: an ``nltk.Tree``, a nested list, or a bracket string. Strings are read as unlabeled
+    brackets (every symbol is a leaf) unless ``labeled=True``, which parses them with
+    ``nltk.Tree.fromstring`` (PTB style, "(S (NP (DT The) (NN dog)) ...)").
+    An n-ary node with children c_1..c_n becomes the right-factored chain
+    [c_1 [c_2 [... [c_{n-1} c_n]]]], i.e. binary nodes over c_i..c_n for i = 1..n-1; unary nodes
+    add nothing.
+    """
+    if isinstance(tree, str):
+        if labeled:
+            import nltk
+
+            tree = nltk.Tree.fromstring(tree)
+        else:
+            tree = _parse_brackets(tree)
+    return _walk(tree)
+
+
+def attachments_from_spans(n: int, spans: Iterable[tuple[int, int]]) -> list[int | None]:
+    """The shift-reduce attachment of every token: None for a shift, else the leftmost token of
+    the constituent that token k closes (the start of the largest binary node ending at k)."""
+    att: list[int | None] = [None] * n
+    for a, b in spans:
+        if att[b] is None or a < att[b]:
+            att[b] = a
+    return att
+
+
+def _compact_from_spans(n: int, spans: Iterable[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """(D, c) of one sentence from its binary spans, with difference arrays (O(n + #spans))."""
+    dd = [0] * (n + 1)
+    dc = [0] * (n + 1)
+    for a, b in spans:
+        if not (0 <= a < b < n):
+            raise ValueError(f"binary span [{a}, {b}] is not inside a sentence of {n} tokens")
+        dd[a] += 1
+        dd[b + 1] -= 1
+        dc[a] += 1
+        dc[b] -= 1  # c_k counts nodes with a <= k and k + 1 <= b
+    depth, boundary, run_d, run_c = [], [], 0, 0
+    for i in range(n):
+        run_d += dd[i]
+        run_c += dc[i]
+        depth.append(run_d)
+        boundary.append(run_c)
+    return depth, boundary
+
+
+def dense_from_compact(depth: torch.Tensor, boundary: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """S(t, j) as a [B, rows, T] int64 tensor for the last ``rows`` query positions (default T).
+
+    S(t, j) = D_j - min_{j <= k <= t} c_k for j <= t, 0 for j > t. Costs O(B T^2) memory.
+    """
+    B, T = depth.shape
+    rows = T if rows is None else rows
+    d = depth.to(torch.int64)
+    c = boundary.to(torch.int64)
+    big = torch.iinfo(torch.int64).max
+    k = torch.arange(T, device=depth.device)
+    # M[b, j, t] = min_{j <= k <= t} c_k: a running minimum along t of c masked to k >= j.
+    masked = torch.where(k[None, None, :] >= k[None, :, None], c[:, None, :], big)
+    running = torch.cummin(masked, dim=-1).values  # [B, j, t]
+    s = d[:, :, None] - running  # [B, j, t]
+    s = torch.where(k[None, None, :] >= k[None, :, None], s, 0)
+    return s.transpose(1, 2)[:, T - rows :, :].contiguous()
+
+
+class StackTape:
+    """The stack tape of a batch of sentences in compact form.
+
+    Attributes: ``depth`` [B, T] int32 (D_j), ``boundary`` [B, T] int32 (c_k, 0 after the last
+    token and at padding), ``lengths`` [B] int64. ``dense()`` gives S(t, j) as [B, T, T] int64.
+    Padded key positions have S = 0; rows of padded query positions equal the final row of the
+    sentence (every constituent closed); causal queries of real tokens never look at padding.
+    """
+
+    def __init__(self, depth: torch.Tensor, boundary: torch.Tensor, lengths: torch.Tensor | None = None):
+        for name, x in (("depth", depth), ("boundary", boundary)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+                raise TypeError(f"{name}: expected an integer tensor, got dtype {str(x.dtype).replace('torch.', '')}")
+            if x.dim() != 2:
+                raise ValueError(f"{name}: expected shape [B, T], got {list(x.shape)}")
+            if x.numel() and int(x.min()) < 0:
+                raise ValueError(f"{name}: expected non-negative values, got a minimum of {int(x.min())}")
+        if depth.shape != boundary.shape:
+            raise ValueError(f"boundary: expected the shape of depth {list(depth.shape)}, got {list(boundary.shape)}")
+        if depth.device != boundary.device:
+            raise ValueError(f"boundary: expected a tensor on {depth.device} (the device of depth), got one on {boundary.device}")
+        B, T = depth.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64)
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=depth.device)
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths: expected shape [{B}], got {list(lengths.shape)}")
+        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+            raise ValueError(f"lengths: expected values in [0, {T}], got {lengths.tolist()}")
+        self.depth = depth.to(torch.int32).contiguous()
+        self.boundary = boundary.to(torch.int32).contiguous()
+        self.lengths = lengths
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_spans(cls, sentences: Sequence[tuple[int, Iterable[tuple[int, int]]]], *, pad_to: int | None = None, device=None) -> "StackTape":
+        """From (number of tokens, binary spans [a, b]) per sentence; padded to the longest."""
+        lengths = [int(n) for n, _ in sentences]
+        T = max(lengths, default=0) if pad_to is None else int(pad_to)
+        if lengths and max(lengths) > T:
+            raise ValueError(f"pad_to: expected >= the longest sentence ({max(lengths)}), got {T}")
+        depth = torch.zeros(len(sentences), T, dtype=torch.int32)
+        boundary = torch.zeros(len(sentences), T, dtype=torch.int32)
+        for i, (n, spans) in enumerate(sentences):
+            d, c = _compact_from_spans(int(n), spans)
+            if n:
+                depth[i, :n] = torch.tensor(d, dtype=torch.int32)
+                boundary[i, :n] = torch.tensor(c, dtype=torch.int32)
+        tape = cls(depth, boundary, torch.tensor(lengths, dtype=torch.int64))
+        return tape if device is None else tape.to(device)
+
+    @classmethod
+    def from_trees(cls, trees, *, labeled: bool = False, pad_to: int | None = None, device=None) -> "StackTape":
+        """From a list of trees (``nltk.Tree``, nested lists, or bracket strings; a single tree is
+        accepted too). Leaves are tokens. n-ary nodes are binarized right-factored (as
+        ``nltk.Tree.chomsky_normal_form``) and unary chains collapsed. Bracket strings are unlabeled
+        ("((The dog) (is happy))") unless ``labeled=True`` (PTB style, parsed by nltk)."""
+        if isinstance(trees, str) or _children(trees) is not None and _is_single_tree(trees):
+            trees = [trees]
+        return cls.from_spans([tree_spans(t, labeled=labeled) for t in trees], pad_to=pad_to, device=device)
+
+    @classmethod
+    def from_brackets(cls, strings, *, pairs: dict | None = None, pad_to: int | None = None, device=None) -> "StackTape":
+        """Dyck tapes: every token is a bracket, and a close bracket reduces with everything back to
+        its matching open bracket (so the pair and what it encloses become one constituent).
+
+        ``strings``: a list of str (characters are tokens; whitespace is ignored) or of token
+        sequences. ``pairs`` maps open to close tokens (default ``()[]{}<>``). Unclosed open brackets
+        are allowed (a prefix); an unmatched close bracket is an error. Use with ``binary=True``.
+        """
+        if isinstance(strings, str):
+            strings = [strings]
+        pairs = dict(pairs) if pairs is not None else {"(": ")", "[": "]", "{": "}", "<": ">"}
+        closers = {c: o for o, c in pairs.items()}
+        sentences = []
+        for s in strings:
+            toks = [ch for ch in s if not ch.isspace()] if isinstance(s, str) else list(s)
+            builder = StackTapeBuilder(1)
+            opens: list[tuple[object, int]] = []
+            for k, tok in enumerate(toks):
+                if tok in pairs:
+                    opens.append((tok, k))
+                    builder.push(None)
+                elif tok in closers:
+                    if not opens or opens[-1][0] != closers[tok]:
+                        raise ValueError(f"strings: unmatched close bracket {tok!r} at position {k} of {s!r}")
+                    builder.push(opens.pop()[1])
+                else:
+                    raise ValueError(f"strings: token {tok!r} at position {k} of {s!r} is not a bracket of pairs {pairs}")
+            sentences.append((len(toks), builder.spans[0]))
+        return cls.from_spans(sentences, pad_to=pad_to, device=device)
+
+    # -- views -------------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.depth.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.depth.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.depth.device
+
+    def max_depth(self) -> int:
+        """The largest S(t, j) of the batch (= max D_j)."""
+        return int(self.depth.max()) if self.depth.numel() else 0
+
+    def dense(self, rows: int | None = None) -> torch.Tensor:
+        """S(t, j) as [B, T, T] int64 (or the last ``rows`` query rows: [B, rows, T])."""
+        return dense_from_compact(self.depth, self.boundary, rows)
+
+    def to(self, device) -> "StackTape":
+        return StackTape(self.depth.to(device), self.boundary.to(device), self.lengths.to(device))
+
+    def __repr__(self) -> str:
+        return f"StackTape(batch_size={self.batch_size}, seq_len={self.seq_len}, lengths={self.lengths.tolist()}, device={self.device})"
+
+
+def _is_single_tree(x) -> bool:
+    """A nested list/nltk.Tree that is one tree rather than a list of trees."""
+    try:
+        import nltk
+
+        if isinstance(x, nltk.Tree):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return False
+
+
+class StackTapeBuilder:
+    """Build tapes token by token (decoding), a batch of sentences in lockstep.
+
+    ``push(attach)`` adds one token per sentence. ``attach`` is None (or -1) for a shift, or the
+    index j of any token inside a constituent on the stack: the new token then reduces with that
+    constituent and every constituent above it (e.g. j = the last token of the constituent it
+    attaches to, or its first token). ``row`` is then the depth row S(t, 0..t) of the new token t,
+    i.e. the dense tape row a query at t needs; ``tape()`` returns the StackTape, equal to
+    ``StackTape.from_trees`` on the same trees after the last token.
+    """
+
+    def __init__(self, batch_size: int = 1):
+        self.batch_size = int(batch_size)
+        self.length = 0
+        self.stacks: list[list[int]] = [[] for _ in range(self.batch_size)]  # constituent starts
+        self.spans: list[list[tuple[int, int]]] = [[] for _ in range(self.batch_size)]
+        self._rows = torch.zeros(self.batch_size, 16, dtype=torch.int64)
+
+    def push(self, attach=None) -> torch.Tensor:
+        """Add one token to every sentence; return the new depth row [B, t + 1] (int64)."""
+        if self.batch_size == 1 and (attach is None or isinstance(attach, int)):
+            attach = [attach]
+        attach = list(attach)
+        if len(attach) != self.batch_size:
+            raise ValueError(f"attach: expected {self.batch_size} entries (one per sentence), got {len(attach)}")
+        k = self.length
+        if k >= self._rows.shape[1]:
+            grown = torch.zeros(self.batch_size, 2 * self._rows.shape[1], dtype=torch.int64)
+            grown[:, :k] = self._rows[:, :k]
+            self._rows = grown
+        for b, a in enumerate(attach):
+            stack = self.stacks[b]
+            if a is None or a == -1:
+                stack.append(k)
+                continue
+            a = int(a)
+            if not (0 <= a < k) or not stack or a < stack[0]:
+                raise ValueError(f"attach[{b}]: token {a} is not on the stack of sentence {b} (tokens 0..{k - 1}, stack starts {stack})")
+            # Pop from the top down to the constituent that contains token a.
+            popped = []
+            while stack and stack[-1] > a:
+                popped.append(stack.pop())
+            popped.append(stack.pop())
+            for start in popped:  # one new binary node [start, k] per pop
+                self._rows[b, start:k] += 1
+                self.spans[b].append((start, k))
+            self._rows[b, k] = len(popped)
+            stack.append(popped[-1])
+        self.length = k + 1
+        return self.row
+
+    @property
+    def row(self) -> torch.Tensor:
+        """S(t, 0..t) of the last pushed token t, [B, t + 1] int64."""
+        return self._rows[:, : self.length].clone()
+
+    def tape(self, device=None) -> StackTape:
+        return StackTape.from_spans([(self.length, s) for s in self.spans], device=device)

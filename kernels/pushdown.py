@@ -1,0 +1,571 @@
+"""Triton kernels for pushdown attention (FlashAttention-2 style, forward and backward).
+
+Score of query t and key j <= t (causal, queries aligned to the end of the keys):
+
+    score(t, j) = scale * (q_t . k_j + q_t . E[idx(t, j)]),   idx = min(S(t, j), V-1)  or  [S > 0]
+
+The depth term is computed as a register gather from QE = q_blk . E^T ([BM, V_pad]), so nothing of
+size T x T (and nothing of size T x T x D) is ever materialized.
+
+The stack tape S comes either dense (an int tile [Tq, Tk]) or compact: per token a depth D_j and a
+boundary c_k, with S(t, j) = D_j - min_{j <= k <= t} c_k regenerated in-kernel. Negative values are
+clamped to 0 (so callers may use a large boundary value for "still open").
+
+Key tiles are walked with their columns in *reversed* order (column r is key n0 + BN - 1 - r): a
+forward min-scan along the columns is then the suffix minimum over keys, which is what the tape
+needs, without relying on a reverse scan. Attention sums over keys, so their order is free.
+
+    min_{j <= k <= t} c_k = min( suffix-min of c inside the key tile from j (keys <= t only),
+                                 R[t] = min of c over keys right of the tile, up to t )
+
+Forward and the dq pass visit key tiles right to left, so R[t] is a running per-row minimum; the
+dk/dv pass visits query blocks top to bottom, so R[t] is one running scalar (the gap between the
+key tile and the query block) plus a prefix-min scan over the query block. Tiles strictly below the
+diagonal need only a 1-D scan over the key tile; diagonal tiles a 2-D scan.
+
+Backward (dS = P * (dP - delta), delta = rowsum(dO * O)):
+  * dk, dv: key-stationary;
+  * dq and the depth-gradient histogram Hist[t, v] = sum_j dS[t, j] [idx(t, j) = v]: query-stationary,
+    each program owns its rows, so no atomics: dq += Hist @ E in-kernel, and each program writes
+    its partial dE = Hist^T @ q_blk to its own slot of a buffer that is summed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# "No boundary" marker for masked-out tape entries (any value above every real c_k).
+_BIG = 2**30
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# Query-block size of the dq pass; fixed (not autotuned) because the per-program dE partial
+# buffer is sized by it before launch.
+_DQ_BM = 16 if INTERPRET else 64
+
+
+# FASTMODELS_AUTOTUNE=0: first GPU config only (quick compile checks)
+_AUTOTUNE = os.environ.get("FASTMODELS_AUTOTUNE", "1") != "0"
+
+
+def _configs(pairs):
+    """Autotune grid: one small config under the interpreter, a few on GPU."""
+    if INTERPRET:
+        return [triton.Config({"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
+    pairs = pairs if _AUTOTUNE else pairs[:1]
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
+
+
+_FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)])
+_DKDV_CONFIGS = _configs([(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2)])
+_DQ_CONFIGS = (
+    [triton.Config({"BN": 16}, num_warps=1, num_stages=1)]
+    if INTERPRET
+    else [triton.Config({"BN": bn}, num_warps=w, num_stages=2) for bn, w in ((32, 4), (64, 4), (64, 8))[: 3 if _AUTOTUNE else 1]]
+)
+_KEY = ["BD", "VP", "COMPACT", "BINARY"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small device helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _mm(x, ref_ptr, FP32_DOT: tl.constexpr):
+    """tl.dot operand: the input dtype on GPU (tensor cores), fp32 under the interpreter (which
+    computes bf16 dots on raw bit patterns)."""
+    if FP32_DOT:
+        y = x.to(tl.float32)
+    else:
+        y = x.to(ref_ptr.dtype.element_ty)
+    return y
+
+
+@triton.jit
+def _depth_index(S, V, BINARY: tl.constexpr):
+    """Row of E used by tape value S: [S > 0] (binary) or S clamped to [0, V-1]."""
+    if BINARY:
+        idx = tl.minimum((S > 0).to(tl.int32), V - 1)
+    else:
+        idx = tl.minimum(tl.maximum(S, 0), V - 1)
+    return idx
+
+
+@triton.jit
+def _gather_bias(b_qe, idx, BINARY: tl.constexpr, VP: tl.constexpr):
+    """bias[t, j] = QE[t, idx[t, j]]: a register gather (a select between two columns if binary)."""
+    if BINARY:
+        o_v = tl.arange(0, VP)
+        qe0 = tl.sum(tl.where(o_v[None, :] == 0, b_qe, 0.0), axis=1)
+        qe1 = tl.sum(tl.where(o_v[None, :] == 1, b_qe, 0.0), axis=1)
+        bias = tl.where(idx > 0, qe1[:, None], qe0[:, None])
+    else:
+        bias = tl.gather(b_qe, idx, axis=1)
+    return bias
+
+
+@triton.jit
+def _tape_tile_qstat(dep, bnd, dense, b, o_m, o_t, o_n, m_m, m_n, R, Tq, Tk,
+                     COMPACT: tl.constexpr, MASKED: tl.constexpr):
+    """S tile [BM, BN] for the query-stationary passes (key tiles visited right to left).
+    R[t] = min c_k over the keys already visited (right of this tile) with k <= t."""
+    if COMPACT:
+        c = tl.load(bnd + b * Tk + o_n, mask=m_n, other=_BIG)
+        dj = tl.load(dep + b * Tk + o_n, mask=m_n, other=0)
+        if MASKED:
+            x = tl.where(o_n[None, :] <= o_t[:, None], c[None, :], _BIG)
+            minc = tl.minimum(tl.associative_scan(x, 1, _min_combine), R[:, None])
+            R = tl.minimum(R, tl.min(x, axis=1))
+        else:
+            # every key of the tile is <= every query: one 1-D suffix-min scan
+            minc = tl.minimum(tl.associative_scan(c, 0, _min_combine)[None, :], R[:, None])
+            R = tl.minimum(R, tl.min(c, axis=0))
+        S = dj[None, :] - minc
+    else:
+        p_s = dense + (b * Tq + o_m[:, None]) * Tk + o_n[None, :]
+        if MASKED:
+            m_s = m_m[:, None] & m_n[None, :] & (o_n[None, :] <= o_t[:, None])
+        else:
+            m_s = m_m[:, None]
+        S = tl.load(p_s, mask=m_s, other=0).to(tl.int32)
+    return S, R
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, R, b_q, b_qe, k, v, dep, bnd, dense, bh, b, n0,
+              o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
+              COMPACT: tl.constexpr, BINARY: tl.constexpr, MASKED: tl.constexpr,
+              BN: tl.constexpr, VP: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr):
+    o_n = n0 + BN - 1 - tl.arange(0, BN)  # reversed key order (see module docstring)
+    m_n = o_n < Tk
+    p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
+    m_kv = m_n[:, None] & m_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0)
+
+    qk = tl.dot(_mm(b_q, k, FP32_DOT), tl.trans(_mm(b_k, k, FP32_DOT)), input_precision=PREC)
+    S, R = _tape_tile_qstat(dep, bnd, dense, b, o_m, o_t, o_n, m_m, m_n, R, Tq, Tk, COMPACT, MASKED)
+    idx = _depth_index(S, V, BINARY)
+    s = (qk + _gather_bias(b_qe, idx, BINARY, VP)) * qk_scale  # log2 domain
+    if MASKED:
+        s = tl.where((o_n[None, :] <= o_t[:, None]) & m_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(_mm(p, v, FP32_DOT), _mm(b_v, v, FP32_DOT), input_precision=PREC)
+    return acc, m_new, l_i, R
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.jit(do_not_specialize=["Tq", "Tk"])
+def pushdown_attention_fwd_kernel(
+    q, k, v, e, dep, bnd, dense, o, lse,
+    s_eh, s_ev, s_ed,
+    H, Tq, Tk, D, V, scale,
+    COMPACT: tl.constexpr, BINARY: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
+    BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    off = Tk - Tq  # query i sits at absolute position off + i
+
+    o_m = pid_m * BM + tl.arange(0, BM)
+    o_t = off + o_m
+    m_m = o_m < Tq
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, VP)
+    m_v = o_v < V
+
+    p_q = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
+    m_q = m_m[:, None] & m_d[None, :]
+    b_q = tl.load(q + p_q, mask=m_q, other=0.0)
+    b_e = tl.load(e + h * s_eh + o_v[:, None] * s_ev + o_d[None, :] * s_ed,
+                  mask=m_v[:, None] & m_d[None, :], other=0.0)
+    # QE = q E^T: the depth term of every (row, depth) pair, kept in registers
+    b_qe = tl.dot(_mm(b_q, q, FP32_DOT), tl.trans(_mm(b_e, q, FP32_DOT)), input_precision=PREC)
+
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    R = tl.full([BM], _BIG, tl.int32)
+
+    m0 = off + pid_m * BM  # first absolute query position of the block
+    n_tiles = tl.cdiv(tl.minimum(Tk, m0 + BM), BN)
+    n_full = (m0 + 1) // BN  # tiles whose every key is <= every query of the block
+    for it in range(0, n_tiles - n_full):  # diagonal tiles, right to left
+        n0 = (n_tiles - 1 - it) * BN
+        acc, m_i, l_i, R = _fwd_tile(acc, m_i, l_i, R, b_q, b_qe, k, v, dep, bnd, dense, bh, b, n0,
+                                     o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                                     COMPACT, BINARY, True, BN, VP, FP32_DOT, PREC)
+    for it in range(0, n_full):  # full tiles, right to left
+        n0 = (n_full - 1 - it) * BN
+        acc, m_i, l_i, R = _fwd_tile(acc, m_i, l_i, R, b_q, b_qe, k, v, dep, bnd, dense, bh, b, n0,
+                                     o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                                     COMPACT, BINARY, False, BN, VP, FP32_DOT, PREC)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    tl.store(o + p_q, acc.to(o.dtype.element_ty), mask=m_q)
+    tl.store(lse + bh * Tq + o_m, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=m_m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["Tq"])
+def pushdown_attention_bwd_preprocess_kernel(
+    q, o, do, e, delta, qe, s_eh, s_ev, s_ed, H, Tq, D, V,
+    FP32_DOT: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr,
+):
+    """delta = rowsum(dO * O) and QE = q E^T ([BM, VP] per block, fp32), shared by both passes."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    o_m = pid_m * BM + tl.arange(0, BM)
+    m_m = o_m < Tq
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, VP)
+    p_x = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
+    m_x = m_m[:, None] & m_d[None, :]
+    b_o = tl.load(o + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_x, mask=m_x, other=0.0).to(tl.float32)
+    tl.store(delta + bh * Tq + o_m, tl.sum(b_o * b_do, axis=1), mask=m_m)
+    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
+    b_e = tl.load(e + h * s_eh + o_v[:, None] * s_ev + o_d[None, :] * s_ed,
+                  mask=(o_v[:, None] < V) & m_d[None, :], other=0.0)
+    b_qe = tl.dot(_mm(b_q, q, FP32_DOT), tl.trans(_mm(b_e, q, FP32_DOT)), input_precision=PREC)
+    tl.store(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], b_qe, mask=m_m[:, None])
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
+               bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
+               COMPACT: tl.constexpr, BINARY: tl.constexpr, MASKED: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, VP: tl.constexpr,
+               FP32_DOT: tl.constexpr, PREC: tl.constexpr):
+    off = Tk - Tq
+    o_m = mi * BM + tl.arange(0, BM)
+    o_t = off + o_m
+    m_m = o_m < Tq
+    p_x = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
+    m_x = m_m[:, None] & m_d[None, :]
+    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
+    b_do = tl.load(do + p_x, mask=m_x, other=0.0)
+    # padded query rows get lse = +inf, hence P = 0
+    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
+    o_v = tl.arange(0, VP)
+    b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
+
+    if COMPACT:
+        # R[t] = min c over keys in [tile end + 1, t]: the gap scalar G, then a prefix min over rows
+        c_q = tl.load(bnd + b * Tk + o_t, mask=m_m, other=_BIG)
+        c_q = tl.where(o_t >= n0 + BN, c_q, _BIG)
+        R = tl.minimum(tl.associative_scan(c_q, 0, _min_combine), G)
+        G = tl.minimum(G, tl.min(c_q, axis=0))
+        if MASKED:
+            x = tl.where(o_n[None, :] <= o_t[:, None], c_k[None, :], _BIG)
+            minc = tl.minimum(tl.associative_scan(x, 1, _min_combine), R[:, None])
+        else:
+            minc = tl.minimum(sufmin_k[None, :], R[:, None])
+        S = d_k[None, :] - minc
+    else:
+        p_s = dense + (b * Tq + o_m[:, None]) * Tk + o_n[None, :]
+        if MASKED:
+            m_s = m_m[:, None] & m_n[None, :] & (o_n[None, :] <= o_t[:, None])
+        else:
+            m_s = m_m[:, None]
+        S = tl.load(p_s, mask=m_s, other=0).to(tl.int32)
+    idx = _depth_index(S, V, BINARY)
+
+    qk = tl.dot(_mm(b_q, q, FP32_DOT), tl.trans(_mm(b_k, q, FP32_DOT)), input_precision=PREC)
+    s = (qk + _gather_bias(b_qe, idx, BINARY, VP)) * qk_scale
+    p = tl.exp2(s - b_lse[:, None])
+    if MASKED:
+        p = tl.where((o_n[None, :] <= o_t[:, None]) & m_n[None, :], p, 0.0)
+    dv += tl.dot(tl.trans(_mm(p, q, FP32_DOT)), _mm(b_do, q, FP32_DOT), input_precision=PREC)
+    dp = tl.dot(_mm(b_do, q, FP32_DOT), tl.trans(_mm(b_v, q, FP32_DOT)), input_precision=PREC)
+    ds = p * (dp - b_delta[:, None])
+    dk += tl.dot(tl.trans(_mm(ds, q, FP32_DOT)), _mm(b_q, q, FP32_DOT), input_precision=PREC)
+    return dk, dv, G
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+@triton.jit(do_not_specialize=["Tq", "Tk"])
+def pushdown_attention_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, qe, bnd, dep, dense, dk, dv,
+    H, Tq, Tk, D, V, scale,
+    COMPACT: tl.constexpr, BINARY: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
+    BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """Key-stationary: one program per (key block, batch*head); query blocks top to bottom."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    off = Tk - Tq
+    n0 = pid_n * BN
+    o_n = n0 + BN - 1 - tl.arange(0, BN)  # reversed key order
+    m_n = o_n < Tk
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
+    m_kv = m_n[:, None] & m_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0)
+
+    if COMPACT:
+        c_k = tl.load(bnd + b * Tk + o_n, mask=m_n, other=_BIG)
+        d_k = tl.load(dep + b * Tk + o_n, mask=m_n, other=0)
+        sufmin_k = tl.associative_scan(c_k, 0, _min_combine)
+    else:
+        c_k = tl.zeros([BN], tl.int32)
+        d_k = c_k
+        sufmin_k = c_k
+    G = tl.min(tl.full([BN], _BIG, tl.int32), axis=0)  # min c over [n0 + BN, first query row)
+
+    qk_scale = scale * 1.4426950408889634
+    b_dk = tl.zeros([BN, BD], tl.float32)
+    b_dv = tl.zeros([BN, BD], tl.float32)
+    n_mblk = tl.cdiv(Tq, BM)
+    mi_lo = tl.maximum(n0 - off, 0) // BM
+    # first query block whose every row is >= every key of this tile
+    mi_full = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(n0 + BN - 1 - off, 0), BM), mi_lo), n_mblk)
+    for mi in range(mi_lo, mi_full):
+        b_dk, b_dv, G = _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
+                               bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                               COMPACT, BINARY, True, BM, BN, VP, FP32_DOT, PREC)
+    for mi in range(mi_full, n_mblk):
+        b_dk, b_dv, G = _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
+                               bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                               COMPACT, BINARY, False, BM, BN, VP, FP32_DOT, PREC)
+    tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kv)
+    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def _histogram(hist, ds, idx, valid, BINARY: tl.constexpr, VP: tl.constexpr):
+    """hist[t, v] += sum_j ds[t, j] [idx[t, j] = v], over the depth values present in the tile."""
+    o_v = tl.arange(0, VP)
+    if BINARY:
+        h1 = tl.sum(tl.where(idx > 0, ds, 0.0), axis=1)
+        h0 = tl.sum(tl.where(idx > 0, 0.0, ds), axis=1)
+        hist += tl.where(o_v[None, :] == 1, h1[:, None], tl.where(o_v[None, :] == 0, h0[:, None], 0.0))
+    else:
+        lo = tl.min(tl.where(valid, idx, VP))
+        hi = tl.max(tl.where(valid, idx, -1))
+        for val in range(lo, hi + 1):
+            hv = tl.sum(tl.where(idx == val, ds, 0.0), axis=1)
+            hist += tl.where(o_v[None, :] == val, hv[:, None], 0.0)
+    return hist
+
+
+@triton.jit
+def _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, dense, bh, b, n0,
+             o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
+             COMPACT: tl.constexpr, BINARY: tl.constexpr, MASKED: tl.constexpr,
+             BN: tl.constexpr, VP: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr):
+    o_n = n0 + BN - 1 - tl.arange(0, BN)  # reversed key order
+    m_n = o_n < Tk
+    p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
+    m_kv = m_n[:, None] & m_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_kv, other=0.0)
+
+    qk = tl.dot(_mm(b_q, k, FP32_DOT), tl.trans(_mm(b_k, k, FP32_DOT)), input_precision=PREC)
+    S, R = _tape_tile_qstat(dep, bnd, dense, b, o_m, o_t, o_n, m_m, m_n, R, Tq, Tk, COMPACT, MASKED)
+    idx = _depth_index(S, V, BINARY)
+    s = (qk + _gather_bias(b_qe, idx, BINARY, VP)) * qk_scale
+    p = tl.exp2(s - b_lse[:, None])
+    if MASKED:
+        valid = (o_n[None, :] <= o_t[:, None]) & m_n[None, :] & m_m[:, None]
+        p = tl.where(valid, p, 0.0)
+    else:
+        valid = m_m[:, None] & (o_n[None, :] >= 0)
+    dp = tl.dot(_mm(b_do, k, FP32_DOT), tl.trans(_mm(b_v, k, FP32_DOT)), input_precision=PREC)
+    ds = p * (dp - b_delta[:, None])
+    b_dq += tl.dot(_mm(ds, k, FP32_DOT), _mm(b_k, k, FP32_DOT), input_precision=PREC)
+    hist = _histogram(hist, ds, idx, valid, BINARY, VP)
+    return b_dq, hist, R
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
+@triton.jit(do_not_specialize=["Tq", "Tk"])
+def pushdown_attention_bwd_dq_kernel(
+    q, k, v, e, do, lse, delta, qe, dep, bnd, dense, dq, de_part,
+    s_eh, s_ev, s_ed,
+    H, Tq, Tk, D, V, scale,
+    COMPACT: tl.constexpr, BINARY: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
+    BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """Query-stationary: dq and the depth histogram of this program's rows (no atomics).
+    dq = scale * (dS k + Hist E); this block's share of dE, scale * Hist^T q, goes to its own slot
+    de_part[b, pid_m, h] ([V, D])."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    off = Tk - Tq
+    o_m = pid_m * BM + tl.arange(0, BM)
+    o_t = off + o_m
+    m_m = o_m < Tq
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, VP)
+    m_v = o_v < V
+
+    p_x = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
+    m_x = m_m[:, None] & m_d[None, :]
+    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
+    b_do = tl.load(do + p_x, mask=m_x, other=0.0)
+    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
+    b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
+
+    qk_scale = scale * 1.4426950408889634
+    b_dq = tl.zeros([BM, BD], tl.float32)
+    hist = tl.zeros([BM, VP], tl.float32)
+    R = tl.full([BM], _BIG, tl.int32)
+    m0 = off + pid_m * BM
+    n_tiles = tl.cdiv(tl.minimum(Tk, m0 + BM), BN)
+    n_full = (m0 + 1) // BN
+    for it in range(0, n_tiles - n_full):
+        n0 = (n_tiles - 1 - it) * BN
+        b_dq, hist, R = _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, dense,
+                                 bh, b, n0, o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                                 COMPACT, BINARY, True, BN, VP, FP32_DOT, PREC)
+    for it in range(0, n_full):
+        n0 = (n_full - 1 - it) * BN
+        b_dq, hist, R = _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, dense,
+                                 bh, b, n0, o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                                 COMPACT, BINARY, False, BN, VP, FP32_DOT, PREC)
+
+    b_e = tl.load(e + h * s_eh + o_v[:, None] * s_ev + o_d[None, :] * s_ed,
+                  mask=m_v[:, None] & m_d[None, :], other=0.0)
+    b_dq += tl.dot(_mm(hist, q, FP32_DOT), _mm(b_e, q, FP32_DOT), input_precision=PREC)
+    tl.store(dq + p_x, (b_dq * scale).to(dq.dtype.element_ty), mask=m_x)
+    b_de = tl.dot(tl.trans(_mm(hist, q, FP32_DOT)), _mm(b_q, q, FP32_DOT), input_precision=PREC)
+    n_mblk = tl.cdiv(Tq, BM)
+    p_de = ((b * n_mblk + pid_m) * H + h) * V * D + o_v[:, None] * D + o_d[None, :]
+    tl.store(de_part + p_de, b_de * scale, mask=m_v[:, None] & m_d[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def _common(q, k, emb, depth, boundary, dense, binary):
+    """Shared launch parameters; validates the layout contract (the public op validates values)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if Tq > Tk:
+        raise ValueError(f"pushdown kernels: Tq={Tq} must be <= Tk={Tk}")
+    if emb.dim() != 3 or emb.shape[0] != H or emb.shape[2] != D:
+        raise ValueError(f"pushdown kernels: emb must be [H={H}, V, D={D}], got {list(emb.shape)}")
+    compact = dense is None
+    if compact:
+        if depth is None or boundary is None:
+            raise ValueError("pushdown kernels: pass either dense or (depth, boundary)")
+        if Tq != Tk:
+            raise ValueError("pushdown kernels: a compact tape needs Tq == Tk (use a dense tape to decode)")
+        depth = depth.to(torch.int32).contiguous()
+        boundary = boundary.to(torch.int32).contiguous()
+        dense = depth  # unused placeholder pointer
+    else:
+        if dense.shape != (B, Tq, Tk):
+            raise ValueError(f"pushdown kernels: dense tape must be [B, Tq, Tk]={[B, Tq, Tk]}, got {list(dense.shape)}")
+        dense = dense.contiguous()
+        depth = boundary = dense  # unused placeholder pointers
+    V = emb.shape[1]
+    # binary mode reads rows 0 and 1 only
+    V_used = min(V, 2) if binary else V
+    meta = dict(
+        COMPACT=compact, BINARY=bool(binary), FP32_DOT=INTERPRET or q.dtype == torch.float32,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", BD=_pow2(D), VP=_pow2(V_used),
+    )
+    return B, H, Tq, Tk, D, V_used, depth, boundary, dense, meta
+
+
+def pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool):
+    """Forward: returns (out [B, H, Tq, D] in q's dtype, lse [B, H, Tq] fp32, natural log).
+
+    q [B, H, Tq, D], k/v [B, H, Tk, D] contiguous, same dtype; emb [H, V, D] (any strides, e.g. an
+    expanded [V, D] table); tape either compact (depth, boundary [B, Tk] int, Tq == Tk) or dense
+    ([B, Tq, Tk] int8/16/32, dense=None otherwise)."""
+    B, H, Tq, Tk, D, V, depth, boundary, dense, meta = _common(q, k, emb, depth, boundary, dense, binary)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    grid = lambda META: (triton.cdiv(Tq, META["BM"]), B * H)  # noqa: E731
+    pushdown_attention_fwd_kernel[grid](
+        q, k, v, emb, depth, boundary, dense, out, lse,
+        emb.stride(0), emb.stride(1), emb.stride(2),
+        H, Tq, Tk, D, V, float(scale), **meta,
+    )
+    return out, lse
+
+
+def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: float, binary: bool):
+    """Backward: returns (dq, dk, dv) in the input dtype and demb [H, V, D] fp32."""
+    B, H, Tq, Tk, D, V, depth, boundary, dense, meta = _common(q, k, emb, depth, boundary, dense, binary)
+    q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    demb = torch.zeros((H, emb.shape[1], D), device=q.device, dtype=torch.float32)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), demb
+    VP, BD = meta["VP"], meta["BD"]
+    delta = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    qe = torch.empty((B, H, Tq, VP), device=q.device, dtype=torch.float32)
+    pre_bm = 16 if INTERPRET else 64
+    pushdown_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_bm), B * H)](
+        q, out, do, emb, delta, qe, emb.stride(0), emb.stride(1), emb.stride(2), H, Tq, D, V,
+        FP32_DOT=meta["FP32_DOT"], PREC=meta["PREC"], BD=BD, VP=VP, BM=pre_bm,
+    )
+    grid_kv = lambda META: (triton.cdiv(Tk, META["BN"]), B * H)  # noqa: E731
+    pushdown_attention_bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, lse, delta, qe, boundary, depth, dense, dk, dv,
+        H, Tq, Tk, D, V, float(scale), **meta,
+    )
+    n_mblk = triton.cdiv(Tq, _DQ_BM)
+    de_part = torch.empty((B, n_mblk, H, V, D), device=q.device, dtype=torch.float32)
+    pushdown_attention_bwd_dq_kernel[(n_mblk, B * H)](
+        q, k, v, emb, do, lse, delta, qe, depth, boundary, dense, dq, de_part,
+        emb.stride(0), emb.stride(1), emb.stride(2),
+        H, Tq, Tk, D, V, float(scale), BM=_DQ_BM, **meta,
+    )
+    # deterministic reduction of the per-program partials
+    demb[:, :V] = de_part.sum(dim=(0, 1))
+    return dq, dk, dv, demb

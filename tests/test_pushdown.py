@@ -1,0 +1,246 @@
+"""pushdown_attention: every backend, forward and all four gradients, vs the float64 reference."""
+
+import math
+import random
+
+import pytest
+import torch
+from helpers import DEVICE, INTERPRET, assert_rms_close, op_backends
+
+from fastmodels.ops import pushdown_attention
+from fastmodels.ops.pushdown import _fwd_op, pushdown_attention_materialized, pushdown_attention_reference
+from fastmodels.pushdown import StackTape
+
+
+def random_tree(rng: random.Random, n: int):
+    """A random n-ary tree over n leaves as nested lists (unary chains included)."""
+    if n == 1:
+        node = "w"
+    else:
+        k = rng.randint(2, min(4, n))
+        cuts = sorted(rng.sample(range(1, n), k - 1))
+        node = [random_tree(rng, b - a) for a, b in zip([0] + cuts, cuts + [n])]
+    for _ in range(rng.choice([0, 0, 1])):
+        node = [node]
+    return node
+
+
+def make_tape(lengths, T, seed=0, device=DEVICE):
+    rng = random.Random(seed)
+    return StackTape.from_trees([random_tree(rng, n) for n in lengths], pad_to=T, device=device)
+
+
+def make_inputs(B, H, Tq, Tk, D, V, per_head, dtype, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, Tk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, Tk, D, generator=g, dtype=torch.float64)
+    E = torch.randn(*((H,) if per_head else ()), V, D, generator=g, dtype=torch.float64)
+    do = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, E, do)]
+
+
+def run(backend, q, k, v, E, do, tape, binary, scale=None):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, E)]
+    out = pushdown_attention(*leaves, tape, binary=binary, scale=scale, backend=backend)
+    grads = torch.autograd.grad(out, leaves, do)
+    return (out, *grads)
+
+
+# (B, H, T, D, V, per_head, binary, tape_kind, lengths or None)
+CASES_FULL = [
+    (1, 1, 1, 16, 2, False, False, "compact", None),
+    (2, 3, 7, 60, 5, True, False, "compact", None),
+    (1, 3, 63, 16, 50, False, False, "dense", None),
+    (2, 1, 100, 60, 5, True, True, "compact", [100, 41]),
+    (3, 3, 100, 16, 50, True, False, "compact", [100, 1, 77]),
+    (2, 3, 63, 60, 2, False, True, "dense", [63, 20]),
+    (2, 1, 100, 16, 5, False, False, "dense", [9, 100]),
+]
+# the Triton interpreter costs ~0.5 ms per program instance per op: keep these tiny
+CASES_TINY = [
+    (1, 1, 1, 16, 2, False, False, "compact", None),
+    (2, 3, 7, 16, 5, True, False, "compact", [7, 3]),
+    (1, 2, 20, 16, 50, False, True, "dense", None),
+    (2, 1, 33, 60, 5, True, False, "compact", [33, 12]),
+]
+
+
+def cases_for(backend):
+    tiny = backend == "triton" and DEVICE == "cpu"
+    return CASES_TINY if tiny else CASES_FULL
+
+
+def _case_id(c):
+    B, H, T, D, V, ph, binary, kind, lengths = c
+    return f"B{B}H{H}T{T}D{D}V{V}{'-perhead' if ph else ''}{'-bin' if binary else ''}-{kind}{'-pad' if lengths else ''}"
+
+
+def _params():
+    out = []
+    for bp in op_backends("pushdown_attention"):
+        backend = bp.values[0]
+        for c in cases_for(backend):
+            out.append(pytest.param(backend, c, marks=bp.marks, id=f"{backend}-{_case_id(c)}"))
+    return out
+
+
+def _tape_for(case, device):
+    B, H, T, D, V, ph, binary, kind, lengths = case
+    tape = make_tape(lengths or [T] * B, T, seed=T + B, device=device)
+    return tape if kind == "compact" else tape.dense().to(torch.int16 if T > 50 else torch.int8)
+
+
+@pytest.mark.parametrize("backend,case", _params())
+def test_forward_and_grads_vs_float64_reference(backend, case):
+    B, H, T, D, V, ph, binary, kind, lengths = case
+    q, k, v, E, do = make_inputs(B, H, T, T, D, V, ph, torch.float64)
+    tape = _tape_for(case, DEVICE)
+    ref = run("reference", q, k, v, E, do, tape, binary)
+    dtypes = [torch.float32] if backend == "triton" else [torch.float64, torch.float32]
+    for dtype in dtypes:
+        got = run(backend, *(x.to(dtype) for x in (q, k, v, E, do)), tape, binary)
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        for name, g, r in zip(("out", "dq", "dk", "dv", "d_depth_emb"), got, ref):
+            assert g.dtype == dtype, name
+            assert_rms_close(g, r, tol, name=f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", [p for p in op_backends("pushdown_attention")])
+def test_low_precision_within_pytorch_error(backend):
+    from fastmodels.testing import lowp_error_budget
+
+    q, k, v, E, do = make_inputs(2, 2, 40, 40, 32, 6, False, torch.float64)
+    tape = make_tape([40, 25], 40)
+    ref = run("reference", q, k, v, E, do, tape, False)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = [x.to(dtype) for x in (q, k, v, E, do)]
+        got = run(backend, *low, tape, False)
+        torch_low = run("reference", *low, tape, False)
+        for g, r, t in zip(got, ref, torch_low):
+            assert g.dtype == dtype
+            lowp_error_budget(g, r, t, factor=2.0)
+
+
+def test_reference_matches_materialized_form_and_plain_sdpa():
+    q, k, v, E, _ = make_inputs(2, 3, 37, 37, 12, 7, True, torch.float64)
+    tape = make_tape([37, 18], 37)
+    for binary in (False, True):
+        a = pushdown_attention_reference(q, k, v, E, tape.dense(), scale=0.3, binary=binary)
+        b = pushdown_attention_materialized(q, k, v, E, tape.dense(), scale=0.3, binary=binary)
+        assert_rms_close(a, b, 1e-12)
+    # a zero depth table is plain causal attention
+    zero = torch.zeros_like(E)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_rms_close(pushdown_attention(q, k, v, zero, tape, backend="reference"), plain, 1e-12)
+
+
+def test_depth_clamp_and_binary_index():
+    # depths above V-1 use row V-1; binary uses row [S > 0]
+    q, k, v, E, _ = make_inputs(1, 1, 9, 9, 8, 3, False, torch.float64)
+    dense = torch.randint(0, 7, (1, 9, 9)).tril()
+    a = pushdown_attention_reference(q, k, v, E, dense, scale=1.0)
+    b = pushdown_attention_reference(q, k, v, E, dense.clamp(max=2), scale=1.0)
+    assert_rms_close(a, b, 1e-14)
+    c = pushdown_attention_reference(q, k, v, E, dense, scale=1.0, binary=True)
+    d = pushdown_attention_reference(q, k, v, E, (dense > 0).long(), scale=1.0)
+    assert_rms_close(c, d, 1e-14)
+    assert (a - c).abs().max() > 1e-3  # the two modes differ on this tape
+
+
+@pytest.mark.parametrize("backend", op_backends("pushdown_attention", include_reference=True))
+def test_decode_rows_match_full_sequence(backend):
+    """Tq < Tk (queries are the last Tq positions, KV cache) with a dense row per query or a
+    compact tape: equal to the last rows of the full forward; grads too."""
+    T, Tq = 23, 3
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k, v, E, do = make_inputs(2, 3, T, T, 16, 5, True, dtype)
+    tape = make_tape([T, T], T)
+    full = pushdown_attention(q, k, v, E, tape, backend="reference")
+    for t in (tape.dense()[:, -Tq:], tape):
+        got = run(backend, q[:, :, -Tq:], k, v, E, do[:, :, -Tq:], t, False)
+        assert got[0].shape == (2, 3, Tq, 16)
+        assert_rms_close(got[0], full[:, :, -Tq:], 1e-10 if dtype == torch.float64 else 2e-5)
+        ref = run("reference", q[:, :, -Tq:], k, v, E, do[:, :, -Tq:], tape.dense()[:, -Tq:], False)
+        for g, r in zip(got[1:], ref[1:]):
+            assert_rms_close(g, r, 1e-10 if dtype == torch.float64 else 2e-5)
+
+
+def test_padding_does_not_change_real_rows():
+    """A sentence padded to a longer batch gives the same outputs on its real tokens."""
+    q, k, v, E, _ = make_inputs(1, 2, 30, 30, 16, 5, False, torch.float64)
+    short = make_tape([18], 18, seed=5)
+    padded = StackTape(torch.nn.functional.pad(short.depth, (0, 12)), torch.nn.functional.pad(short.boundary, (0, 12)), torch.tensor([18]))
+    for backend in ("reference", "cpu"):
+        a = pushdown_attention(q[:, :, :18], k[:, :, :18], v[:, :, :18], E, short, backend=backend)
+        b = pushdown_attention(q, k, v, E, padded, backend=backend)
+        assert_rms_close(b[:, :, :18], a, 1e-12)
+
+
+def test_empty_sequence():
+    q, k, v, E, _ = make_inputs(2, 1, 0, 0, 8, 3, False, torch.float64)
+    tape = StackTape(torch.zeros(2, 0, dtype=torch.int32), torch.zeros(2, 0, dtype=torch.int32))
+    for backend in ("reference", "cpu"):
+        out = pushdown_attention(q, k, v, E, tape, backend=backend)
+        assert out.shape == (2, 1, 0, 8)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, E, _ = make_inputs(2, 3, 5, 5, 8, 4, False, torch.float32)
+    tape = make_tape([5, 5], 5)
+    dense = tape.dense()
+    with pytest.raises(ValueError, match="q: expected shape"):
+        pushdown_attention(q[0], k, v, E, tape)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        pushdown_attention(q, k[:, :2], v, E, tape)
+    with pytest.raises(TypeError, match="v: expected dtype"):
+        pushdown_attention(q, k, v.double(), E, tape)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        pushdown_attention(q, k[:, :, :3], v[:, :, :3], E, dense[:, :, :3])
+    with pytest.raises(ValueError, match="depth_emb"):
+        pushdown_attention(q, k, v, E[:, :4], tape)
+    with pytest.raises(ValueError, match="depth_emb"):
+        pushdown_attention(q, k, v, E.expand(2, 4, 8), tape)  # 2 heads, q has 3
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        pushdown_attention(q, k, v, E[:1], tape, binary=True)
+    with pytest.raises(ValueError, match="tape: expected a StackTape of batch size 2"):
+        pushdown_attention(q, k, v, E, make_tape([5], 5))
+    with pytest.raises(ValueError, match="length 5"):
+        pushdown_attention(q, k, v, E, make_tape([4, 4], 4))
+    with pytest.raises(ValueError, match="tape: expected shape"):
+        pushdown_attention(q, k, v, E, dense[:1])
+    with pytest.raises(ValueError, match="non-negative"):
+        pushdown_attention(q, k, v, E, dense - 1)
+    with pytest.raises(TypeError, match="tape: expected dtype"):
+        pushdown_attention(q, k, v, E, dense.float())
+    with pytest.raises(TypeError, match="tape: expected a StackTape"):
+        pushdown_attention(q, k, v, E, dense.tolist())
+    with pytest.raises(TypeError, match="depth_emb: expected dtype"):
+        pushdown_attention(q, k, v, E.long(), tape)
+    with pytest.raises(TypeError, match="scale"):
+        pushdown_attention(q, k, v, E, tape, scale="big")
+    with pytest.raises(ValueError, match="backend"):
+        pushdown_attention(q, k, v, E, tape, backend="fortran")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            pushdown_attention(q, k.cuda(), v, E, tape)
+        with pytest.raises(ValueError, match="tape: expected a StackTape on"):
+            pushdown_attention(q.cuda(), k.cuda(), v.cuda(), E.cuda(), tape)
+    else:
+        meta = torch.device("meta")
+        with pytest.raises(ValueError, match="k: expected a tensor on"):
+            pushdown_attention(q, k.to(meta), v, E, tape)
+        with pytest.raises(ValueError, match="tape: expected a tensor on"):
+            pushdown_attention(q, k, v, E, dense.to(meta))
+
+
+@pytest.mark.parametrize("backend", op_backends("pushdown_attention"))
+def test_opcheck(backend):
+    if backend == "triton" and DEVICE == "cpu" and not INTERPRET:
+        pytest.skip("needs the interpreter")
+    q, k, v, E, _ = make_inputs(1, 2, 6, 6, 16, 3, True, torch.float32)
+    tape = make_tape([6], 6)
+    q, k, v, E = (x.requires_grad_(True) for x in (q, k, v, E))
+    scale = 1 / math.sqrt(16)
+    torch.library.opcheck(_fwd_op, (q, k, v, E, tape.depth, tape.boundary, None, scale, False, backend))
+    torch.library.opcheck(_fwd_op, (q, k, v, E, None, None, tape.dense().to(torch.int32), scale, True, backend))

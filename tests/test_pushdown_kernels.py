@@ -1,0 +1,259 @@
+"""Direct tests of the pushdown-attention Triton launchers (kernels/pushdown.py) against a small
+float64 PyTorch reference written here (gather form), independent of fastmodels.ops.
+
+Ground truth for compact tapes comes from random binary trees: S(t, j) counts the spans [a, b] with
+a <= j <= b <= t, computed straight from the spans (not from the compact formula the kernel uses).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fastmodels.testing import assert_rms_close, lowp_error_budget
+
+pytestmark = pytest.mark.triton
+
+kernels = pytest.importorskip("fastmodels.kernels.pushdown")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def depth_index(S: torch.Tensor, V: int, binary: bool) -> torch.Tensor:
+    S = S.clamp(min=0)
+    return ((S > 0).long() if binary else S.long()).clamp(max=V - 1)
+
+
+def reference(q, k, v, emb, idx, scale):
+    """Gather form: score = scale * (q.k + QE[t, idx(t, j)]), causal with queries at the end."""
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    qe = torch.einsum("bhtd,hvd->bhtv", q, emb)
+    bias = torch.gather(qe, 3, idx[:, None].expand(B, H, Tq, Tk))
+    s = scale * (q @ k.transpose(-1, -2) + bias)
+    t = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk, device=q.device)[None, :]
+    s = s.masked_fill(j > t, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.softmax(s, dim=-1) @ v, lse
+
+
+def random_spans(n: int, rng: random.Random) -> list[tuple[int, int]]:
+    """Spans of the binary nodes of a random binary tree over tokens [0, n)."""
+    spans = []
+
+    def build(a, b):
+        if b - a < 1:
+            return
+        spans.append((a, b))
+        m = rng.randint(a, b - 1)
+        build(a, m)
+        build(m + 1, b)
+
+    build(0, n - 1)
+    return spans
+
+
+def random_tape(lengths, T, seed=0):
+    """Compact (depth, boundary) [B, T] int32 and dense S [B, T, T] from random trees, padded."""
+    rng = random.Random(seed)
+    B = len(lengths)
+    depth = torch.zeros(B, T, dtype=torch.int32)
+    boundary = torch.zeros(B, T, dtype=torch.int32)
+    S = torch.zeros(B, T, T, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        for a, e in random_spans(n, rng):
+            depth[b, a : e + 1] += 1
+            boundary[b, a:e] += 1  # boundaries k|k+1 with a <= k < e
+            S[b, e:, a : e + 1] += 1  # closed once t >= e
+    return depth, boundary, S
+
+
+def make_inputs(B, H, Tq, Tk, D, V, dtype, device, shared_emb=False):
+    q = torch.randn(B, H, Tq, D, dtype=dtype, device=device)
+    k = torch.randn(B, H, Tk, D, dtype=dtype, device=device)
+    v = torch.randn(B, H, Tk, D, dtype=dtype, device=device)
+    if shared_emb:
+        emb = torch.randn(V, D, dtype=torch.float32, device=device)[None].expand(H, V, D)
+    else:
+        emb = torch.randn(H, V, D, dtype=torch.float32, device=device)
+    return q, k, v, emb
+
+
+def run_ref(q, k, v, emb, idx, scale, do=None):
+    leaves = [t.detach().double().requires_grad_(do is not None) for t in (q, k, v, emb)]
+    out, lse = reference(*leaves, idx.to(q.device), scale)
+    if do is None:
+        return out, lse
+    out.backward(do.double())
+    return out, lse, [t.grad for t in leaves]
+
+
+def tol(dtype):
+    return 1e-5 if dtype == torch.float32 else None
+
+
+# (B, H, Tq, Tk, D, V, binary): odd sizes, T = 1, 7, 33, decode shapes (Tq < Tk)
+SHAPES = [
+    (1, 1, 1, 1, 16, 2, False),
+    (2, 3, 7, 7, 60, 5, False),
+    (1, 3, 33, 33, 16, 50, False),
+    (2, 1, 33, 33, 60, 5, True),
+    (1, 3, 1, 33, 16, 5, False),
+    (2, 1, 7, 40, 60, 50, False),
+]
+
+
+def dense_tape(B, Tq, Tk, V, device):
+    """A random dense tape, 0 above the diagonal, values spanning 0..V+1 (so clamping is exercised)."""
+    S = torch.randint(0, V + 2, (B, Tq, Tk), dtype=torch.int32)
+    t = torch.arange(Tq)[:, None] + (Tk - Tq)
+    S = S.masked_fill(torch.arange(Tk)[None, :] > t, 0)
+    return S
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Tq{}Tk{}D{}V{}{}".format(*s[:6], "bin" if s[6] else ""))
+@pytest.mark.parametrize("tape_dtype", [torch.int8, torch.int32])
+def test_fwd_dense(shape, tape_dtype, device):
+    B, H, Tq, Tk, D, V, binary = shape
+    q, k, v, emb = make_inputs(B, H, Tq, Tk, D, V, torch.float32, device, shared_emb=(H == 3))
+    S = dense_tape(B, Tq, Tk, V, device)
+    scale = D**-0.5
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, None, None, S.to(tape_dtype).to(device), scale, binary)
+    ref_out, ref_lse = run_ref(q, k, v, emb, depth_index(S, V, binary), scale)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_rms_close(out, ref_out, 1e-5, "out")
+    assert_rms_close(lse, ref_lse, 1e-6, "lse")
+
+
+@pytest.mark.parametrize("T,lengths,V,binary", [(1, [1], 3, False), (7, [7, 4], 50, False), (33, [33, 20], 5, False),
+                                                (40, [40], 4, False), (33, [29, 33], 2, True)])
+def test_fwd_compact_matches_trees(T, lengths, V, binary, device):
+    """In-kernel S from (depth, boundary) equals S counted from the trees' spans."""
+    B, H, D = len(lengths), 2, 16
+    depth, boundary, S = random_tape(lengths, T, seed=T)
+    q, k, v, emb = make_inputs(B, H, T, T, D, V, torch.float32, device)
+    scale = 0.3
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, depth.to(device), boundary.to(device), None, scale, binary)
+    out_d, lse_d = kernels.pushdown_attention_fwd(q, k, v, emb, None, None, S.to(device), scale, binary)
+    ref_out, ref_lse = run_ref(q, k, v, emb, depth_index(S, V, binary), scale)
+    assert_rms_close(out, ref_out, 1e-5, "out (compact)")
+    assert_rms_close(lse, ref_lse, 1e-6, "lse (compact)")
+    assert_rms_close(out, out_d, 1e-6, "compact vs dense")
+
+
+def formula_tape(B, T, seed):
+    """Arbitrary depth/boundary values (incl. a huge 'still open' marker) and S from the compact
+    formula itself, S = max(0, D_j - min c): exercises every gap/prefix minimum of the kernels."""
+    g = torch.Generator().manual_seed(seed)
+    depth = torch.randint(0, 8, (B, T), dtype=torch.int32, generator=g)
+    boundary = torch.randint(0, 8, (B, T), dtype=torch.int32, generator=g)
+    boundary[:, -1] = 2**30
+    boundary[-1, T // 3] = 2**30
+    S = torch.zeros(B, T, T, dtype=torch.int64)
+    for t in range(T):
+        for j in range(t + 1):
+            S[:, t, j] = depth[:, j] - boundary[:, j : t + 1].min(dim=1).values
+    return depth, boundary, S
+
+
+def test_fwd_compact_formula(device):
+    B, H, T, D, V = 2, 1, 50, 16, 6
+    depth, boundary, S = formula_tape(B, T, seed=1)
+    q, k, v, emb = make_inputs(B, H, T, T, D, V, torch.float32, device)
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, depth.to(device), boundary.to(device), None, 0.25, False)
+    ref_out, ref_lse = run_ref(q, k, v, emb, depth_index(S, V, False), 0.25)
+    assert_rms_close(out, ref_out, 1e-5, "out")
+    assert_rms_close(lse, ref_lse, 1e-6, "lse")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+def check_bwd(q, k, v, emb, depth, boundary, dense, idx, scale, binary, ratio):
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale, binary)
+    do = torch.randn_like(out)
+    dq, dk, dv, demb = kernels.pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale, binary)
+    _, _, grads = run_ref(q, k, v, emb, idx, scale, do)
+    assert dq.dtype == q.dtype and dk.dtype == k.dtype and dv.dtype == v.dtype and demb.dtype == torch.float32
+    assert demb.shape == (emb.shape[0], emb.shape[1], emb.shape[2])
+    for name, got, ref in zip(("dq", "dk", "dv", "demb"), (dq, dk, dv, demb), grads):
+        assert_rms_close(got, ref, ratio, name)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Tq{}Tk{}D{}V{}{}".format(*s[:6], "bin" if s[6] else ""))
+def test_bwd_dense(shape, device):
+    B, H, Tq, Tk, D, V, binary = shape
+    q, k, v, emb = make_inputs(B, H, Tq, Tk, D, V, torch.float32, device, shared_emb=(H == 3))
+    S = dense_tape(B, Tq, Tk, V, device)
+    check_bwd(q, k, v, emb, None, None, S.to(torch.int16).to(device), depth_index(S, V, binary), D**-0.5, binary, 1e-5)
+
+
+@pytest.mark.parametrize("T,lengths,D,V,binary", [(1, [1], 16, 3, False), (7, [7, 5], 60, 50, False),
+                                                  (33, [33, 18], 16, 5, False), (33, [33], 60, 2, True)])
+def test_bwd_compact(T, lengths, D, V, binary, device):
+    B, H = len(lengths), 2
+    depth, boundary, S = random_tape(lengths, T, seed=100 + T)
+    q, k, v, emb = make_inputs(B, H, T, T, D, V, torch.float32, device)
+    check_bwd(q, k, v, emb, depth.to(device), boundary.to(device), None, depth_index(S, V, binary), 0.2, binary, 1e-5)
+
+
+def test_bwd_compact_formula(device):
+    B, H, T, D, V = 2, 1, 50, 16, 6
+    depth, boundary, S = formula_tape(B, T, seed=2)
+    q, k, v, emb = make_inputs(B, H, T, T, D, V, torch.float32, device)
+    check_bwd(q, k, v, emb, depth.to(device), boundary.to(device), None, depth_index(S, V, False), 0.25, False, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low precision: error vs float64 within 2x of PyTorch's own error in the same dtype
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_lowp(dtype, compact, device):
+    B, H, T, D, V = 2, 2, 33, 60, 9
+    depth, boundary, S = random_tape([33, 21], T, seed=7)
+    q, k, v, emb = make_inputs(B, H, T, T, D, V, dtype, device)
+    tape = (depth.to(device), boundary.to(device), None) if compact else (None, None, S.to(device))
+    idx = depth_index(S, V, False)
+    scale = D**-0.5
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, *tape, scale, False)
+    do = torch.randn_like(out)
+    grads = kernels.pushdown_attention_bwd(do, q, k, v, emb, *tape, out, lse, scale, False)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads[:3])
+    ref_out, _, ref_grads = run_ref(q, k, v, emb, idx, scale, do)
+    # PyTorch in the same low precision (on CPU: float32 math on rounded inputs would be too kind,
+    # so run the reference itself in the low-precision dtype)
+    lp = [t.detach().clone().requires_grad_(True) for t in (q, k, v, emb.to(dtype))]
+    lp_out, _ = reference(*lp, idx.to(device), scale)
+    lp_out.backward(do)
+    lowp_error_budget(out, ref_out, lp_out, floor=1e-3)
+    for name, got, ref, pt in zip(("dq", "dk", "dv", "demb"), grads, ref_grads, [t.grad for t in lp]):
+        try:
+            lowp_error_budget(got, ref, pt, floor=1e-3)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+def test_bad_layout(device):
+    q, k, v, emb = make_inputs(1, 1, 8, 4, 16, 3, torch.float32, device)
+    with pytest.raises(ValueError, match="Tq"):
+        kernels.pushdown_attention_fwd(q, k, v, emb, None, None, torch.zeros(1, 8, 4, dtype=torch.int32, device=device), 1.0, False)
+    q, k, v, emb = make_inputs(1, 1, 4, 8, 16, 3, torch.float32, device)
+    z = torch.zeros(1, 8, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="compact"):
+        kernels.pushdown_attention_fwd(q, k, v, emb, z, z, None, 1.0, False)

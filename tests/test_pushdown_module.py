@@ -1,0 +1,119 @@
+"""PushdownAttention module, incremental decoding with a KV cache, torch.compile, GPT-2 helper."""
+
+import random
+
+import pytest
+import torch
+from helpers import assert_rms_close
+
+import fastmodels
+from fastmodels.ops.pushdown import pushdown_attention_reference
+from fastmodels.pushdown import PushdownAttention, StackTape, StackTapeBuilder, pushdownify_gpt2, set_stack_tape
+
+
+def random_tree(rng, n):
+    if n == 1:
+        return "w"
+    k = rng.randint(2, min(3, n))
+    cuts = sorted(rng.sample(range(1, n), k - 1))
+    return [random_tree(rng, b - a) for a, b in zip([0] + cuts, cuts + [n])]
+
+
+def tree_attachments(tree_spans_list, n):
+    from fastmodels.pushdown.tape import attachments_from_spans
+
+    return attachments_from_spans(n, tree_spans_list)
+
+
+def test_module_matches_reference_math():
+    torch.manual_seed(0)
+    m = PushdownAttention(48, 3, max_depth=7, per_head_table=True).double()
+    x = torch.randn(2, 19, 48, dtype=torch.float64)
+    tape = StackTape.from_trees([random_tree(random.Random(1), 19), random_tree(random.Random(2), 11)], pad_to=19)
+    y = m(x, tape)
+    q, k, v = m.qkv(x).view(2, 19, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    o = pushdown_attention_reference(q, k, v, m.depth_emb, tape.dense(), scale=16**-0.5)
+    assert_rms_close(y, m.proj(o.transpose(1, 2).reshape(2, 19, 48)), 1e-12)
+    assert fastmodels.PushdownAttention is PushdownAttention
+    # gradients reach every parameter, the depth table included
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_incremental_decoding_matches_full_forward():
+    """Token by token with a KV cache and the builder's depth row == the full forward."""
+    from fastmodels.pushdown.tape import tree_spans
+
+    rng = random.Random(3)
+    T = 17
+    trees = [random_tree(rng, T) for _ in range(2)]
+    atts = [tree_attachments(tree_spans(t)[1], T) for t in trees]
+    m = PushdownAttention(32, 2, max_depth=5).double().eval()
+    x = torch.randn(2, T, 32, dtype=torch.float64)
+    full = m(x, StackTape.from_trees(trees))
+    builder, cache, steps = StackTapeBuilder(2), {}, []
+    for t in range(T):
+        row = builder.push([a[t] for a in atts])
+        steps.append(m(x[:, t : t + 1], row[:, None, :], cache=cache))
+    assert cache["k"].shape == (2, 2, T, 16)
+    assert_rms_close(torch.cat(steps, dim=1), full, 1e-12)
+    assert torch.equal(builder.tape().depth, StackTape.from_trees(trees).depth)
+
+
+@pytest.mark.no_poison
+def test_torch_compile_fullgraph_module():
+    torch.manual_seed(0)
+    m = PushdownAttention(32, 2, max_depth=6, bias=False)
+    x = torch.randn(2, 13, 32)
+    tape = StackTape.from_trees([random_tree(random.Random(4), 13), random_tree(random.Random(5), 13)])
+    dense = tape.dense()
+    eager = m(x, tape)
+    eager.sum().backward()
+    g_eager = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for t in (tape, dense):
+        out = compiled(x, t)
+        assert_rms_close(out, eager, 2e-6)
+    out.sum().backward()
+    for g, p in zip(g_eager, m.parameters()):
+        assert_rms_close(p.grad, g, 2e-5)
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="d_model"):
+        PushdownAttention(30, 4)
+    with pytest.raises(ValueError, match="max_depth"):
+        PushdownAttention(32, 4, max_depth=1, binary=True)
+    assert PushdownAttention(32, 4, binary=True).depth_emb.shape == (2, 8)
+
+
+
+
+def _tiny_gpt2():
+    tf = pytest.importorskip("transformers")
+    cfg = tf.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=3, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+def test_pushdownify_gpt2_starts_equal_and_trains_depth_table():
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 50, (2, 11))
+    with torch.no_grad():
+        base = model(ids, use_cache=False).logits
+    pushdownify_gpt2(model, layers=[0, 2])
+    tape = StackTape.from_trees([random_tree(random.Random(6), 11), random_tree(random.Random(7), 11)])
+    set_stack_tape(model, tape)
+    out = model(ids, use_cache=False).logits
+    assert_rms_close(out, base, 1e-5)  # zero depth tables: the pretrained model is unchanged
+    layer = model.transformer.h[0].attn
+    assert "transformer.h.0.attn.c_attn.weight" in dict(model.named_parameters())  # keys kept
+    torch.nn.init.normal_(layer.depth_emb, std=0.5)
+    out2 = model(ids, use_cache=False).logits
+    assert (out2 - base).abs().max() > 1e-3
+    out2.logsumexp(-1).sum().backward()
+    assert layer.depth_emb.grad is not None and layer.depth_emb.grad.abs().sum() > 0
+    assert type(model.transformer.h[1].attn).__name__ == "GPT2Attention"
+    with pytest.raises(ValueError, match="layers"):
+        pushdownify_gpt2(model, layers=[5])

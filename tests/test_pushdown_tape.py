@@ -1,0 +1,239 @@
+"""StackTape vs an independent oracle: nltk's own binarization + brute-force span counting, and an
+explicit shift-reduce simulation for the incremental builder."""
+
+import random
+
+import pytest
+import torch
+
+nltk = pytest.importorskip("nltk")
+
+from fastmodels.pushdown import StackTape, StackTapeBuilder  # noqa: E402
+
+
+def random_tree(rng: random.Random, n_words: int, labels="SNVPA"):
+    """A random labeled nltk.Tree over n_words leaves: n-ary nodes (2..5 children), preterminals
+    and unary chains of random length."""
+    counter = iter(range(10**9))
+
+    def build(n):
+        if n == 1:
+            node = nltk.Tree("W", [f"w{next(counter)}"])
+        else:
+            k = rng.randint(2, min(5, n))
+            cuts = sorted(rng.sample(range(1, n), k - 1))
+            sizes = [b - a for a, b in zip([0] + cuts, cuts + [n])]
+            node = nltk.Tree(rng.choice(labels), [build(s) for s in sizes])
+        for _ in range(rng.choice([0, 0, 0, 1, 2])):  # unary chain above the node
+            node = nltk.Tree(rng.choice(labels), [node])
+        return node
+
+    return build(n_words)
+
+
+def oracle_spans(tree) -> list[tuple[int, int]]:
+    """Binary-node spans after nltk's own right-factored CNF and unary collapse."""
+    t = tree.copy(deep=True)
+    t.collapse_unary(collapsePOS=False, collapseRoot=True)
+    t.chomsky_normal_form(factor="right")
+    spans = []
+    for pos in t.treepositions():
+        node = t[pos]
+        if isinstance(node, nltk.Tree) and len(node) == 2:
+            # leaf indices of this subtree
+            leaf_pos = [pos + p for p in node.treepositions("leaves")]
+            all_leaves = t.treepositions("leaves")
+            idx = [all_leaves.index(p) for p in leaf_pos]
+            spans.append((min(idx), max(idx)))
+        elif isinstance(node, nltk.Tree):
+            assert len(node) == 1, "CNF left an n-ary node"
+    return spans
+
+
+def brute_dense(n: int, spans, T: int) -> torch.Tensor:
+    """S(t, j) = #{[a, b] : a <= j <= b <= t} by direct counting, padded to T."""
+    S = torch.zeros(T, T, dtype=torch.int64)
+    if spans:
+        sp = torch.tensor(spans)
+        a, b = sp[:, 0, None, None], sp[:, 1, None, None]
+        t = torch.arange(n)[None, :, None]
+        j = torch.arange(n)[None, None, :]
+        S[:n, :n] = ((a <= j) & (j <= b) & (b <= t)).sum(0)
+    # padded query rows equal the last real row (every node closed); padded keys are 0
+    if n:
+        S[n:, :n] = S[n - 1, :n]
+    return S
+
+
+def shift_reduce(tree_spans_set: set, n: int):
+    """Independent simulation: push each token, reduce the top two stack items while their union
+    is a node of the tree. Yields (attachment, row after the token)."""
+    stack: list[tuple[int, int]] = []
+    closed: list[tuple[int, int]] = []
+    for k in range(n):
+        stack.append((k, k))
+        first_start = None
+        while len(stack) >= 2 and (stack[-2][0], stack[-1][1]) in tree_spans_set:
+            right = stack.pop()
+            left = stack.pop()
+            stack.append((left[0], right[1]))
+            closed.append((left[0], right[1]))
+            first_start = left[0]
+        row = [sum(1 for a, b in closed if a <= j <= b) for j in range(k + 1)]
+        yield first_start, row
+
+
+def test_paper_example():
+    tape = StackTape.from_trees(["((The dog) (is happy))"])
+    # after "The dog is" with [The dog] closed the row is [1, 1, 0]
+    assert tape.dense()[0, 2, :3].tolist() == [1, 1, 0]
+    assert tape.depth.tolist() == [[2, 2, 2, 2]]
+    assert tape.dense()[0, 3].tolist() == [2, 2, 2, 2]
+
+
+def test_random_trees_vs_nltk_cnf_and_brute_force():
+    rng = random.Random(0)
+    trees = [random_tree(rng, rng.randint(1, 24)) for _ in range(2000)]
+    for start in range(0, len(trees), 250):
+        batch = trees[start : start + 250]
+        tape = StackTape.from_trees(batch)
+        dense = tape.dense()
+        T = tape.seq_len
+        for i, tree in enumerate(batch):
+            n = len(tree.leaves())
+            assert tape.lengths[i].item() == n
+            want = brute_dense(n, oracle_spans(tree), T)
+            assert torch.equal(dense[i], want), f"tree {start + i}: {tree}"
+
+
+def test_bracket_strings_and_labeled_strings_agree():
+    rng = random.Random(1)
+    for _ in range(200):
+        tree = random_tree(rng, rng.randint(1, 12))
+        unlabeled = tree_to_unlabeled(tree)
+        a = StackTape.from_trees([tree])
+        b = StackTape.from_trees([unlabeled])
+        c = StackTape.from_trees([str(tree)], labeled=True)
+        for other in (b, c):
+            assert torch.equal(a.depth, other.depth) and torch.equal(a.boundary, other.boundary)
+
+
+def tree_to_unlabeled(tree) -> str:
+    if not isinstance(tree, nltk.Tree):
+        return tree
+    return "(" + " ".join(tree_to_unlabeled(ch) for ch in tree) + ")"
+
+
+def test_incremental_builder_matches_shift_reduce_and_from_trees():
+    rng = random.Random(2)
+    for _ in range(300):
+        B = rng.randint(1, 3)
+        n = rng.randint(1, 15)
+        trees = [random_tree(rng, n) for _ in range(B)]
+        sims = [shift_reduce(set(oracle_spans(t)), n) for t in trees]
+        builder = StackTapeBuilder(B)
+        for k in range(n):
+            steps = [next(s) for s in sims]
+            row = builder.push([a for a, _ in steps])
+            assert row.shape == (B, k + 1)
+            for b, (_, want_row) in enumerate(steps):
+                assert row[b].tolist() == want_row
+        final = builder.tape()
+        ref = StackTape.from_trees(trees)
+        assert torch.equal(final.depth, ref.depth) and torch.equal(final.boundary, ref.boundary)
+        assert torch.equal(final.dense(), ref.dense())
+
+
+def test_builder_attach_anywhere_inside_constituent():
+    # "((a b) c)": c attaches to the constituent [a b]; naming a or b gives the same result
+    for j in (0, 1):
+        bld = StackTapeBuilder()
+        bld.push(None)
+        bld.push(0)
+        row = bld.push(j)
+        assert row.tolist() == [[2, 2, 1]]
+    with pytest.raises(ValueError, match="attach"):
+        StackTapeBuilder().push(0)
+
+
+def random_dyck(rng: random.Random, n_pairs: int, types="([{<") -> str:
+    out, stack = [], []
+    opened = 0
+    while opened < n_pairs or stack:
+        if opened < n_pairs and (not stack or rng.random() < 0.5):
+            t = rng.choice(types)
+            out.append(t)
+            stack.append(t)
+            opened += 1
+        else:
+            out.append({"(": ")", "[": "]", "{": "}", "<": ">"}[stack.pop()])
+    return "".join(out)
+
+
+def dyck_tree(s: str):
+    """The Dyck string as an nltk tree: each matched pair is a node (open, inner pairs..., close)."""
+    stack = [nltk.Tree("R", [])]
+    for ch in s:
+        if ch in "([{<":
+            stack.append(nltk.Tree("P", [ch]))
+        else:
+            node = stack.pop()
+            node.append(ch)
+            stack[-1].append(node)
+    return stack[0]
+
+
+def test_dyck_tapes_vs_tree_oracle():
+    rng = random.Random(3)
+    strings = [random_dyck(rng, rng.randint(1, 15)) for _ in range(500)]
+    tape = StackTape.from_brackets(strings)
+    dense = tape.dense()
+    for i, s in enumerate(strings):
+        root = dyck_tree(s)
+        # top-level pairs are separate constituents (no root node joining them)
+        spans = []
+        offset = 0
+        for child in root:
+            sub = child.copy(deep=True)
+            spans += [(a + offset, b + offset) for a, b in oracle_spans(sub)]
+            offset += len(sub.leaves())
+        assert torch.equal(dense[i], brute_dense(len(s), spans, tape.seq_len)), s
+    # binary Dyck index: j is inside a closed constituent
+    assert (StackTape.from_brackets(["(())"]).dense()[0] > 0).long().tolist() == [
+        [0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def test_dyck_prefix_and_errors():
+    tape = StackTape.from_brackets(["(()", "(["])
+    assert tape.dense()[0, 2].tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="unmatched"):
+        StackTape.from_brackets(["())"])
+    with pytest.raises(ValueError, match="unmatched"):
+        StackTape.from_brackets(["(]"])
+    with pytest.raises(ValueError, match="not a bracket"):
+        StackTape.from_brackets(["(x)"])
+    custom = StackTape.from_brackets([["a1", "a2", "b2", "b1"]], pairs={"a1": "b1", "a2": "b2"})
+    # nodes [1, 2], [1, 3], [0, 3] (b1 reduces with [a2 b2] and then a1)
+    assert custom.dense()[0, 3].tolist() == [1, 3, 3, 2]
+
+
+def test_padding_lengths_device_and_validation():
+    tape = StackTape.from_trees(["(a b)", "x", "((a b) (c d))"])
+    assert tape.lengths.tolist() == [2, 1, 4]
+    assert tape.depth.dtype == torch.int32 and tape.boundary.dtype == torch.int32
+    dense = tape.dense()
+    assert dense.shape == (3, 4, 4) and dense.dtype == torch.int64
+    assert (dense[0, :, 2:] == 0).all() and (dense[1, :, 1:] == 0).all()
+    assert tape.to("cpu").depth.device.type == "cpu"
+    assert StackTape.from_trees(["(a b)"], pad_to=5).seq_len == 5
+    with pytest.raises(ValueError, match="pad_to"):
+        StackTape.from_trees(["(a b c)"], pad_to=2)
+    with pytest.raises(TypeError, match="depth"):
+        StackTape(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-negative"):
+        StackTape(torch.tensor([[0, -1]]), torch.zeros(1, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="boundary"):
+        StackTape(torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="unbalanced"):
+        StackTape.from_trees(["((a b)"])
+    assert StackTape.from_trees(nltk.Tree.fromstring("(S (NP a b) c)")).batch_size == 1
