@@ -336,6 +336,16 @@ def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight
 # ---------------------------------------------------------------------------------------------
 
 
+@torch._dynamo.assume_constant_result
+def _resolve_backend(backend: str | None, device_type: str) -> str:
+    # Evaluated once at trace time under torch.compile (the dispatcher imports modules and reads
+    # the environment, which dynamo cannot trace).
+    return select_backend(OP, backend, device_type)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index):
     dims: dict = {}
     check_tensor(hidden, "hidden", shape=("N", "D"), dims=dims, dtypes=_FLOATS)
@@ -409,7 +419,7 @@ def linear_cross_entropy_kl(
     device, D = _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
-    name = select_backend(OP, backend, device)
+    name = _resolve_backend(backend, device.type)
     if pred_hidden is None:
         pred_hidden = hidden.new_empty(0, D)
         teacher_index = targets.new_empty(0, dtype=torch.int64)
