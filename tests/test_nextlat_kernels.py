@@ -200,3 +200,22 @@ def test_low_precision(device, dtype, deterministic):
             lowp_error_budget(o, r, l)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+def test_backward_zero_factor_blocks(device, deterministic):
+    # Whole row blocks of ignored CE rows / zero-weight KL rows are skipped by the kernels: the
+    # neighbouring blocks must still get every gradient.
+    N, D, V, M = pick((37, 40, 100, 35), (400, 200, 5003, 390))
+    h, W, b, y, p, t = _inputs(device, N, D, V, M, True, n_ignored=0)
+    y[: N // 2] = IGNORE
+    k = _kernels()
+    _, lse, _, lse_pred = k.lce_kl_fwd(h, W, b, y, p, t, IGNORE)
+    g = torch.randn(N, device=device)
+    w = torch.rand(M, device=device) + 0.5
+    w[: M // 2] = 0.0
+    out = k.lce_kl_bwd(g, w, h, W, b, y, p, t, lse, lse_pred, IGNORE, deterministic)
+    ref = _ref_grads(g, w, h, W, b, y, p, t, IGNORE)
+    for name, o, r in zip(_names(True), out, ref):
+        assert_close(o, r, dtype=torch.float32, name=name)
+    assert torch.count_nonzero(out[3][: M // 2]) == 0
