@@ -9,3 +9,4 @@ Conventions every op follows (see fastmodels/_dispatch.py and fastmodels/_valida
 """
 from fastmodels.ops.efield import electric_image, electric_image_reference  # noqa: F401
 from fastmodels.ops.pushdown import pushdown_attention
+from fastmodels.ops.nextlat import linear_cross_entropy_kl  # noqa: E402,F401

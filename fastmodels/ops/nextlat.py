@@ -1,0 +1,441 @@
+"""Fused linear + cross-entropy + KL loss (the NextLat objective's logit-sized part).
+
+``linear_cross_entropy_kl`` computes, for an LM head ``W`` (and optional bias ``b``),
+
+* ``ce`` -- the mean cross-entropy of ``softmax(W h_s + b)`` against ``targets[s]`` over the rows
+  whose target is not ``ignore_index`` (0, with zero gradients, if every row is ignored), and
+* ``kl`` -- the weighted mean ``sum_m w_m KL(p_{t(m)} || q_m) / sum_m w_m`` of forward KLs from the
+  teacher ``p_{t(m)} = softmax(W h_{teacher_index[m]} + b)`` to the student
+  ``q_m = softmax(W pred_hidden[m] + b)`` (0 if there is no predicted row or every weight is 0),
+
+without ever holding all ``N x V`` logits. Gradients follow the NextLat paper: hidden, weight and
+bias receive the CE gradient only; pred_hidden receives the KL gradient only (the head is frozen
+inside the KL and the teacher is not differentiated). Logits and softmaxes are computed in fp32
+for fp16/bf16/fp32 inputs and in fp64 for fp64 inputs; ``ce`` and ``kl`` come back in that dtype.
+
+Backends:
+
+* ``reference`` -- full logits, plain autograd: the test oracle.
+* ``cpu``       -- token-chunked PyTorch (Liger-Kernel style): the forward walks the rows in chunks
+  whose ``[C, V]`` workspace is bounded, computes the loss and the gradients at once, and the
+  backward only scales them by the upstream gradients. Each chunk's teacher softmax is reused for
+  every predicted row that points into it (predicted rows are grouped by teacher).
+* ``triton``    -- ``fastmodels.kernels.nextlat``: per-row LSE blockwise in the forward, logit tiles
+  recomputed in the backward, optional deterministic reductions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastmodels._dispatch import register_op, select_backend
+from fastmodels._validation import check_float, check_int, check_same_device, check_tensor
+
+OP = "linear_cross_entropy_kl"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX = (torch.int32, torch.int64)
+# Bytes of one [C, V] fp32 logit workspace of the cpu backend; a few of them are alive at once.
+_CPU_WORKSPACE_BYTES = 8 << 20
+
+
+def _check(backend: str, device_type: str) -> str | None:
+    # The chunked backend is PyTorch code: it runs wherever the dispatcher lets a "cpu" backend run.
+    return None
+
+
+register_op(OP, ("reference", "triton", "cpu"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=_check)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, and 0 (with zero gradients) where den == 0."""
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return num / safe
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_kl_reference(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index):
+    """The objective as written, with full ``[N, V]`` and ``[M, V]`` logits (fp32, or fp64)."""
+    cd = _compute_dtype(hidden.dtype)
+    W = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    z = hidden.to(cd) @ W.T
+    if b is not None:
+        z = z + b
+    valid = targets != ignore_index
+    ce_rows = torch.nn.functional.cross_entropy(z, targets.long(), ignore_index=ignore_index, reduction="none")
+    ce = _ratio(ce_rows.sum(), valid.sum().to(cd))
+    if pred_hidden.shape[0] == 0:
+        return ce, ce.new_zeros(())
+    logp = torch.log_softmax(z.detach()[teacher_index.long()], dim=-1)
+    zs = pred_hidden.to(cd) @ W.detach().T
+    if b is not None:
+        zs = zs + b.detach()
+    logq = torch.log_softmax(zs, dim=-1)
+    kl_rows = (logp.exp() * (logp - logq)).sum(-1)
+    w = kl_weight.to(cd)
+    return ce, _ratio((w * kl_rows).sum(), w.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu: token-chunked, gradients computed in the forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, _CPU_WORKSPACE_BYTES // (4 * max(V, 1)))
+
+
+def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred, chunk=None):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    M = pred.shape[0]
+    cd = _compute_dtype(hidden.dtype)
+    C = chunk or _chunk_rows(V)
+    W = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+
+    valid = targets != ignore_index
+    ce_scale = 1.0 / max(int(valid.sum()), 1)
+    w = kl_weight.to(cd)
+    wsum = float(w.sum()) if M else 0.0
+    w_scaled = w / wsum if wsum > 0 else torch.zeros_like(w)
+
+    dh = torch.zeros(N, D, dtype=cd) if grad_hidden else None
+    dw = torch.zeros(V, D, dtype=cd) if grad_weight else None
+    db = torch.zeros(V, dtype=cd) if (grad_weight and b is not None) else None
+    dp = torch.zeros(M, D, dtype=cd) if grad_pred else None
+    ce_sum = torch.zeros((), dtype=cd)
+    kl_sum = torch.zeros((), dtype=cd)
+
+    # Predicted rows grouped by teacher, so each chunk's teacher softmax serves all its KL rows.
+    order = torch.argsort(teacher_index, stable=True)
+    t_sorted = teacher_index[order]
+    for a in range(0, N, C):
+        e = min(a + C, N)
+        h = hidden[a:e].to(cd)
+        logp = torch.addmm(b, h, W.T) if b is not None else h @ W.T  # logits, then log-softmax in place
+        lse = torch.logsumexp(logp, dim=-1, keepdim=True)
+        y = targets[a:e].long()
+        v = valid[a:e]
+        y_safe = torch.where(v, y, torch.zeros_like(y))
+        logp.sub_(lse)
+        ce_sum -= (logp.gather(1, y_safe[:, None])[:, 0] * v).sum()
+        p = logp.exp()
+
+        lo = int(torch.searchsorted(t_sorted, a))
+        hi = int(torch.searchsorted(t_sorted, e))
+        for c in range(lo, hi, C):
+            idx = order[c : min(c + C, hi)]
+            t = teacher_index[idx] - a
+            zs = pred[idx].to(cd)
+            logq = torch.addmm(b, zs, W.T) if b is not None else zs @ W.T
+            logq.sub_(torch.logsumexp(logq, dim=-1, keepdim=True))
+            pt = p[t]
+            kl_rows = (pt * (logp[t] - logq)).sum(-1)
+            kl_sum += (w[idx] * kl_rows).sum()
+            if grad_pred:
+                g = logq.exp_().sub_(pt).mul_(w_scaled[idx][:, None])  # w (q - p)
+                dp[idx] = g @ W
+            del logq, pt
+
+        if grad_hidden or grad_weight:
+            rows = torch.arange(e - a)
+            g = p
+            g[rows, y_safe] -= v.to(cd)
+            g.mul_((v.to(cd) * ce_scale)[:, None])  # (p - onehot(y)) / count, 0 on ignored rows
+            if grad_hidden:
+                dh[a:e] = g @ W
+            if grad_weight:
+                dw.addmm_(g.T, h)
+                if db is not None:
+                    db += g.sum(0)
+        del logp, p
+
+    ce = ce_sum * ce_scale
+    kl = kl_sum / wsum if wsum > 0 else torch.zeros((), dtype=cd)
+    empty = lambda t: t.new_empty(0)  # noqa: E731
+    return (
+        ce,
+        kl,
+        dh.to(hidden.dtype) if dh is not None else empty(hidden),
+        dw.to(weight.dtype) if dw is not None else empty(weight),
+        db.to(bias.dtype) if db is not None else empty(weight),
+        dp.to(pred.dtype) if dp is not None else empty(pred),
+    )
+
+
+@torch.library.custom_op("fastmodels::lce_kl_chunked", mutates_args=(), device_types="cpu")
+def _lce_kl_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    pred: torch.Tensor,
+    teacher_index: torch.Tensor,
+    kl_weight: torch.Tensor,
+    ignore_index: int,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_pred: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred)
+
+
+@_lce_kl_chunked.register_fake
+def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred):
+    cd = _compute_dtype(hidden.dtype)
+    scalar = hidden.new_empty((), dtype=cd)
+    return (
+        scalar,
+        scalar.clone(),
+        torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if grad_weight else weight.new_empty(0),
+        torch.empty_like(bias) if (grad_weight and bias is not None) else weight.new_empty(0),
+        torch.empty_like(pred) if grad_pred else pred.new_empty(0),
+    )
+
+
+def _chunked_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.flags = inputs[8:11]
+    ctx.save_for_backward(*output[2:])
+
+
+def _scale(grad, unit):
+    return unit * grad.to(unit.dtype)
+
+
+def _chunked_backward(ctx, g_ce, g_kl, *_):
+    dh, dw, db, dp = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_pred = ctx.flags
+    out_h = _scale(g_ce, dh) if grad_hidden else None
+    out_w = _scale(g_ce, dw) if grad_weight else None
+    out_b = _scale(g_ce, db) if (grad_weight and ctx.has_bias) else None
+    out_p = _scale(g_kl, dp) if grad_pred else None
+    return out_h, out_w, out_b, None, out_p, None, None, None, None, None, None
+
+
+_lce_kl_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton: per-row losses from the kernels; the reductions stay in differentiable PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmodels::lce_kl_rows", mutates_args=())
+def _lce_kl_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    pred: torch.Tensor,
+    teacher_index: torch.Tensor,
+    ignore_index: int,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_rows [N], lse [N], kl_rows [M], lse_pred [M]), fp32. ``deterministic`` is for the backward."""
+    from fastmodels.kernels.nextlat import lce_kl_fwd
+
+    return lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index)
+
+
+@_lce_kl_rows.register_fake
+def _(hidden, weight, bias, targets, pred, teacher_index, ignore_index, deterministic):
+    N, M = hidden.shape[0], pred.shape[0]
+    f = torch.float32
+    return hidden.new_empty(N, dtype=f), hidden.new_empty(N, dtype=f), hidden.new_empty(M, dtype=f), hidden.new_empty(M, dtype=f)
+
+
+@torch.library.custom_op("fastmodels::lce_kl_rows_backward", mutates_args=())
+def _lce_kl_rows_backward(
+    grad_ce_rows: torch.Tensor,
+    grad_kl_rows: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    pred: torch.Tensor,
+    teacher_index: torch.Tensor,
+    lse: torch.Tensor,
+    lse_pred: torch.Tensor,
+    ignore_index: int,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight, dbias or an empty tensor, dpred)."""
+    from fastmodels.kernels.nextlat import lce_kl_bwd
+
+    dh, dw, db, dp = lce_kl_bwd(
+        grad_ce_rows.contiguous(), grad_kl_rows.contiguous(), hidden, weight, bias, targets, pred, teacher_index,
+        lse, lse_pred, ignore_index, deterministic,
+    )
+    return dh, dw, (weight.new_empty(0) if db is None else db), dp
+
+
+@_lce_kl_rows_backward.register_fake
+def _(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, teacher_index, lse, lse_pred, ignore_index, deterministic):
+    db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), db, torch.empty_like(pred)
+
+
+def _rows_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, pred, teacher_index, ignore_index, deterministic = inputs
+    _, lse, _, lse_pred = output
+    ctx.ignore_index = ignore_index
+    ctx.has_bias = bias is not None
+    ctx.deterministic = deterministic
+    ctx.save_for_backward(hidden, weight, bias if bias is not None else weight.new_empty(0), targets, pred, teacher_index, lse, lse_pred)
+
+
+def _rows_backward(ctx, g_ce_rows, g_lse, g_kl_rows, g_lse_pred):
+    hidden, weight, bias, targets, pred, teacher_index, lse, lse_pred = ctx.saved_tensors
+    bias = bias if ctx.has_bias else None
+    g_ce_rows = g_ce_rows if g_ce_rows is not None else lse.new_zeros(lse.shape)
+    g_kl_rows = g_kl_rows if g_kl_rows is not None else lse_pred.new_zeros(lse_pred.shape)
+    dh, dw, db, dp = _lce_kl_rows_backward(
+        g_ce_rows.float(), g_kl_rows.float(), hidden, weight, bias, targets, pred, teacher_index, lse, lse_pred,
+        ctx.ignore_index, ctx.deterministic,
+    )
+    return dh, dw, (db if ctx.has_bias else None), None, dp, None, None, None
+
+
+_lce_kl_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, deterministic):
+    if hidden.dtype == torch.float64:
+        raise TypeError("hidden: the triton backend takes float32, float16 or bfloat16 inputs, got float64 (use backend='cpu' or 'reference')")
+    N = hidden.shape[0]
+    if N == 0:
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        return zero + 0 * hidden.sum() + 0 * weight.sum(), zero.clone()
+    ce_rows, _, kl_rows, _ = _lce_kl_rows(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
+        pred.contiguous(), teacher_index.long().contiguous(), ignore_index, deterministic,
+    )
+    valid = (targets != ignore_index).to(torch.float32)
+    ce = _ratio((ce_rows * valid).sum(), valid.sum())
+    w = kl_weight.to(torch.float32)
+    kl = _ratio((w * kl_rows).sum(), w.sum())
+    return ce, kl
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+
+@torch._dynamo.assume_constant_result
+def _resolve_backend(backend: str | None, device_type: str) -> str:
+    # Evaluated once at trace time under torch.compile (the dispatcher imports modules and reads
+    # the environment, which dynamo cannot trace).
+    return select_backend(OP, backend, device_type)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index):
+    dims: dict = {}
+    check_tensor(hidden, "hidden", shape=("N", "D"), dims=dims, dtypes=_FLOATS)
+    check_tensor(weight, "weight", shape=("V", "D"), dims=dims, dtypes=(hidden.dtype,))
+    if dims["V"] == 0:
+        raise ValueError("weight: expected a non-empty vocabulary (V >= 1), got shape [0, D]")
+    check_tensor(targets, "targets", shape=("N",), dims=dims, dtypes=_INDEX)
+    if bias is not None:
+        check_tensor(bias, "bias", shape=("V",), dims=dims, dtypes=(hidden.dtype,))
+    if (pred_hidden is None) != (teacher_index is None):
+        raise ValueError("pred_hidden and teacher_index: pass both (KL rows) or neither (cross-entropy only)")
+    if pred_hidden is not None:
+        check_tensor(pred_hidden, "pred_hidden", shape=("M", "D"), dims=dims, dtypes=(hidden.dtype,))
+        check_tensor(teacher_index, "teacher_index", shape=("M",), dims=dims, dtypes=_INDEX)
+    if kl_weight is not None:
+        if pred_hidden is None:
+            raise ValueError("kl_weight: given without pred_hidden/teacher_index")
+        check_tensor(kl_weight, "kl_weight", shape=("M",), dims=dims, dtypes=_FLOATS)
+    check_int(ignore_index, "ignore_index")
+    device = check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias, pred_hidden=pred_hidden, teacher_index=teacher_index, kl_weight=kl_weight)
+    # Data-dependent checks cost a host sync; they are skipped while torch.compile traces.
+    if not torch.compiler.is_compiling():
+        N, V = dims["N"], dims["V"]
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+        if bad.any():
+            first = int(bad.nonzero()[0, 0])
+            raise ValueError(f"targets: expected values in [0, {V}) or ignore_index={ignore_index}, got {int(targets[first])} at row {first}")
+        if teacher_index is not None and teacher_index.numel():
+            lo, hi = int(teacher_index.min()), int(teacher_index.max())
+            if lo < 0 or hi >= N:
+                raise ValueError(f"teacher_index: expected values in [0, {N}) (rows of hidden), got range [{lo}, {hi}]")
+        if kl_weight is not None and kl_weight.numel():
+            if not bool(torch.isfinite(kl_weight).all()) or bool((kl_weight < 0).any()):
+                raise ValueError("kl_weight: expected finite non-negative weights")
+    return device, dims["D"]
+
+
+def linear_cross_entropy_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    pred_hidden: torch.Tensor | None = None,
+    teacher_index: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    kl_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str | None = None,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``(ce, kl)`` of an LM head over true and predicted hidden states, no N x V logits.
+
+    Args:
+        hidden: ``[N, D]`` rows that get the cross-entropy (true latents ``h_s``).
+        weight: ``[V, D]`` LM head (same dtype as hidden: float32, float16, bfloat16 or float64).
+        targets: ``[N]`` int64 (or int32) token ids in ``[0, V)``; ``ignore_index`` rows are skipped.
+        pred_hidden: ``[M, D]`` predicted latents (optional; M may be 0).
+        teacher_index: ``[M]`` int64 rows of ``hidden`` whose softmax is each predicted row's teacher.
+        bias: optional ``[V]`` bias of the head.
+        kl_weight: optional ``[M]`` non-negative per-row KL weights (default ones; 0 masks a row).
+        ignore_index: target value of rows without cross-entropy.
+        backend: ``"reference"``, ``"cpu"`` or ``"triton"`` (default: the device's preference).
+        deterministic: triton backend only: reductions without atomics (bit-reproducible).
+
+    Returns:
+        ``(ce, kl)`` 0-dim tensors (fp32; fp64 for fp64 inputs). ``ce`` is the mean over non-ignored
+        rows (0 if there are none), ``kl = sum_m w_m KL(teacher_m || student_m) / sum_m w_m`` (0 if
+        M = 0 or all weights are 0). hidden, weight and bias get the CE gradient only; pred_hidden
+        gets the KL gradient only (``w_m W^T (q_m - p_m)`` normalised by ``sum w``).
+    """
+    device, D = _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    name = _resolve_backend(backend, device.type)
+    if pred_hidden is None:
+        pred_hidden = hidden.new_empty(0, D)
+        teacher_index = targets.new_empty(0, dtype=torch.int64)
+    if kl_weight is None:
+        kl_weight = torch.ones(pred_hidden.shape[0], dtype=_compute_dtype(hidden.dtype), device=device)
+    if name == "reference":
+        return linear_cross_entropy_kl_reference(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
+    if name == "triton":
+        return _triton_losses(hidden, weight, bias, targets, pred_hidden, teacher_index, kl_weight, ignore_index, deterministic)
+    grad_on = torch.is_grad_enabled()
+    grad_hidden = grad_on and hidden.requires_grad
+    grad_weight = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    grad_pred = grad_on and pred_hidden.requires_grad
+    out = _lce_kl_chunked(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
+        pred_hidden.contiguous(), teacher_index.long().contiguous(), kl_weight.detach().contiguous(), ignore_index,
+        grad_hidden, grad_weight, grad_pred,
+    )
+    return out[0], out[1]

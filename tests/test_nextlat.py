@@ -1,0 +1,268 @@
+"""linear_cross_entropy_kl: every backend's values and gradients vs the float64 reference."""
+
+import pytest
+import torch
+
+import fastmodels.ops.nextlat as nl
+from fastmodels.ops import linear_cross_entropy_kl
+from helpers import assert_close, backend_device, op_backends
+
+OP = "linear_cross_entropy_kl"
+BACKENDS = op_backends(OP)
+
+
+@pytest.fixture(autouse=True)
+def _small_cpu_chunks(monkeypatch):
+    # 3-row chunks of the cpu backend at V=53, so every test crosses chunk boundaries.
+    monkeypatch.setattr(nl, "_CPU_WORKSPACE_BYTES", 4 * 53 * 3)
+
+
+def make(N=13, D=20, V=53, M=9, *, dtype=torch.float32, device="cpu", bias=True, ignore_every=4, zero_w_every=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g)
+    weight = torch.randn(V, D, generator=g) / D**0.5 * 2
+    b = torch.randn(V, generator=g) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    pred = hidden[torch.randint(0, N, (M,), generator=g)] + 0.5 * torch.randn(M, D, generator=g)
+    teacher_index = torch.randint(0, N, (M,), generator=g)
+    if M >= 3:
+        teacher_index[1] = teacher_index[0]  # repeated teachers
+        teacher_index[2] = teacher_index[0]
+    kl_weight = torch.rand(M, generator=g) + 0.1
+    if zero_w_every and M:
+        kl_weight[::zero_w_every] = 0
+    t = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return dict(hidden=t(hidden), weight=t(weight), bias=t(b), targets=targets.to(device), pred_hidden=t(pred),
+                teacher_index=teacher_index.to(device), kl_weight=kl_weight.to(device, torch.float64 if dtype == torch.float64 else torch.float32))
+
+
+def run(inputs, backend, grads=("hidden", "weight", "bias", "pred_hidden"), upstream=(1.3, 0.7), to=None):
+    """(ce, kl, {name: grad}) with the given inputs requiring grad."""
+    args = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone()
+            if to is not None and v.is_floating_point() and k != "kl_weight":
+                v = v.to(to)
+            if k in grads:
+                v.requires_grad_(True)
+        args[k] = v
+    ce, kl = linear_cross_entropy_kl(
+        args["hidden"], args["weight"], args["targets"], args.get("pred_hidden"), args.get("teacher_index"),
+        bias=args.get("bias"), kl_weight=args.get("kl_weight"), backend=backend,
+    )
+    wanted = [k for k in grads if isinstance(args.get(k), torch.Tensor)]
+    loss = upstream[0] * ce + upstream[1] * kl
+    out = torch.autograd.grad(loss, [args[k] for k in wanted], allow_unused=True) if wanted and loss.requires_grad else [None] * len(wanted)
+    return ce, kl, dict(zip(wanted, out))
+
+
+def compare(inputs, backend, dtype, grads=("hidden", "weight", "bias", "pred_hidden")):
+    ce, kl, g = run(inputs, backend, grads)
+    rce, rkl, rg = run(inputs, "reference", grads, to=torch.float64)
+    tol = dict(dtype=dtype) if dtype != torch.float32 else dict(atol=2e-5, rtol=2e-4)
+    assert_close(ce.double(), rce, name="ce", **tol)
+    assert_close(kl.double(), rkl, name="kl", **tol)
+    for k in rg:
+        if rg[k] is None:
+            assert g[k] is None or not g[k].abs().any(), k
+            continue
+        assert g[k] is not None and g[k].dtype == inputs[k].dtype, k
+        assert_close(g[k].double(), rg[k], name=f"grad {k}", **tol)
+    return ce, kl, g
+
+
+CASES = {
+    "basic": {},
+    "no_bias": dict(bias=False),
+    "m0": dict(M=0),
+    "n1": dict(N=1, M=3, ignore_every=0),
+    "odd_v": dict(V=61, D=7, N=7),
+    "no_zero_weights": dict(zero_w_every=0, ignore_every=0),
+}
+
+
+def _dtypes(backend):
+    return [torch.float32] if backend == "triton" else [torch.float64, torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(backend, case):
+    for dtype in _dtypes(backend):
+        kw = dict(CASES[case])
+        inputs = make(dtype=dtype, device=backend_device(backend), **kw)
+        compare(inputs, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_sizes(backend, monkeypatch):
+    if backend != "cpu":
+        pytest.skip("chunking is the cpu backend's")
+    inputs = make(N=11, M=23, dtype=torch.float64)  # more predicted rows than a chunk per teacher
+    inputs["teacher_index"][:12] = 4
+    for rows in (1, 2, 5, 11, 64):
+        monkeypatch.setattr(nl, "_CPU_WORKSPACE_BYTES", 4 * 53 * rows)
+        compare(inputs, backend, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_only(backend):
+    inputs = make(device=backend_device(backend))
+    for k in ("pred_hidden", "teacher_index", "kl_weight"):
+        inputs[k] = None
+    ce, kl, _ = compare(inputs, backend, torch.float32)
+    assert kl.item() == 0.0
+    expect = torch.nn.functional.cross_entropy(inputs["hidden"].double() @ inputs["weight"].double().T + inputs["bias"].double(), inputs["targets"])
+    assert_close(ce.double(), expect, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_and_all_zero_weights(backend):
+    inputs = make(device=backend_device(backend))
+    inputs["targets"][:] = -100
+    inputs["kl_weight"][:] = 0
+    ce, kl, g = run(inputs, backend)
+    assert ce.item() == 0.0 and kl.item() == 0.0
+    for k, v in g.items():
+        assert v is not None and torch.isfinite(v).all() and not v.abs().any(), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grads", [("hidden",), ("weight",), ("bias",), ("pred_hidden",), ("hidden", "pred_hidden"), ()])
+def test_partial_requires_grad(backend, grads):
+    inputs = make(device=backend_device(backend))
+    compare(inputs, backend, torch.float32, grads=grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_mode(backend):
+    inputs = make(device=backend_device(backend))
+    with torch.no_grad():
+        ce, kl, _ = run(inputs, backend, grads=())
+    rce, rkl, _ = run(inputs, "reference", grads=(), to=torch.float64)
+    assert_close(ce.double(), rce, atol=2e-5, rtol=2e-4)
+    assert_close(kl.double(), rkl, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, dtype):
+    """Low-precision inputs, fp32 logits: values within fp32 accuracy of the fp64 reference on the
+    same (rounded) inputs; gradients within one rounding of their dtype."""
+    inputs = make(device=backend_device(backend), dtype=dtype)
+    ce, kl, g = run(inputs, backend)
+    assert ce.dtype == torch.float32 and kl.dtype == torch.float32
+    rce, rkl, rg = run(inputs, "reference", to=torch.float64)
+    assert_close(ce.double(), rce, atol=2e-5, rtol=2e-4, name="ce")
+    assert_close(kl.double(), rkl, atol=2e-5, rtol=2e-4, name="kl")
+    for k in rg:
+        assert g[k].dtype == dtype
+        assert_close(g[k], rg[k], dtype=dtype, name=f"grad {k}")
+
+
+def test_reference_matches_textbook_formulas():
+    """The reference against the spec's closed forms (KL value and the pred gradient w W^T (q - p))."""
+    inputs = make(dtype=torch.float64, bias=False)
+    ce, kl, g = run(inputs, "reference", upstream=(0.0, 1.0))
+    W, h, p = inputs["weight"], inputs["hidden"], inputs["pred_hidden"]
+    zt, zs = h[inputs["teacher_index"]] @ W.T, p @ W.T
+    P, Q = zt.softmax(-1), zs.softmax(-1)
+    w = inputs["kl_weight"] / inputs["kl_weight"].sum()
+    kl_rows = (P * (zt - zs)).sum(-1) - zt.logsumexp(-1) + zs.logsumexp(-1)
+    assert_close(kl, (w * kl_rows).sum())
+    assert_close(g["pred_hidden"], w[:, None] * ((Q - P) @ W))
+    assert not g["hidden"].abs().any() and not g["weight"].abs().any()
+
+
+def test_bad_inputs():
+    x = make()
+    h, W, y, p, t = x["hidden"], x["weight"], x["targets"], x["pred_hidden"], x["teacher_index"]
+    f = linear_cross_entropy_kl
+    with pytest.raises(ValueError, match="weight"):
+        f(h, W[:, :5], y)
+    with pytest.raises(ValueError, match="targets"):
+        f(h, W, y[:-1])
+    with pytest.raises(TypeError, match="targets"):
+        f(h, W, y.float())
+    with pytest.raises(TypeError, match="weight"):
+        f(h, W.double(), y)
+    with pytest.raises(TypeError, match="hidden"):
+        f(h.int(), W, y)
+    with pytest.raises(ValueError, match="targets"):
+        f(h, W, torch.full_like(y, 53))
+    with pytest.raises(ValueError, match="targets"):
+        f(h, W, torch.full_like(y, -1))
+    with pytest.raises(ValueError, match="teacher_index"):
+        f(h, W, y, p, torch.full_like(t, 13))
+    with pytest.raises(ValueError, match="teacher_index"):
+        f(h, W, y, p, torch.full_like(t, -1))
+    with pytest.raises(ValueError, match="teacher_index"):
+        f(h, W, y, p, t[:-1])
+    with pytest.raises(ValueError, match="pred_hidden"):
+        f(h, W, y, p[:, :3], t)
+    with pytest.raises(ValueError, match="pred_hidden and teacher_index"):
+        f(h, W, y, p)
+    with pytest.raises(ValueError, match="bias"):
+        f(h, W, y, bias=torch.zeros(7))
+    with pytest.raises(ValueError, match="kl_weight"):
+        f(h, W, y, p, t, kl_weight=-torch.ones(len(t)))
+    with pytest.raises(ValueError, match="kl_weight"):
+        f(h, W, y, p, t, kl_weight=torch.ones(3))
+    with pytest.raises(ValueError, match="backend"):
+        f(h, W, y, backend="nope")
+    with pytest.raises(TypeError, match="ignore_index"):
+        f(h, W, y, ignore_index=1.5)
+
+
+def test_custom_ignore_index():
+    x = make(ignore_every=0, dtype=torch.float64)
+    x["targets"][::2] = 7
+    ref = torch.nn.functional.cross_entropy(x["hidden"] @ x["weight"].T + x["bias"], x["targets"], ignore_index=7)
+    for backend in ("reference", "cpu"):
+        ce, _ = linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], bias=x["bias"], ignore_index=7, backend=backend)
+        assert_close(ce, ref)
+
+
+@pytest.mark.no_poison
+def test_opcheck_chunked():
+    x = make(N=7, M=5)
+    args = (x["hidden"].requires_grad_(), x["weight"].requires_grad_(), x["bias"].requires_grad_(), x["targets"],
+            x["pred_hidden"].requires_grad_(), x["teacher_index"], x["kl_weight"], -100, True, True, True)
+    torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked.default, args)
+    args2 = (x["hidden"], x["weight"], None, x["targets"], x["pred_hidden"], x["teacher_index"], x["kl_weight"], -100, False, True, False)
+    torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked.default, args2)
+
+
+@pytest.mark.no_poison
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_rows(backend):
+    if backend != "triton":
+        pytest.skip("the rows op is the triton backend's")
+    x = make(N=7, M=5)
+    args = (x["hidden"].requires_grad_(), x["weight"].requires_grad_(), x["bias"].requires_grad_(), x["targets"],
+            x["pred_hidden"].requires_grad_(), x["teacher_index"], -100, False)
+    torch.library.opcheck(torch.ops.fastmodels.lce_kl_rows.default, args)
+
+
+@pytest.mark.no_poison
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend):
+    x = make(device=backend_device(backend))
+
+    def loss(h, W, b, p):
+        ce, kl = linear_cross_entropy_kl(h, W, x["targets"], p, x["teacher_index"], bias=b, kl_weight=x["kl_weight"], backend=backend)
+        return 1.3 * ce + 0.7 * kl
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    leaves = [x[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias", "pred_hidden")]
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    leaves2 = [v.detach().clone().requires_grad_() for v in leaves]
+    out2 = loss(*leaves2)
+    grads2 = torch.autograd.grad(out2, leaves2)
+    assert_close(out, out2)
+    for a, b in zip(grads, grads2):
+        assert_close(a, b)

@@ -1,0 +1,159 @@
+"""NextLatHead vs a direct, position-by-position transcription of the spec's objective."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmodels.nextlat import NextLatHead
+from helpers import assert_close, backend_device, op_backends
+
+BACKENDS = op_backends("linear_cross_entropy_kl", include_reference=True)
+B, T, D, V, E, H = 2, 7, 12, 29, 10, 16
+
+
+def spec_objective(head, hidden, ids, emb_w, W, b, loss_mask, doc, d, lh, lk):
+    """The spec's L, one position and one horizon at a time, with full logits."""
+    logits = lambda x, Wm, bm: x @ Wm.T + (0 if bm is None else bm)  # noqa: E731
+    ce_ok = lambda bb, t: t + 1 < T and bool(doc[bb, t] == doc[bb, t + 1]) and bool(loss_mask[bb, t + 1])  # noqa: E731
+    ce_terms = [F.cross_entropy(logits(hidden[bb, t], W, b)[None], ids[bb, t + 1][None])
+                for bb in range(B) for t in range(T) if ce_ok(bb, t)]
+    lat, kl = [[] for _ in range(d)], [[] for _ in range(d)]
+    Wd, bd = W.detach(), None if b is None else b.detach()
+    for bb in range(B):
+        for t in range(T):
+            h = hidden[bb, t]
+            for i in range(1, d + 1):
+                if t + i >= T or doc[bb, t + i] != doc[bb, t]:
+                    break
+                h = h + head.mlp(head.norm(torch.cat([h, emb_w[ids[bb, t + i]]])))
+                target = hidden[bb, t + i].detach()
+                lat[i - 1].append(F.smooth_l1_loss(h, target, beta=1.0))
+                if ce_ok(bb, t + i):
+                    logp = torch.log_softmax(logits(target, Wd, bd), -1)
+                    logq = torch.log_softmax(logits(h, Wd, bd), -1)
+                    kl[i - 1].append((logp.exp() * (logp - logq)).sum())
+    mean = lambda xs: torch.stack(xs).mean() if xs else hidden.new_zeros(())  # noqa: E731
+    ce = mean(ce_terms)
+    latent = sum(mean(x) for x in lat) / d
+    klv = sum(mean(x) for x in kl) / d
+    return ce + lh * latent + lk * klv, ce, latent, klv
+
+
+def setup(dtype, device, tied, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.Embedding(V, D if tied else E).to(dtype)
+    head_lin = torch.nn.Linear(D, V, bias=bias).to(dtype)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(emb.weight.shape, generator=g))
+        head_lin.weight.copy_(torch.randn(V, D, generator=g) / D**0.5)
+        if bias:
+            head_lin.bias.copy_(torch.randn(V, generator=g) * 0.1)
+    if tied:
+        head_lin.weight = emb.weight
+    hidden = torch.randn(B, T, D, generator=g, dtype=dtype).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    loss_mask = torch.rand(B, T, generator=g) > 0.25
+    doc = torch.tensor([[0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 2]])
+    mv = lambda m: m.to(device)  # noqa: E731
+    return mv(emb), mv(head_lin), hidden.detach().to(device).requires_grad_(), mv(ids), mv(loss_mask), mv(doc)
+
+
+def grads_of(out, params):
+    gs = torch.autograd.grad(out, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("horizon", [1, 2, 4])
+@pytest.mark.parametrize("tied,bias", [(False, True), (True, False)])
+def test_head_matches_spec(backend, horizon, tied, bias):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    head = NextLatHead(D, None if tied else E, horizon=horizon, mlp_hidden=H, lambda_h=0.7, lambda_kl=1.3, backend=backend).to(dtype).to(device)
+    emb, lin, hidden, ids, mask, doc = setup(dtype, device, tied, bias)
+    out = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=doc)
+    params = [hidden, emb.weight] + ([] if tied else [lin.weight]) + ([lin.bias] if bias else []) + list(head.parameters())
+    g = grads_of(out.total, params)
+    ref = spec_objective(head, hidden, ids, emb.weight, lin.weight, lin.bias, mask, doc, horizon, 0.7, 1.3)
+    rg = grads_of(ref[0], params)
+    tol = dict(atol=1e-9, rtol=1e-7) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
+    for name, a, r in zip(("total", "ce", "latent", "kl"), out, ref):
+        assert_close(a, r, name=name, **tol)
+    assert out.kl.item() > 0 and out.latent.item() > 0
+    for i, (a, r) in enumerate(zip(g, rg)):
+        assert_close(a, r, name=f"grad {i}", **tol)
+
+
+def test_doc_start_equals_doc_ids_and_no_mask():
+    head = NextLatHead(D, E, horizon=2, mlp_hidden=H).double()
+    emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)
+    start = torch.zeros(B, T, dtype=torch.bool)
+    start[:, 0] = True
+    start[1, 3] = start[1, 6] = True
+    a = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=doc)
+    b = head(hidden, ids, emb, lin, loss_mask=mask, doc_start=start)
+    for x, y in zip(a, b):
+        assert_close(x, y)
+    full = head(hidden, ids, emb, lin)
+    ref = spec_objective(head, hidden, ids, emb.weight, lin.weight, lin.bias, torch.ones(B, T), torch.zeros(B, T), 2, 1.0, 1.0)
+    for x, y in zip(full, ref):
+        assert_close(x, y, atol=1e-9, rtol=1e-7)
+
+
+def test_horizon_longer_than_sequence():
+    head = NextLatHead(D, E, horizon=8, mlp_hidden=H).double()
+    emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)
+    out = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=doc)
+    ref = spec_objective(head, hidden, ids, emb.weight, lin.weight, lin.bias, mask, doc, 8, 1.0, 1.0)
+    for x, y in zip(out, ref):
+        assert_close(x, y, atol=1e-9, rtol=1e-7)
+
+
+def test_weight_tensors_and_single_token():
+    head = NextLatHead(D, E, horizon=2, mlp_hidden=H).double()
+    emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, False)
+    a = head(hidden, ids, emb.weight, lin.weight)
+    b = head(hidden, ids, emb, lin)
+    for x, y in zip(a, b):
+        assert_close(x, y)
+    one = head(hidden[:, :1], ids[:, :1], emb, lin)
+    assert all(v.item() == 0 for v in one)
+
+
+def test_bad_inputs():
+    head = NextLatHead(D, E, horizon=1, mlp_hidden=H).double()
+    emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)
+    with pytest.raises(ValueError, match="hidden"):
+        head(hidden[0], ids, emb, lin)
+    with pytest.raises(ValueError, match="input_ids"):
+        head(hidden, ids[:, :-1], emb, lin)
+    with pytest.raises(ValueError, match="loss_mask"):
+        head(hidden, ids, emb, lin, loss_mask=mask[:1])
+    with pytest.raises(ValueError, match="doc_ids"):
+        head(hidden, ids, emb, lin, doc_ids=doc[:, :3])
+    with pytest.raises(ValueError, match="embedding"):
+        head(hidden, ids, torch.nn.Embedding(V, E + 1).double(), lin)
+    with pytest.raises(TypeError, match="lm_head"):
+        head(hidden, ids, emb, "head")
+    with pytest.raises(ValueError, match="horizon"):
+        NextLatHead(D, horizon=0)
+    with pytest.raises(ValueError, match="lambda_kl"):
+        NextLatHead(D, lambda_kl=-1.0)
+
+
+@pytest.mark.no_poison
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    head = NextLatHead(D, E, horizon=2, mlp_hidden=H, lambda_kl=0.5)
+    emb, lin, hidden, ids, mask, doc = setup(torch.float32, "cpu", False, True)
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    out = compiled(hidden, ids, emb, lin, loss_mask=mask, doc_ids=doc)
+    params = [hidden, emb.weight, lin.weight, lin.bias] + list(head.parameters())
+    g = grads_of(out.total, params)
+    eager = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=doc)
+    ge = grads_of(eager.total, params)
+    for x, y in zip(out, eager):
+        assert_close(x, y)
+    for x, y in zip(g, ge):
+        assert_close(x, y)
