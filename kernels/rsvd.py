@@ -1,0 +1,290 @@
+"""Triton kernels for the batched randomized SVD (range finder).
+
+Two memory-bound passes over the batch of matrices A [b, m, n]:
+
+* ``sketch_matmul``: Y = A @ Omega_i (or A^T @ Omega_i), where Omega_i ~ N(0, 1) is generated inside
+  the kernel with Philox (``tl.randn``) and never stored. Entry (row r, col c) of Omega_i is
+  ``randn(key, r * l + c)`` with the 64-bit Philox key ``key = (seed mod 2**32) + (i << 32)``: a pure
+  function of (seed, matrix index i, row, col), independent of block sizes and autotuning, so
+  ``sketch_omega`` can materialize exactly the same matrix for tests.
+* ``power_pass``: Z = A @ (A^T @ Y) fused over column panels of A. A program owns a contiguous group
+  of panels of BN columns; for each panel it computes W = A_panel^T @ Y ([BN, l], fp32, registers)
+  and then adds A_panel @ W into its own slice of a split-K buffer ``part[s, b, m, l]``. The second
+  read of A_panel comes right after the first (from L2), so A is read from memory once per pass.
+  Partial sums of different splits are reduced afterwards with ``part.sum(0)``: deterministic, no
+  atomics (same input -> bit-identical output). The number of splits is bounded so the buffer stays
+  small (about 2 programs per SM on GPU).
+
+Precision: fp32 accumulation everywhere. For fp16/bf16 A the tl.dot operands are A's native dtype:
+Omega, Y and W are cast to A's dtype before tl.dot (W = A^T Y is rounded to bf16/fp16 before the
+second product; randomization error dominates this, see the spec). For fp32 A, tl.dot runs with
+``input_precision="ieee"`` (no TF32). Under the Triton interpreter bf16 arithmetic is wrong, so a bf16
+tile is upcast to fp32 right after the load and the product is done in fp32 there.
+
+Block sizes: every tl.dot dimension is >= 16; l is padded to a power of two >= 16 (BL) with masks,
+and tiled over a third grid axis when it exceeds 128 (W for a column tile of Y only needs that tile).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _pick(gpu_configs, interp_config):
+    """A small autotune grid on GPU, one config under the interpreter (no do_bench there)."""
+    return [interp_config] if _INTERPRET else gpu_configs
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian test matrix
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _omega_tile(seed, mat, o_r, o_c, L):
+    """Omega_mat[o_r, o_c] ~ N(0, 1): Philox keyed by (seed, matrix index), counter r * L + c (int32)."""
+    key = seed.to(tl.int64) + (mat.to(tl.int64) << 32)
+    offs = o_r.to(tl.int32)[:, None] * L + o_c.to(tl.int32)[None, :]
+    return tl.randn(key, offs)
+
+
+@triton.jit
+def sketch_omega_kernel(o_ptr, seed, R, L, BR: tl.constexpr, BL: tl.constexpr):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_r = tl.program_id(1)
+    i_l = tl.program_id(2)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_c = i_l * BL + tl.arange(0, BL)
+    b_o = _omega_tile(seed, i_b, o_r, o_c, L)
+    m = (o_r < R)[:, None] & (o_c < L)[None, :]
+    p_o = o_ptr + (i_b * R + o_r.to(tl.int64)[:, None]) * L + o_c.to(tl.int64)[None, :]
+    tl.store(p_o, b_o, mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sketch: Y = op(A) @ Omega
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=_pick(
+        [
+            triton.Config({"BM": 64, "BK": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BM": 64, "BK": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BM": 128, "BK": 32}, num_warps=4, num_stages=4),
+        ],
+        triton.Config({"BM": 16, "BK": 16}, num_warps=4, num_stages=1),
+    ),
+    key=["M", "K", "L", "BL", "DOT_FP32"],
+)
+@triton.jit
+def sketch_matmul_kernel(
+    a_ptr, y_ptr, seed, M, K, L,
+    stride_ab, stride_am, stride_ak,
+    DOT_FP32: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Y[i] (M x L) = opA[i] (M x K) @ Omega_i (K x L); opA is A or A^T through the strides."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1)
+    i_l = tl.program_id(2)
+    o_m = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
+    o_l = i_l * BL + tl.arange(0, BL)
+    m_m = o_m < M
+    m_l = o_l < L
+    p_a = a_ptr + i_b * stride_ab + o_m[:, None] * stride_am
+    acc = tl.zeros([BM, BL], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        b_a = tl.load(p_a + o_k.to(tl.int64)[None, :] * stride_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_o = _omega_tile(seed, i_b, o_k, o_l, L)
+        b_o = tl.where(m_k[:, None] & m_l[None, :], b_o, 0.0)
+        if DOT_FP32:
+            acc += tl.dot(b_a.to(tl.float32), b_o, input_precision="ieee")
+        else:
+            acc += tl.dot(b_a, b_o.to(b_a.dtype))
+    p_y = y_ptr + (i_b * M + o_m[:, None]) * L + o_l.to(tl.int64)[None, :]
+    tl.store(p_y, acc, mask=m_m[:, None] & m_l[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused power pass: Z = A @ (A^T @ Y)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=_pick(
+        [
+            triton.Config({"BM": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BM": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BM": 32}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 64}, num_warps=8, num_stages=4),
+        ],
+        triton.Config({"BM": 16}, num_warps=4, num_stages=1),
+    ),
+    key=["M", "N", "L", "BN", "BL", "DOT_FP32"],
+)
+@triton.jit
+def power_pass_kernel(
+    a_ptr, y_ptr, part_ptr, B, M, N, L, PANELS_PER_SPLIT,
+    DOT_FP32: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr,
+):
+    """part[s, i] (M x L) = sum over the panels P of split s of A[i][:, P] @ (A[i][:, P]^T @ Y[i])."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2)
+    o_l = i_l * BL + tl.arange(0, BL)
+    m_l = o_l < L
+    a_base = a_ptr + i_b * M * N
+    y_base = y_ptr + i_b * M * L + o_l.to(tl.int64)[None, :]
+    z_base = part_ptr + (i_s * B + i_b) * M * L + o_l.to(tl.int64)[None, :]
+    for p in range(0, PANELS_PER_SPLIT):
+        o_n = (i_s * PANELS_PER_SPLIT + p) * BN + tl.arange(0, BN)
+        m_n = o_n < N
+        # W = A_panel^T @ Y  ([BN, BL], fp32 accumulator)
+        b_w = tl.zeros([BN, BL], dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            o_m = (m0 + tl.arange(0, BM)).to(tl.int64)
+            m_m = o_m < M
+            b_a = tl.load(a_base + o_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
+            b_y = tl.load(y_base + o_m[:, None] * L, mask=m_m[:, None] & m_l[None, :], other=0.0)
+            if DOT_FP32:
+                b_w += tl.dot(tl.trans(b_a.to(tl.float32)), b_y, input_precision="ieee")
+            else:
+                b_w += tl.dot(tl.trans(b_a), b_y.to(b_a.dtype))
+        # part[s] += A_panel @ W  (this program owns its slice: plain read-modify-write, first panel overwrites)
+        for m0 in range(0, M, BM):
+            o_m = (m0 + tl.arange(0, BM)).to(tl.int64)
+            m_m = o_m < M
+            b_a = tl.load(a_base + o_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
+            if DOT_FP32:
+                b_z = tl.dot(b_a.to(tl.float32), b_w, input_precision="ieee")
+            else:
+                b_z = tl.dot(b_a, b_w.to(b_a.dtype))
+            p_z = z_base + o_m[:, None] * L
+            m_z = m_m[:, None] & m_l[None, :]
+            b_z += tl.load(p_z, mask=m_z & (p > 0), other=0.0)
+            tl.store(p_z, b_z, mask=m_z)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_a(A: torch.Tensor, name: str = "A") -> None:
+    if not isinstance(A, torch.Tensor) or A.dim() != 3:
+        raise ValueError(f"{name} must be a 3-D tensor [b, m, n], got {getattr(A, 'shape', type(A))}")
+    if A.dtype not in _SUPPORTED:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {A.dtype}")
+    if not A.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _block_l(L: int) -> int:
+    """Width of a column tile of the sketch: l padded to a power of two >= 16, at most 128."""
+    return min(max(16, triton.next_power_of_2(L)), 128)
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # fp32 inputs: IEEE fp32 dot. bf16 under the interpreter: upcast (its bf16 arithmetic is wrong).
+    return dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16)
+
+
+def _check_seed(seed: int) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return seed % (1 << 32)
+
+
+def sketch_omega(b: int, rows: int, l: int, seed: int, device) -> torch.Tensor:
+    """The Gaussian test matrices [b, rows, l] (fp32) that ``sketch_matmul`` uses, materialized."""
+    if rows * l >= 2**31:
+        raise ValueError(f"rows * l must be < 2**31 (Philox counter), got {rows} * {l}")
+    seed = _check_seed(seed)
+    out = torch.empty((b, rows, l), device=device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    BR, BL = 16, _block_l(l)
+    grid = (b, triton.cdiv(rows, BR), triton.cdiv(l, BL))
+    sketch_omega_kernel[grid](out, seed, rows, l, BR=BR, BL=BL)
+    return out
+
+
+def sketch_matmul(A: torch.Tensor, l: int, seed: int, transpose: bool = False) -> torch.Tensor:
+    """Y = A @ Omega_i ([b, m, l]), or A^T @ Omega_i ([b, n, l]) with ``transpose=True``; fp32.
+
+    Omega_i (n x l, or m x l transposed) is generated in-kernel from (seed, i, row, col); see
+    ``sketch_omega``.
+    """
+    _check_a(A)
+    if not isinstance(l, int) or l < 1:
+        raise ValueError(f"l must be a positive int, got {l!r}")
+    seed = _check_seed(seed)
+    b, m, n = A.shape
+    M, K = (n, m) if transpose else (m, n)
+    stride_am, stride_ak = (1, n) if transpose else (n, 1)
+    if K * l >= 2**31:
+        raise ValueError(f"rows of Omega * l must be < 2**31 (Philox counter), got {K} * {l}")
+    Y = torch.empty((b, M, l), device=A.device, dtype=torch.float32)
+    if Y.numel() == 0:
+        return Y
+    if K == 0:
+        return Y.zero_()
+    BL = _block_l(l)
+    grid = lambda meta: (b, triton.cdiv(M, meta["BM"]), triton.cdiv(l, BL))  # noqa: E731
+    sketch_matmul_kernel[grid](A, Y, seed, M, K, l, m * n, stride_am, stride_ak, DOT_FP32=_dot_fp32(A.dtype), BL=BL)
+    return Y
+
+
+def _num_splits(b: int, panels: int, l_tiles: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # interpreter: exercise several splits and several panels per split
+    return max(1, min(panels, triton.cdiv(target, b * l_tiles)))
+
+
+def power_pass(A: torch.Tensor, Y: torch.Tensor, *, num_splits: int | None = None) -> torch.Tensor:
+    """Z = A @ (A^T @ Y) for A [b, m, n], Y [b, m, l] fp32 -> Z [b, m, l] fp32, reading A once.
+
+    ``num_splits`` (default: about two programs per SM) is the number of column groups whose
+    partial products are reduced deterministically afterwards.
+    """
+    _check_a(A)
+    if not isinstance(Y, torch.Tensor) or Y.dim() != 3 or Y.shape[:2] != A.shape[:2]:
+        raise ValueError(f"Y must be [b, m, l] = [{A.shape[0]}, {A.shape[1]}, l], got {getattr(Y, 'shape', type(Y))}")
+    if Y.dtype != torch.float32:
+        raise TypeError(f"Y must be float32, got {Y.dtype}")
+    if Y.device != A.device:
+        raise ValueError(f"Y must be on A's device {A.device}, got {Y.device}")
+    Y = Y.contiguous()
+    b, m, n = A.shape
+    L = Y.shape[2]
+    if b * m * L == 0:
+        return torch.empty((b, m, L), device=A.device, dtype=torch.float32)
+    if n == 0:
+        return torch.zeros((b, m, L), device=A.device, dtype=torch.float32)
+    BL = _block_l(L)
+    if _INTERPRET:
+        BN = 16
+    else:
+        BN = 128 if BL <= 64 else 64
+    panels = triton.cdiv(n, BN)
+    l_tiles = triton.cdiv(L, BL)
+    S = num_splits if num_splits is not None else _num_splits(b, panels, l_tiles, A.device)
+    S = max(1, min(int(S), panels))
+    per_split = triton.cdiv(panels, S)
+    S = triton.cdiv(panels, per_split)  # no empty split
+    part = torch.empty((S, b, m, L), device=A.device, dtype=torch.float32)
+    power_pass_kernel[(b, S, l_tiles)](A, Y, part, b, m, n, L, per_split, DOT_FP32=_dot_fp32(A.dtype), BN=BN, BL=BL)
+    return part[0] if S == 1 else part.sum(dim=0)
