@@ -392,4 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: the case modules register into
+    # fastmodels.bench.harness's registry.
+    from fastmodels.bench import harness as _harness
+
+    sys.exit(_harness.main())
