@@ -21,6 +21,16 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 
+// sin and cos of a heading at full precision: the build uses --use_fast_math, whose __sincosf
+// has an absolute error of ~1e-6 (more outside [-pi, pi]) that moves receptors by 1e-6 cm, visible
+// next to an object. Two double-precision calls per thread cost nothing here.
+__device__ __forceinline__ void heading_sincos(float theta, float& s, float& c) {
+    double sd, cd;
+    sincos(static_cast<double>(theta), &sd, &cd);
+    s = static_cast<float>(sd);
+    c = static_cast<float>(cd);
+}
+
 // Shared-memory layout of one environment (float4 first, so every source is one 16-byte load):
 //   dip   float4 [5M]  (centre x, centre y, moment x, moment y) of the M dipoles, then of their images
 //   img   float4 [8N]  (anchor x, anchor y, offset x, offset y) of the 4 wall images of every pole
@@ -54,7 +64,7 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
         const int j = k >> 1;
         const float sgn = (k & 1) ? -1.0f : 1.0f;
         float s, c;
-        sincosf(heading[b * N + j], &s, &c);
+        heading_sincos(heading[b * N + j], s, c);
         const float x = fp[2 * j], y = fp[2 * j + 1], ox = sgn * half * c, oy = sgn * half * s, q = sgn * eod[b * N + j];
         pole[k] = make_float4(x, y, ox, oy);
         pole_q[k] = q;
@@ -93,7 +103,7 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
     for (int t = threadIdx.x; t < N * R; t += blockDim.x) {
         const int i = t / R, r = t - i * R;
         float s, c;
-        sincosf(heading[b * N + i], &s, &c);
+        heading_sincos(heading[b * N + i], s, c);
         const float rx = rec_pos[2 * r], ry = rec_pos[2 * r + 1], qx = rec_nrm[2 * r], qy = rec_nrm[2 * r + 1];
         const float ox = c * rx - s * ry, oy = s * rx + c * ry;
         const float nx = c * qx - s * qy, ny = s * qx + c * qy;
