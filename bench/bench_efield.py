@@ -32,7 +32,7 @@ def _scene(B, N, M, R, device, walls=True):
     arena = 40 + 260 * u(B, 2)  # the authors' arena sides: 40-300 cm
     fish = 5 + (arena[:, None] - 10) * u(B, N, 2)
     host = torch.randint(0, N, (B, M), generator=g)
-    ang, dist = 2 * math.pi * u(B, M), 1 + 14 * u(B, M)  # food within 15 cm of some fish
+    ang, dist = 2 * math.pi * u(B, M), 1.5 + 13.5 * u(B, M)  # food outside the body, within 15 cm of a fish
     obj = torch.gather(fish, 1, host[..., None].expand(B, M, 2)) + dist[..., None] * torch.stack((ang.cos(), ang.sin()), -1)
     ang = 2 * math.pi * torch.arange(R, dtype=torch.float64) / R
     nrm = torch.stack((ang.cos(), ang.sin()), -1).float()

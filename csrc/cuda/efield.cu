@@ -21,11 +21,24 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 
-// Shared-memory layout of one environment (floats):
-//   poles  [5][2N]  anchor x, anchor y, offset x, offset y, charge
-//   images [5][8N]  the same for the 4 wall images of every pole (gamma folded into the charge)
-//   dips   [4][5M]  centre x, centre y, moment x, moment y of the M dipoles, then of their images
-__host__ __device__ inline int64_t shared_floats(int N, int M) { return 5 * 2 * N + 5 * 8 * N + 4 * 5 * M; }
+// sin and cos of a heading at full precision: the build uses --use_fast_math, whose __sincosf
+// has an absolute error of ~1e-6 (more outside [-pi, pi]) that moves receptors by 1e-6 cm, visible
+// next to an object. Two double-precision calls per thread cost nothing here.
+__device__ __forceinline__ void heading_sincos(float theta, float& s, float& c) {
+    double sd, cd;
+    sincos(static_cast<double>(theta), &sd, &cd);
+    s = static_cast<float>(sd);
+    c = static_cast<float>(cd);
+}
+
+// Shared-memory layout of one environment (float4 first, so every source is one 16-byte load):
+//   dip   float4 [5M]  (centre x, centre y, moment x, moment y) of the M dipoles, then of their images
+//   img   float4 [8N]  (anchor x, anchor y, offset x, offset y) of the 4 wall images of every pole
+//   pole  float4 [2N]  the same for the direct poles (anchor = fish centre, offset = +-l/2 u)
+//   img_q float  [8N], pole_q float [2N]: charges (gamma folded into the images')
+__host__ __device__ inline size_t shared_bytes(int N, int M) {
+    return 16 * (5 * static_cast<size_t>(M) + 10 * static_cast<size_t>(N)) + 4 * 10 * static_cast<size_t>(N);
+}
 
 __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const float* __restrict__ heading,
                                   const float* __restrict__ eod, const float* __restrict__ obj_pos,
@@ -33,24 +46,14 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
                                   const float* __restrict__ rec_nrm, const float* __restrict__ arena,
                                   float* __restrict__ active, float* __restrict__ comm, int N, int M, int R,
                                   float half, float eps, float gamma) {
-    extern __shared__ float smem[];
+    extern __shared__ float4 smem4[];
     const int64_t b = blockIdx.x;
     const int P = 2 * N;
-    float* p_x = smem;
-    float* p_y = p_x + P;
-    float* p_ox = p_y + P;
-    float* p_oy = p_ox + P;
-    float* p_q = p_oy + P;
-    float* i_x = p_q + P;
-    float* i_y = i_x + 4 * P;
-    float* i_ox = i_y + 4 * P;
-    float* i_oy = i_ox + 4 * P;
-    float* i_q = i_oy + 4 * P;
-    const int D = 5 * M;
-    float* d_x = i_q + 4 * P;
-    float* d_y = d_x + D;
-    float* d_px = d_y + D;
-    float* d_py = d_px + D;
+    float4* dip = smem4;
+    float4* img = dip + 5 * M;
+    float4* pole = img + 4 * P;
+    float* img_q = reinterpret_cast<float*>(pole + P);
+    float* pole_q = img_q + 4 * P;
 
     const float* fp = fish_pos + b * N * 2;
     const bool walls = arena != nullptr;
@@ -61,17 +64,15 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
         const int j = k >> 1;
         const float sgn = (k & 1) ? -1.0f : 1.0f;
         float s, c;
-        sincosf(heading[b * N + j], &s, &c);
+        heading_sincos(heading[b * N + j], s, c);
         const float x = fp[2 * j], y = fp[2 * j + 1], ox = sgn * half * c, oy = sgn * half * s, q = sgn * eod[b * N + j];
-        p_x[k] = x; p_y[k] = y; p_ox[k] = ox; p_oy[k] = oy; p_q[k] = q;
+        pole[k] = make_float4(x, y, ox, oy);
+        pole_q[k] = q;
         if (walls) {
             for (int w = 0; w < 4; ++w) {
                 const float sx = image_sign_x(w), sy = image_sign_y(w);
-                i_x[w * P + k] = sx * x + image_shift_x(w, W);
-                i_y[w * P + k] = sy * y + image_shift_y(w, H);
-                i_ox[w * P + k] = sx * ox;
-                i_oy[w * P + k] = sy * oy;
-                i_q[w * P + k] = gamma * q;
+                img[w * P + k] = make_float4(sx * x + image_shift_x(w, W), sy * y + image_shift_y(w, H), sx * ox, sy * oy);
+                img_q[w * P + k] = gamma * q;
             }
         }
     }
@@ -80,17 +81,17 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
     for (int m = threadIdx.x; m < M; m += blockDim.x) {
         const float cx = obj_pos[(b * M + m) * 2], cy = obj_pos[(b * M + m) * 2 + 1], st = strength[b * M + m];
         float ex = 0.0f, ey = 0.0f;
-        for (int k = 0; k < P; ++k) pole_field_add((cx - p_x[k]) - p_ox[k], (cy - p_y[k]) - p_oy[k], p_q[k], eps, ex, ey);
+        for (int k = 0; k < P; ++k) {
+            const float4 p = pole[k];
+            pole_field_add((cx - p.x) - p.z, (cy - p.y) - p.w, pole_q[k], eps, ex, ey);
+        }
         const float px = st * ex, py = st * ey;
-        d_x[m] = cx; d_y[m] = cy; d_px[m] = px; d_py[m] = py;
+        dip[m] = make_float4(cx, cy, px, py);
         if (walls) {
             for (int w = 0; w < 4; ++w) {
                 const float sx = image_sign_x(w), sy = image_sign_y(w);
-                const int e = (w + 1) * M + m;
-                d_x[e] = sx * cx + image_shift_x(w, W);
-                d_y[e] = sy * cy + image_shift_y(w, H);
-                d_px[e] = gamma * sx * px;
-                d_py[e] = gamma * sy * py;
+                dip[(w + 1) * M + m] = make_float4(sx * cx + image_shift_x(w, W), sy * cy + image_shift_y(w, H),
+                                                   gamma * sx * px, gamma * sy * py);
             }
         }
     }
@@ -102,7 +103,7 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
     for (int t = threadIdx.x; t < N * R; t += blockDim.x) {
         const int i = t / R, r = t - i * R;
         float s, c;
-        sincosf(heading[b * N + i], &s, &c);
+        heading_sincos(heading[b * N + i], s, c);
         const float rx = rec_pos[2 * r], ry = rec_pos[2 * r + 1], qx = rec_nrm[2 * r], qy = rec_nrm[2 * r + 1];
         const float ox = c * rx - s * ry, oy = s * rx + c * ry;
         const float nx = c * qx - s * qy, ny = s * qx + c * qy;
@@ -112,17 +113,24 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
         for (int j = 0; j < N; ++j) {
             float v = 0.0f;
             if (j != i) {
-                const float dx = xi - p_x[2 * j], dy = yi - p_y[2 * j];
-                v = pole_signal((dx - p_ox[2 * j]) + ox, (dy - p_oy[2 * j]) + oy, nx, ny, p_q[2 * j], eps) +
-                    pole_signal((dx - p_ox[2 * j + 1]) + ox, (dy - p_oy[2 * j + 1]) + oy, nx, ny, p_q[2 * j + 1], eps);
+                const float4 a = pole[2 * j], e = pole[2 * j + 1];
+                const float dx = xi - a.x, dy = yi - a.y;  // fish i - fish j: both poles share the anchor
+                v = pole_signal((dx - a.z) + ox, (dy - a.w) + oy, nx, ny, pole_q[2 * j], eps) +
+                    pole_signal((dx - e.z) + ox, (dy - e.w) + oy, nx, ny, pole_q[2 * j + 1], eps);
                 acc += v;
             }
             if (out) out[j * R] = v;
         }
-        for (int k = 0; k < n_img; ++k)
-            acc += pole_signal(((xi - i_x[k]) - i_ox[k]) + ox, ((yi - i_y[k]) - i_oy[k]) + oy, nx, ny, i_q[k], eps);
-        for (int k = 0; k < n_dip; ++k)
-            acc += dipole_signal((xi - d_x[k]) + ox, (yi - d_y[k]) + oy, nx, ny, d_px[k], d_py[k], eps);
+#pragma unroll 4
+        for (int k = 0; k < n_img; ++k) {
+            const float4 p = img[k];
+            acc += pole_signal(((xi - p.x) - p.z) + ox, ((yi - p.y) - p.w) + oy, nx, ny, img_q[k], eps);
+        }
+#pragma unroll 4
+        for (int k = 0; k < n_dip; ++k) {
+            const float4 d = dip[k];
+            acc += dipole_signal((xi - d.x) + ox, (yi - d.y) + oy, nx, ny, d.z, d.w, eps);
+        }
         active[(b * N + i) * R + r] = acc;
     }
 }
@@ -134,7 +142,7 @@ extern "C" int fm_efield_fwd(const float* fish_pos, const float* heading, const 
                              float* active, float* comm, int B, int N, int M, int R, float pole_separation, float eps,
                              float image_strength, cudaStream_t stream) {
     if (B <= 0 || N <= 0 || R <= 0) return 0;
-    const size_t smem = sizeof(float) * static_cast<size_t>(shared_floats(N, M));
+    const size_t smem = shared_bytes(N, M);
     if (smem > 48 * 1024) {
         int device = 0, limit = 0;
         cudaGetDevice(&device);

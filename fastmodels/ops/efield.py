@@ -169,7 +169,7 @@ def _run_cuda(x, active, comm, pole_separation, eps, image_strength):
     B, N, _ = x["fish_pos"].shape
     M = x["obj_pos"].shape[1]
     R = x["rec_pos"].shape[0]
-    smem = 4 * (50 * N + 20 * M)  # one environment's sources in shared memory (see efield.cu)
+    smem = 16 * (5 * M + 10 * N) + 40 * N  # one environment's sources in shared memory (see efield.cu)
     limit = torch.cuda.get_device_properties(active.device).shared_memory_per_block_optin
     if smem > limit:
         raise ValueError(f"electric_image (cuda): N={N}, M={M} need {smem} B of shared memory per environment, more "
