@@ -15,7 +15,6 @@ FMA pipes = 32 fp32 FLOP/cycle/core) 166 GFLOP/s; H100/H200 fp32 (non-tensor) 67
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
@@ -83,19 +82,7 @@ def _flops(x):
     return B * N * R * (16 * (2 * (N - 1) + 2 * N * images) + 25 * M * (1 + images))
 
 
-def _register(fn):
-    """register_cases, also into ``python -m fastmodels.bench.harness``'s own module: run as
-    __main__, the harness is a second module object whose registry the import above does not fill
-    (a foundation issue, reported to the lead)."""
-    register_cases("electric_image")(fn)
-    main = sys.modules.get("__main__")
-    other = getattr(main, "register_cases", None)
-    if other is not None and other is not register_cases and getattr(main, "_REGISTRY", None) is not None:
-        other("electric_image")(fn)
-    return fn
-
-
-@_register
+@register_cases("electric_image")
 def cases(device: str, quick: bool) -> list[Case]:
     if device == "cpu":
         B, N, R, M = 256, 4, 64, 32

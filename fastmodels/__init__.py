@@ -5,9 +5,10 @@ four recent papers' computations, plus drop-in modules and the papers' reproduct
 built, the C++ cpu) backends are available. ``fastmodels.backends()`` reports what runs here.
 """
 
+from fastmodels import ops
 from fastmodels._dispatch import BACKENDS, backends, select_backend
 from fastmodels.pushdown import PushdownAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backends", "select_backend", "__version__"]
+__all__ = ["BACKENDS", "backends", "ops", "select_backend", "PushdownAttention", "__version__"]
