@@ -37,7 +37,7 @@ OP = "linear_cross_entropy_kl"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
 # Bytes of one [C, V] fp32 logit workspace of the cpu backend; a few of them are alive at once.
-_CPU_WORKSPACE_BYTES = 8 << 20
+_CPU_WORKSPACE_BYTES = 32 << 20
 
 
 def _check(backend: str, device_type: str) -> str | None:
@@ -95,6 +95,11 @@ def _chunk_rows(V: int) -> int:
     return max(1, _CPU_WORKSPACE_BYTES // (4 * max(V, 1)))
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) as a batched dot product (one pass, no [C, V] temporary)."""
+    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
+
+
 def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred, chunk=None):
     N, D = hidden.shape
     V = weight.shape[0]
@@ -120,46 +125,50 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_
     # Predicted rows grouped by teacher, so each chunk's teacher softmax serves all its KL rows.
     order = torch.argsort(teacher_index, stable=True)
     t_sorted = teacher_index[order]
-    for a in range(0, N, C):
+    bounds = torch.searchsorted(t_sorted, torch.arange(0, N + C, C, dtype=t_sorted.dtype)).tolist()
+    ce_row_scale = valid.to(cd) * ce_scale  # dL/dce_row_s: 1/count, 0 on ignored rows
+    for k, a in enumerate(range(0, N, C)):
         e = min(a + C, N)
         h = hidden[a:e].to(cd)
-        logp = torch.addmm(b, h, W.T) if b is not None else h @ W.T  # logits, then log-softmax in place
-        lse = torch.logsumexp(logp, dim=-1, keepdim=True)
+        z = torch.addmm(b, h, W.T) if b is not None else h @ W.T
+        logp = torch.log_softmax(z, dim=-1)
+        del z
         y = targets[a:e].long()
         v = valid[a:e]
         y_safe = torch.where(v, y, torch.zeros_like(y))
-        logp.sub_(lse)
         ce_sum -= (logp.gather(1, y_safe[:, None])[:, 0] * v).sum()
         p = logp.exp()
 
-        lo = int(torch.searchsorted(t_sorted, a))
-        hi = int(torch.searchsorted(t_sorted, e))
+        lo, hi = bounds[k], bounds[k + 1]
+        if hi > lo:
+            neg_entropy = _rowdot(p, logp)  # sum_v p log p, per teacher row
         for c in range(lo, hi, C):
             idx = order[c : min(c + C, hi)]
             t = teacher_index[idx] - a
-            zs = pred[idx].to(cd)
-            logq = torch.addmm(b, zs, W.T) if b is not None else zs @ W.T
-            logq.sub_(torch.logsumexp(logq, dim=-1, keepdim=True))
-            pt = p[t]
-            kl_rows = (pt * (logp[t] - logq)).sum(-1)
+            hp = pred[idx].to(cd)
+            zs = torch.addmm(b, hp, W.T) if b is not None else hp @ W.T
+            logq = torch.log_softmax(zs, dim=-1)
+            del zs
+            pt = p.index_select(0, t)
+            kl_rows = neg_entropy[t] - _rowdot(pt, logq)  # sum_v p (log p - log q)
             kl_sum += (w[idx] * kl_rows).sum()
             if grad_pred:
-                g = logq.exp_().sub_(pt).mul_(w_scaled[idx][:, None])  # w (q - p)
-                dp[idx] = g @ W
+                g = logq.exp_().sub_(pt)  # q - p
+                dp[idx] = (g @ W).mul_(w_scaled[idx][:, None])
             del logq, pt
+        del logp
 
         if grad_hidden or grad_weight:
-            rows = torch.arange(e - a)
+            s = ce_row_scale[a:e]
             g = p
-            g[rows, y_safe] -= v.to(cd)
-            g.mul_((v.to(cd) * ce_scale)[:, None])  # (p - onehot(y)) / count, 0 on ignored rows
+            g[torch.arange(e - a), y_safe] -= 1.0  # p - onehot(y); ignored rows carry s = 0
             if grad_hidden:
-                dh[a:e] = g @ W
+                dh[a:e] = (g @ W).mul_(s[:, None])
             if grad_weight:
-                dw.addmm_(g.T, h)
+                dw.addmm_(g.T, h * s[:, None])
                 if db is not None:
-                    db += g.sum(0)
-        del logp, p
+                    db += s @ g
+        del p
 
     ce = ce_sum * ce_scale
     kl = kl_sum / wsum if wsum > 0 else torch.zeros((), dtype=cd)
