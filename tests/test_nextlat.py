@@ -266,3 +266,14 @@ def test_torch_compile(backend):
     assert_close(out, out2)
     for a, b in zip(grads, grads2):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows(backend):
+    dev = backend_device(backend)
+    h = torch.randn(0, 20, device=dev, requires_grad=True)
+    W = torch.randn(53, 20, device=dev, requires_grad=True)
+    ce, kl = linear_cross_entropy_kl(h, W, torch.zeros(0, dtype=torch.int64, device=dev), backend=backend)
+    assert ce.item() == 0.0 and kl.item() == 0.0
+    gh, gw = torch.autograd.grad(ce + kl, (h, W))
+    assert gh.shape == (0, 20) and not gw.abs().any() and torch.isfinite(gw).all()
