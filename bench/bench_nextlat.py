@@ -67,7 +67,13 @@ def _error(x, out):
     """Worst RMS-relative error of (ce, kl, dhidden, dweight, dpred) against the fp32 reference
     (computed once per case, after the timed implementations' warm-up call)."""
     if "_ref" not in x:
-        x["_ref"] = [t.clone() for t in _fwd_bwd(_reference)(x)]
+        try:
+            x["_ref"] = [t.clone() for t in _fwd_bwd(_reference)(x)]
+        except torch.cuda.OutOfMemoryError:  # the reference itself does not fit: no error figure
+            torch.cuda.empty_cache()
+            x["_ref"] = None
+    if x["_ref"] is None:
+        return float("nan")
     worst = 0.0
     for a, r in zip(out, x["_ref"]):
         a, r = a.double(), r.double()

@@ -115,10 +115,11 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_
     wsum = float(w.sum()) if M else 0.0
     w_scaled = w / wsum if wsum > 0 else torch.zeros_like(w)
 
-    dh = torch.zeros(N, D, dtype=cd) if grad_hidden else None
+    # Every row of dh and dp is written by exactly one chunk; dw and db accumulate.
+    dh = torch.empty(N, D, dtype=cd) if grad_hidden else None
     dw = torch.zeros(V, D, dtype=cd) if grad_weight else None
     db = torch.zeros(V, dtype=cd) if (grad_weight and b is not None) else None
-    dp = torch.zeros(M, D, dtype=cd) if grad_pred else None
+    dp = torch.empty(M, D, dtype=cd) if grad_pred else None
     ce_sum = torch.zeros((), dtype=cd)
     kl_sum = torch.zeros((), dtype=cd)
 
