@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from fastmodels._dispatch import register_op, select_backend
-from fastmodels._validation import check_float, check_int, check_same_device, check_tensor
+from fastmodels._validation import check_int, check_same_device, check_tensor
 
 OP = "linear_cross_entropy_kl"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,12 +40,10 @@ _INDEX = (torch.int32, torch.int64)
 _CPU_WORKSPACE_BYTES = 32 << 20
 
 
-def _check(backend: str, device_type: str) -> str | None:
-    # The chunked backend is PyTorch code: it runs wherever the dispatcher lets a "cpu" backend run.
-    return None
-
-
-register_op(OP, ("reference", "triton", "cpu"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=_check)
+# The chunked "cpu" backend is pure PyTorch, but the dispatcher reports any "cpu" backend as
+# unavailable when the C++ extension fastmodels._C is not built (a check= hook can only add
+# reasons, not remove them); the CPU preference then falls back to the reference.
+register_op(OP, ("reference", "triton", "cpu"), cpu=("cpu", "reference"), cuda=("triton", "reference"))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
