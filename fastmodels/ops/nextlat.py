@@ -128,46 +128,63 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_
     ce_row_scale = valid.to(cd) * ce_scale  # dL/dce_row_s: 1/count, 0 on ignored rows
     for k, a in enumerate(range(0, N, C)):
         e = min(a + C, N)
+        n = e - a
+        lo, hi = bounds[k], bounds[k + 1]
+        # The chunk's true rows and its first (up to C) predicted rows share one logit matmul, one
+        # log-softmax and one gradient matmul: [h_a..h_e ; pred rows taught by them].
+        first = order[lo : min(lo + C, hi)]
         h = hidden[a:e].to(cd)
-        z = torch.addmm(b, h, W.T) if b is not None else h @ W.T
-        logp = torch.log_softmax(z, dim=-1)
-        del z
+        x = torch.cat([h, pred[first].to(cd)]) if first.numel() else h
+        logits = torch.addmm(b, x, W.T) if b is not None else x @ W.T
+        logs = torch.log_softmax(logits, dim=-1)
+        del logits
+        logp = logs[:n]
         y = targets[a:e].long()
         v = valid[a:e]
         y_safe = torch.where(v, y, torch.zeros_like(y))
         ce_sum -= (logp.gather(1, y_safe[:, None])[:, 0] * v).sum()
-        p = logp.exp()
-
-        lo, hi = bounds[k], bounds[k + 1]
         if hi > lo:
-            neg_entropy = _rowdot(p, logp)  # sum_v p log p, per teacher row
+            p_tmp = logp.exp()
+            neg_entropy = _rowdot(p_tmp, logp)  # sum_v p log p, per teacher row
+            p = logp.copy_(p_tmp)  # the softmax replaces the log-softmax in the stacked buffer
+            del p_tmp
+        else:
+            p = logp.exp_()
+        need_ce = grad_hidden or grad_weight
         for c in range(lo, hi, C):
             idx = order[c : min(c + C, hi)]
             t = teacher_index[idx] - a
-            hp = pred[idx].to(cd)
-            zs = torch.addmm(b, hp, W.T) if b is not None else hp @ W.T
-            logq = torch.log_softmax(zs, dim=-1)
-            del zs
+            if c == lo:
+                logq = logs[n:]
+            else:
+                hp = pred[idx].to(cd)
+                logq = torch.addmm(b, hp, W.T) if b is not None else hp @ W.T
+                logq = torch.log_softmax(logq, dim=-1)
             pt = p.index_select(0, t)
             kl_rows = neg_entropy[t] - _rowdot(pt, logq)  # sum_v p (log p - log q)
             kl_sum += (w[idx] * kl_rows).sum()
             if grad_pred:
-                g = logq.exp_().sub_(pt)  # q - p
-                dp[idx] = (g @ W).mul_(w_scaled[idx][:, None])
+                logq.exp_().sub_(pt)  # q - p, in place
+                if c != lo:
+                    dp[idx] = (logq @ W).mul_(w_scaled[idx][:, None])
             del logq, pt
-        del logp
 
-        if grad_hidden or grad_weight:
-            s = ce_row_scale[a:e]
-            g = p
-            g[torch.arange(e - a), y_safe] -= 1.0  # p - onehot(y); ignored rows carry s = 0
+        s = ce_row_scale[a:e]
+        if need_ce:
+            p[torch.arange(n), y_safe] -= 1.0  # p - onehot(y); ignored rows carry s = 0
+        kl_first = grad_pred and first.numel() > 0
+        if grad_hidden or kl_first:
+            rows = logs if (grad_hidden and kl_first) else (p if grad_hidden else logs[n:])
+            r = rows @ W
             if grad_hidden:
-                dh[a:e] = (g @ W).mul_(s[:, None])
-            if grad_weight:
-                dw.addmm_(g.T, h * s[:, None])
-                if db is not None:
-                    db += s @ g
-        del p
+                dh[a:e] = r[:n].mul_(s[:, None])
+            if kl_first:
+                dp[first] = r[-first.numel():].mul_(w_scaled[first][:, None])
+        if grad_weight:
+            dw.addmm_(p.T, h * s[:, None])
+            if db is not None:
+                db += s @ p
+        del logs, logp, p
 
     ce = ce_sum * ce_scale
     kl = kl_sum / wsum if wsum > 0 else torch.zeros((), dtype=cd)
