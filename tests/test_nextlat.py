@@ -266,3 +266,39 @@ def test_torch_compile(backend):
     assert_close(out, out2)
     for a, b in zip(grads, grads2):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows(backend):
+    dev = backend_device(backend)
+    h = torch.randn(0, 20, device=dev, requires_grad=True)
+    W = torch.randn(53, 20, device=dev, requires_grad=True)
+    ce, kl = linear_cross_entropy_kl(h, W, torch.zeros(0, dtype=torch.int64, device=dev), backend=backend)
+    assert ce.item() == 0.0 and kl.item() == 0.0
+    gh, gw = torch.autograd.grad(ce + kl, (h, W))
+    assert gh.shape == (0, 20) and not gw.abs().any() and torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_flag(backend):
+    """deterministic=True: same values as the reference, bit-identical gradients across calls."""
+    x = make(device=backend_device(backend))
+    runs = []
+    for _ in range(2):
+        leaves = [x[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias", "pred_hidden")]
+        ce, kl = linear_cross_entropy_kl(leaves[0], leaves[1], x["targets"], leaves[3], x["teacher_index"], bias=leaves[2],
+                                         kl_weight=x["kl_weight"], backend=backend, deterministic=True)
+        runs.append((ce, kl) + torch.autograd.grad(1.3 * ce + 0.7 * kl, leaves))
+    rce, rkl, rg = run(x, "reference", to=torch.float64)
+    assert_close(runs[0][0].double(), rce, atol=2e-5, rtol=2e-4)
+    assert_close(runs[0][1].double(), rkl, atol=2e-5, rtol=2e-4)
+    for name, a, r in zip(("hidden", "weight", "bias", "pred_hidden"), runs[0][2:], (rg[k] for k in ("hidden", "weight", "bias", "pred_hidden"))):
+        assert_close(a.double(), r, atol=2e-5, rtol=2e-4, name=name)
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+
+
+def test_bad_deterministic():
+    x = make()
+    with pytest.raises(TypeError, match="deterministic"):
+        linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], deterministic=1)

@@ -31,21 +31,19 @@ from typing import Optional
 import torch
 
 from fastmodels._dispatch import register_op, select_backend
-from fastmodels._validation import check_float, check_int, check_same_device, check_tensor
+from fastmodels._validation import check_int, check_same_device, check_tensor
 
 OP = "linear_cross_entropy_kl"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
 # Bytes of one [C, V] fp32 logit workspace of the cpu backend; a few of them are alive at once.
-_CPU_WORKSPACE_BYTES = 8 << 20
+_CPU_WORKSPACE_BYTES = 32 << 20
 
 
-def _check(backend: str, device_type: str) -> str | None:
-    # The chunked backend is PyTorch code: it runs wherever the dispatcher lets a "cpu" backend run.
-    return None
-
-
-register_op(OP, ("reference", "triton", "cpu"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=_check)
+# The chunked "cpu" backend is pure PyTorch, but the dispatcher reports any "cpu" backend as
+# unavailable when the C++ extension fastmodels._C is not built (a check= hook can only add
+# reasons, not remove them); the CPU preference then falls back to the reference.
+register_op(OP, ("reference", "triton", "cpu"), cpu=("cpu", "reference"), cuda=("triton", "reference"))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,6 +93,11 @@ def _chunk_rows(V: int) -> int:
     return max(1, _CPU_WORKSPACE_BYTES // (4 * max(V, 1)))
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) as a batched dot product (one pass, no [C, V] temporary)."""
+    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
+
+
 def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred, chunk=None):
     N, D = hidden.shape
     V = weight.shape[0]
@@ -110,56 +113,78 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_
     wsum = float(w.sum()) if M else 0.0
     w_scaled = w / wsum if wsum > 0 else torch.zeros_like(w)
 
-    dh = torch.zeros(N, D, dtype=cd) if grad_hidden else None
+    # Every row of dh and dp is written by exactly one chunk; dw and db accumulate.
+    dh = torch.empty(N, D, dtype=cd) if grad_hidden else None
     dw = torch.zeros(V, D, dtype=cd) if grad_weight else None
     db = torch.zeros(V, dtype=cd) if (grad_weight and b is not None) else None
-    dp = torch.zeros(M, D, dtype=cd) if grad_pred else None
+    dp = torch.empty(M, D, dtype=cd) if grad_pred else None
     ce_sum = torch.zeros((), dtype=cd)
     kl_sum = torch.zeros((), dtype=cd)
 
     # Predicted rows grouped by teacher, so each chunk's teacher softmax serves all its KL rows.
     order = torch.argsort(teacher_index, stable=True)
     t_sorted = teacher_index[order]
-    for a in range(0, N, C):
+    bounds = torch.searchsorted(t_sorted, torch.arange(0, N + C, C, dtype=t_sorted.dtype)).tolist()
+    ce_row_scale = valid.to(cd) * ce_scale  # dL/dce_row_s: 1/count, 0 on ignored rows
+    for k, a in enumerate(range(0, N, C)):
         e = min(a + C, N)
+        n = e - a
+        lo, hi = bounds[k], bounds[k + 1]
+        # The chunk's true rows and its first (up to C) predicted rows share one logit matmul, one
+        # log-softmax and one gradient matmul: [h_a..h_e ; pred rows taught by them].
+        first = order[lo : min(lo + C, hi)]
         h = hidden[a:e].to(cd)
-        logp = torch.addmm(b, h, W.T) if b is not None else h @ W.T  # logits, then log-softmax in place
-        lse = torch.logsumexp(logp, dim=-1, keepdim=True)
+        x = torch.cat([h, pred[first].to(cd)]) if first.numel() else h
+        logits = torch.addmm(b, x, W.T) if b is not None else x @ W.T
+        logs = torch.log_softmax(logits, dim=-1)
+        del logits
+        logp = logs[:n]
         y = targets[a:e].long()
         v = valid[a:e]
         y_safe = torch.where(v, y, torch.zeros_like(y))
-        logp.sub_(lse)
         ce_sum -= (logp.gather(1, y_safe[:, None])[:, 0] * v).sum()
-        p = logp.exp()
-
-        lo = int(torch.searchsorted(t_sorted, a))
-        hi = int(torch.searchsorted(t_sorted, e))
+        if hi > lo:
+            p_tmp = logp.exp()
+            neg_entropy = _rowdot(p_tmp, logp)  # sum_v p log p, per teacher row
+            p = logp.copy_(p_tmp)  # the softmax replaces the log-softmax in the stacked buffer
+            del p_tmp
+        else:
+            p = logp.exp_()
+        need_ce = grad_hidden or grad_weight
         for c in range(lo, hi, C):
             idx = order[c : min(c + C, hi)]
             t = teacher_index[idx] - a
-            zs = pred[idx].to(cd)
-            logq = torch.addmm(b, zs, W.T) if b is not None else zs @ W.T
-            logq.sub_(torch.logsumexp(logq, dim=-1, keepdim=True))
-            pt = p[t]
-            kl_rows = (pt * (logp[t] - logq)).sum(-1)
+            if c == lo:
+                logq = logs[n:]
+            else:
+                hp = pred[idx].to(cd)
+                logq = torch.addmm(b, hp, W.T) if b is not None else hp @ W.T
+                logq = torch.log_softmax(logq, dim=-1)
+            pt = p.index_select(0, t)
+            kl_rows = neg_entropy[t] - _rowdot(pt, logq)  # sum_v p (log p - log q)
             kl_sum += (w[idx] * kl_rows).sum()
             if grad_pred:
-                g = logq.exp_().sub_(pt).mul_(w_scaled[idx][:, None])  # w (q - p)
-                dp[idx] = g @ W
+                logq.exp_().sub_(pt)  # q - p, in place
+                if c != lo:
+                    dp[idx] = (logq @ W).mul_(w_scaled[idx][:, None])
             del logq, pt
 
-        if grad_hidden or grad_weight:
-            rows = torch.arange(e - a)
-            g = p
-            g[rows, y_safe] -= v.to(cd)
-            g.mul_((v.to(cd) * ce_scale)[:, None])  # (p - onehot(y)) / count, 0 on ignored rows
+        s = ce_row_scale[a:e]
+        if need_ce:
+            p[torch.arange(n), y_safe] -= 1.0  # p - onehot(y); ignored rows carry s = 0
+        kl_first = grad_pred and first.numel() > 0
+        if grad_hidden or kl_first:
+            rows = logs if (grad_hidden and kl_first) else (p if grad_hidden else logs[n:])
+            r = rows @ W
             if grad_hidden:
-                dh[a:e] = g @ W
-            if grad_weight:
-                dw.addmm_(g.T, h)
-                if db is not None:
-                    db += g.sum(0)
-        del logp, p
+                dh[a:e] = r[:n].mul_(s[:, None])
+            if kl_first:
+                dp[first] = r[-first.numel():].mul_(w_scaled[first][:, None])
+        if grad_weight:
+            dw.addmm_(p.T, h * s[:, None])
+            if db is not None:
+                db += s @ p
+        del logs, logp, p
 
     ce = ce_sum * ce_scale
     kl = kl_sum / wsum if wsum > 0 else torch.zeros((), dtype=cd)

@@ -1,0 +1,125 @@
+"""linear_cross_entropy_kl (NextLat's CE + d-horizon KL): forward + backward vs the full-logit
+reference, eager and (on GPU) under torch.compile.
+
+Inputs mirror NextLatHead at horizon d: N true rows (all with a target) and M = d * N predicted
+rows, predicted row (i, t) taught by position (t + i) mod N, unit KL weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmodels.bench.harness import Case, register_cases
+from fastmodels.ops.nextlat import linear_cross_entropy_kl, linear_cross_entropy_kl_reference
+
+
+def _setup(N, D, V, d, dtype, device):
+    def make():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        hidden = torch.randn(N, D, generator=g).to(device, dtype)
+        weight = (torch.randn(V, D, generator=g) / D**0.5).to(device, dtype)
+        targets = torch.randint(0, V, (N,), generator=g).to(device)
+        pos = torch.arange(N)
+        teacher_index = torch.cat([(pos + i) % N for i in range(1, d + 1)]).to(device)
+        pred = (hidden.float().cpu()[teacher_index.cpu()] + 0.3 * torch.randn(d * N, D, generator=g)).to(device, dtype)
+        return {
+            "hidden": hidden.requires_grad_(),
+            "weight": weight.requires_grad_(),
+            "targets": targets,
+            "pred": pred.requires_grad_(),
+            "teacher_index": teacher_index,
+            "kl_weight": torch.ones(d * N, device=device),
+        }
+
+    return make
+
+
+def _fwd_bwd(loss_fn):
+    def run(x):
+        for t in (x["hidden"], x["weight"], x["pred"]):
+            t.grad = None
+        ce, kl = loss_fn(x)
+        (ce + kl).backward()
+        return (ce.detach(), kl.detach(), x["hidden"].grad, x["weight"].grad, x["pred"].grad)
+
+    return run
+
+
+def _ours(x):
+    return linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], x["pred"], x["teacher_index"], kl_weight=x["kl_weight"])
+
+
+def _reference(x):
+    return linear_cross_entropy_kl_reference(x["hidden"], x["weight"], x["targets"], x["pred"], x["teacher_index"], None, x["kl_weight"], -100)
+
+
+_compiled_reference = None
+
+
+def _reference_compiled(x):
+    global _compiled_reference
+    if _compiled_reference is None:
+        _compiled_reference = torch.compile(linear_cross_entropy_kl_reference)
+    return _compiled_reference(x["hidden"], x["weight"], x["targets"], x["pred"], x["teacher_index"], None, x["kl_weight"], -100)
+
+
+def _error(x, out):
+    """Worst RMS-relative error of (ce, kl, dhidden, dweight, dpred) against the fp32 reference
+    (computed once per case, after the timed implementations' warm-up call)."""
+    if "_ref" not in x:
+        try:
+            x["_ref"] = [t.clone() for t in _fwd_bwd(_reference)(x)]
+        except torch.cuda.OutOfMemoryError:  # the reference itself does not fit: no error figure
+            torch.cuda.empty_cache()
+            x["_ref"] = None
+    if x["_ref"] is None:
+        return float("nan")
+    worst = 0.0
+    for a, r in zip(out, x["_ref"]):
+        a, r = a.double(), r.double()
+        worst = max(worst, (torch.linalg.vector_norm(a - r) / torch.linalg.vector_norm(r).clamp_min(1e-30)).item())
+    return worst
+
+
+def _flops(N, D, V, d):
+    # (3 + 2 d) N x D x V matmuls of 2 flops each for forward + backward (CE fwd, dh, dW; per
+    # horizon: student logits and dpred); the teacher softmax is shared with the CE.
+    return lambda x: 2.0 * (3 + 2 * d) * N * D * V
+
+
+@register_cases("linear_cross_entropy_kl")
+def cases(device: str, quick: bool) -> list[Case]:
+    out = []
+    if device == "cpu":
+        for (N, D, V, d, q) in ((4096, 256, 32000, 1, False), (512, 128, 8000, 1, True)):
+            out.append(Case(
+                op="linear_cross_entropy_kl", name=f"N{N}_D{D}_V{V}_d{d}_fp32_fwdbwd", device=device,
+                setup=_setup(N, D, V, d, torch.float32, device),
+                impls={"fastmodels_cpu_chunked": _fwd_bwd(_ours), "reference_eager": _fwd_bwd(_reference)},
+                error=_error, flops=_flops(N, D, V, d),
+                # fp32 vs the fp32 reference: both carry fp32 rounding of V- and N-long sums. The quick
+                # case fits one workspace chunk, so it has no memory target.
+                targets={"time_ratio:reference_eager": 1.0, "rms_rel_err": 1e-4, **({} if q else {"mem_ratio:reference_eager": 10.0})},
+                quick=q,
+            ))
+    elif device == "cuda":
+        N, D, V = 8192, 768, 50257
+        for d in (1, 4):
+            impls = {"fastmodels_triton": _fwd_bwd(_ours), "reference_eager": _fwd_bwd(_reference)}
+            if d == 1:  # one torch.compile warm-up keeps all GPU cases inside the time budget
+                impls["reference_compiled"] = _fwd_bwd(_reference_compiled)
+            out.append(Case(
+                op="linear_cross_entropy_kl", name=f"N{N}_D{D}_V{V}_d{d}_bf16_fwdbwd", device=device,
+                setup=_setup(N, D, V, d, torch.bfloat16, device),
+                impls=impls, error=_error, flops=_flops(N, D, V, d),
+                targets={"time_ratio:reference_eager": 2.0, "mem_ratio:reference_eager": 10.0, "rms_rel_err": 2e-2},
+            ))
+    return out
+
+
+# `python -m fastmodels.bench.harness` runs the harness as __main__, a second copy of the module
+# whose registry this file's import of fastmodels.bench.harness does not fill: register there too.
+# (Foundation issue reported to the lead; harmless once the harness registers through one module.)
+_main = __import__("sys").modules.get("__main__")
+if getattr(getattr(_main, "__spec__", None), "name", None) == "fastmodels.bench.harness" and _main.register_cases is not register_cases:
+    _main.register_cases("linear_cross_entropy_kl")(cases)
