@@ -37,6 +37,9 @@ class OpInfo:
     preference: dict[str, tuple[str, ...]]
     # Extra per-op availability check: (backend, device_type) -> reason it is unavailable, or None.
     check: Callable[[str, str], str | None] | None = field(default=None, compare=False)
+    # Whether the op's ``cpu`` backend lives in the C++ extension fastmodels._C (False: a CPU path
+    # written in PyTorch, e.g. a chunked algorithm, that needs no extension).
+    cpu_extension: bool = True
 
 
 _OPS: dict[str, OpInfo] = {}
@@ -49,8 +52,11 @@ def register_op(
     cpu: tuple[str, ...],
     cuda: tuple[str, ...],
     check: Callable[[str, str], str | None] | None = None,
+    cpu_extension: bool = True,
 ) -> OpInfo:
-    """Declare an op, the backends it implements and its preference order per device type."""
+    """Declare an op, the backends it implements and its preference order per device type.
+
+    ``cpu_extension=False`` declares a ``cpu`` backend that does not need the C++ extension."""
     for b in backends:
         if b not in BACKENDS:
             raise ValueError(f"register_op({name!r}): unknown backend {b!r}; expected one of {BACKENDS}")
@@ -58,7 +64,7 @@ def register_op(
         missing = set(order) - set(backends)
         if missing:
             raise ValueError(f"register_op({name!r}): preference names unimplemented backends {sorted(missing)}")
-    info = OpInfo(name, tuple(backends), {"cpu": tuple(cpu), "cuda": tuple(cuda)}, check)
+    info = OpInfo(name, tuple(backends), {"cpu": tuple(cpu), "cuda": tuple(cuda)}, check, cpu_extension)
     _OPS[name] = info
     return info
 
@@ -141,7 +147,10 @@ def op_backend_unavailable_reason(op: str, backend: str, device_type: str) -> st
     info = _OPS[op]
     if backend not in info.backends:
         return f"{op} has no {backend!r} backend (it has {', '.join(info.backends)})"
-    reason = backend_unavailable_reason(backend, device_type)
+    if backend == "cpu" and not info.cpu_extension:
+        reason = None if device_type == "cpu" else "the cpu backend needs CPU tensors"
+    else:
+        reason = backend_unavailable_reason(backend, device_type)
     if reason is None and info.check is not None:
         reason = info.check(backend, device_type)
     return reason

@@ -105,3 +105,14 @@ def test_import_and_backends_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("OK")
+
+
+def test_cpu_backend_without_extension(monkeypatch):
+    name = "_toy_pure_cpu_op"
+    register_op(name, ("reference", "cpu"), cpu=("cpu", "reference"), cuda=("reference",), cpu_extension=False)
+    try:
+        monkeypatch.setattr(_dispatch, "_cpp_extension_error", lambda: "extension missing")
+        assert select_backend(name, None, "cpu") == "cpu"
+        assert "CPU tensors" in _dispatch.op_backend_unavailable_reason(name, "cpu", "cuda")
+    finally:
+        _dispatch._OPS.pop(name)

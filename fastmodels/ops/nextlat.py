@@ -40,10 +40,8 @@ _INDEX = (torch.int32, torch.int64)
 _CPU_WORKSPACE_BYTES = 32 << 20
 
 
-# The chunked "cpu" backend is pure PyTorch, but the dispatcher reports any "cpu" backend as
-# unavailable when the C++ extension fastmodels._C is not built (a check= hook can only add
-# reasons, not remove them); the CPU preference then falls back to the reference.
-register_op(OP, ("reference", "triton", "cpu"), cpu=("cpu", "reference"), cuda=("triton", "reference"))
+# The chunked "cpu" backend is pure PyTorch: it needs no C++ extension.
+register_op(OP, ("reference", "triton", "cpu"), cpu=("cpu", "reference"), cuda=("triton", "reference"), cpu_extension=False)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
