@@ -264,7 +264,7 @@ def pushdown_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
+def _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
                bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
                COMPACT: tl.constexpr, BINARY: tl.constexpr, MASKED: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, VP: tl.constexpr,
@@ -309,11 +309,11 @@ def _dkdv_tile(dk, dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, b
     p = tl.exp2(s - b_lse[:, None])
     if MASKED:
         p = tl.where((o_n[None, :] <= o_t[:, None]) & m_n[None, :], p, 0.0)
-    dv += tl.dot(tl.trans(_mm(p, q, FP32_DOT)), _mm(b_do, q, FP32_DOT), input_precision=PREC)
+    b_dv += tl.dot(tl.trans(_mm(p, q, FP32_DOT)), _mm(b_do, q, FP32_DOT), input_precision=PREC)
     dp = tl.dot(_mm(b_do, q, FP32_DOT), tl.trans(_mm(b_v, q, FP32_DOT)), input_precision=PREC)
     ds = p * (dp - b_delta[:, None])
-    dk += tl.dot(tl.trans(_mm(ds, q, FP32_DOT)), _mm(b_q, q, FP32_DOT), input_precision=PREC)
-    return dk, dv, G
+    b_dk += tl.dot(tl.trans(_mm(ds, q, FP32_DOT)), _mm(b_q, q, FP32_DOT), input_precision=PREC)
+    return b_dk, b_dv, G
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
@@ -358,12 +358,12 @@ def pushdown_attention_bwd_dkdv_kernel(
     mi_full = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(n0 + BN - 1 - off, 0), BM), mi_lo), n_mblk)
     for mi in range(mi_lo, mi_full):
         b_dk, b_dv, G = _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
-                               bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
-                               COMPACT, BINARY, True, BM, BN, VP, FP32_DOT, PREC)
+                                   bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                                   COMPACT, BINARY, True, BM, BN, VP, FP32_DOT, PREC)
     for mi in range(mi_full, n_mblk):
         b_dk, b_dv, G = _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
-                               bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
-                               COMPACT, BINARY, False, BM, BN, VP, FP32_DOT, PREC)
+                                   bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                                   COMPACT, BINARY, False, BM, BN, VP, FP32_DOT, PREC)
     tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kv)
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kv)
 
