@@ -244,3 +244,23 @@ def test_opcheck(backend):
     scale = 1 / math.sqrt(16)
     torch.library.opcheck(_fwd_op, (q, k, v, E, tape.depth, tape.boundary, None, scale, False, backend))
     torch.library.opcheck(_fwd_op, (q, k, v, E, None, None, tape.dense().to(torch.int32), scale, True, backend))
+
+
+@pytest.mark.parametrize("kind", ["compact", "dense", "decode"])
+def test_cpu_backend_many_blocks(monkeypatch, kind):
+    """The cpu backend with 16-row query blocks (several blocks, a partial last one)."""
+    import fastmodels.ops.pushdown as mod
+    from helpers import op_backend_unavailable_reason
+
+    if op_backend_unavailable_reason("pushdown_attention", "cpu", "cpu"):
+        pytest.skip("cpu backend unavailable")
+    monkeypatch.setattr(mod, "_BLOCK_BYTES", 1)
+    T, Tq = 100, (37 if kind == "decode" else 100)
+    q, k, v, E, do = make_inputs(2, 3, Tq, T, 60, 5, True, torch.float64, device="cpu")
+    tape = make_tape([100, 58], T, device="cpu")
+    t = tape if kind == "compact" else tape.dense()[:, T - Tq :].to(torch.int32)
+    for binary in (False, True):
+        ref = run("reference", q, k, v, E, do, tape.dense()[:, T - Tq :], binary)
+        got = run("cpu", q, k, v, E, do, t, binary)
+        for name, g, r in zip(("out", "dq", "dk", "dv", "d_depth_emb"), got, ref):
+            assert_rms_close(g, r, 1e-10, name=name)
