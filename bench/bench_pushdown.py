@@ -65,10 +65,12 @@ def _exact_cpu_peaks() -> None:
         pass
 
 
-def _setup(B, H, T, D, V, dtype, device):
+def _setup(B, H, T, D, V, dtype, device, threads=None):
     def make():
         if device == "cpu":
             _exact_cpu_peaks()
+        if threads is not None:
+            torch.set_num_threads(threads)  # this case's worker process only
         rng = random.Random(0)
         tape = StackTape.from_trees([_random_tree(rng, T) for _ in range(B)], device=device)
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -166,7 +168,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     out = []
     if device == "cpu":
         B, H, D, V = 2, 4, 64, 50
-        for T in (256, 1024):
+        for T, threads in ((256, None), (1024, None), (1024, 1)):
             impls = {"fastmodels": _ours, "sdpa_causal": _sdpa, "gather_reference": _reference}
             targets = {}
             if T == 256:
@@ -175,11 +177,12 @@ def cases(device: str, quick: bool) -> list[Case]:
             else:
                 targets["time_ratio:sdpa_causal"] = 1 / 1.5
                 targets["mem_ratio:sdpa_causal"] = 1 / 2.0
+            tag = "" if threads is None else f" {threads} thread"
             out.append(Case(
-                op="pushdown_attention", name=f"fwd+bwd fp32 B{B} H{H} T{T} D{D} V{V}", device="cpu",
-                setup=_setup(B, H, T, D, V, torch.float32, "cpu"), impls=impls, error=_error,
+                op="pushdown_attention", name=f"fwd+bwd fp32 B{B} H{H} T{T} D{D} V{V}{tag}", device="cpu",
+                setup=_setup(B, H, T, D, V, torch.float32, "cpu", threads), impls=impls, error=_error,
                 error_name="max_rms_rel_err", flops=lambda x, T=T: _fwd_bwd_flops(B, H, T, D, V),
-                targets=targets, quick=T == 256,
+                targets=targets, quick=T == 256 and threads is None,
                 note="error: worst RMS-relative error of out, dq, dk, dv (and dE) vs float64; sdpa_causal is plain causal attention (no depth term), timed as the yardstick",
             ))
         return out

@@ -55,8 +55,8 @@ inline void depth_row(const Block& k, int64_t b, int64_t i, int32_t* idx) {
 }
 
 template <typename T>
-void fwd_block(const Block& k, T* s, const T* qe, T* lse) {
-#pragma omp parallel
+void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
+#pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
 #pragma omp for schedule(static)
@@ -88,8 +88,8 @@ void fwd_block(const Block& k, T* s, const T* qe, T* lse) {
 }
 
 template <typename T>
-void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* delta, T* hist) {
-#pragma omp parallel
+void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* delta, T* hist, int threads) {
+#pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
 #pragma omp for schedule(static)
@@ -135,28 +135,28 @@ void register_pushdown(pybind11::module_& m) {
     m.def(
         "pushdown_fwd_block",
         [](uintptr_t s, uintptr_t qe, uintptr_t lse, uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B,
-           int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary, bool fp64) {
+           int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary, bool fp64, int threads) {
             const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, depth, boundary, dense);
             pybind11::gil_scoped_release release;
             if (fp64)
-                fwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<const double*>(qe), reinterpret_cast<double*>(lse));
+                fwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<const double*>(qe), reinterpret_cast<double*>(lse), threads);
             else
-                fwd_block<float>(k, reinterpret_cast<float*>(s), reinterpret_cast<const float*>(qe), reinterpret_cast<float*>(lse));
+                fwd_block<float>(k, reinterpret_cast<float*>(s), reinterpret_cast<const float*>(qe), reinterpret_cast<float*>(lse), threads);
         },
         "Pushdown attention forward block: scores (in place -> P), lse.");
     m.def(
         "pushdown_bwd_block",
         [](uintptr_t s, uintptr_t dp, uintptr_t qe, uintptr_t lse, uintptr_t delta, uintptr_t hist, uintptr_t depth,
            uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk,
-           int64_t V, bool binary, bool fp64) {
+           int64_t V, bool binary, bool fp64, int threads) {
             const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, depth, boundary, dense);
             pybind11::gil_scoped_release release;
             if (fp64)
                 bwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<double*>(dp), reinterpret_cast<const double*>(qe),
-                                  reinterpret_cast<const double*>(lse), reinterpret_cast<const double*>(delta), reinterpret_cast<double*>(hist));
+                                  reinterpret_cast<const double*>(lse), reinterpret_cast<const double*>(delta), reinterpret_cast<double*>(hist), threads);
             else
                 bwd_block<float>(k, reinterpret_cast<float*>(s), reinterpret_cast<float*>(dp), reinterpret_cast<const float*>(qe),
-                                 reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta), reinterpret_cast<float*>(hist));
+                                 reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta), reinterpret_cast<float*>(hist), threads);
         },
         "Pushdown attention backward block: P over s, dS over dp, depth histogram.");
 }

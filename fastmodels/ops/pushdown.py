@@ -152,6 +152,11 @@ def _block_dense(dense, r0: int, r1: int, kend: int):
     return blk.to(torch.int32).contiguous()
 
 
+def _threads() -> int:
+    """OpenMP threads of the C++ pass: torch's intra-op setting (torch.set_num_threads)."""
+    return torch.get_num_threads()
+
+
 def _ptr(x) -> int:
     return 0 if x is None else x.data_ptr()
 
@@ -180,7 +185,7 @@ def _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: boo
         lse_b = torch.empty(B, H, m, dtype=cd)
         C.pushdown_fwd_block(
             s.data_ptr(), qe.data_ptr(), lse_b.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(blk),
-            B, H, m, kend, off + r0, Tk, V, binary, cd == torch.float64,
+            B, H, m, kend, off + r0, Tk, V, binary, cd == torch.float64, _threads(),
         )
         out[:, :, r0:r1] = torch.matmul(s, vf[:, :, :kend])
         lse[:, :, r0:r1] = lse_b
@@ -221,7 +226,7 @@ def _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: floa
         lse_b, delta_b = lse[:, :, r0:r1].contiguous(), delta[:, :, r0:r1].contiguous()
         C.pushdown_bwd_block(
             s.data_ptr(), dp.data_ptr(), qe.data_ptr(), lse_b.data_ptr(), delta_b.data_ptr(), hist.data_ptr(),
-            _ptr(depth), _ptr(boundary), _ptr(blk), B, H, m, kend, off + r0, Tk, V, binary, cd == torch.float64,
+            _ptr(depth), _ptr(boundary), _ptr(blk), B, H, m, kend, off + r0, Tk, V, binary, cd == torch.float64, _threads(),
         )
         dv[:, :, :kend] += torch.matmul(s.transpose(-1, -2), dob)
         dk[:, :, :kend] += torch.matmul(dp.transpose(-1, -2), qb)
