@@ -42,9 +42,9 @@ __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "No boundary" marker for masked-out tape entries (any value above every real c_k).
-_BIG = 2**30
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+_BIG = tl.constexpr(2**30)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 # Query-block size of the dq pass; fixed (not autotuned) because the per-program dE partial
 # buffer is sized by it before launch.
 _DQ_BM = 16 if INTERPRET else 64
@@ -206,7 +206,7 @@ def pushdown_attention_fwd_kernel(
     # QE = q E^T: the depth term of every (row, depth) pair, kept in registers
     b_qe = tl.dot(_mm(b_q, q, FP32_DOT), tl.trans(_mm(b_e, q, FP32_DOT)), input_precision=PREC)
 
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _LOG2E
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -229,7 +229,7 @@ def pushdown_attention_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]
     tl.store(o + p_q, acc.to(o.dtype.element_ty), mask=m_q)
-    tl.store(lse + bh * Tq + o_m, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=m_m)
+    tl.store(lse + bh * Tq + o_m, (m_i + tl.log2(l_safe)) * _LN2, mask=m_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, q
     b_q = tl.load(q + p_x, mask=m_x, other=0.0)
     b_do = tl.load(do + p_x, mask=m_x, other=0.0)
     # padded query rows get lse = +inf, hence P = 0
-    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * _LOG2E
     b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
     o_v = tl.arange(0, VP)
     b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
@@ -349,7 +349,7 @@ def pushdown_attention_bwd_dkdv_kernel(
         sufmin_k = c_k
     G = tl.min(tl.full([BN], _BIG, tl.int32), axis=0)  # min c over [n0 + BN, first query row)
 
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _LOG2E
     b_dk = tl.zeros([BN, BD], tl.float32)
     b_dv = tl.zeros([BN, BD], tl.float32)
     n_mblk = tl.cdiv(Tq, BM)
@@ -443,11 +443,11 @@ def pushdown_attention_bwd_dq_kernel(
     m_x = m_m[:, None] & m_d[None, :]
     b_q = tl.load(q + p_x, mask=m_x, other=0.0)
     b_do = tl.load(do + p_x, mask=m_x, other=0.0)
-    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * _LOG2E
     b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
     b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
 
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _LOG2E
     b_dq = tl.zeros([BM, BD], tl.float32)
     hist = tl.zeros([BM, VP], tl.float32)
     R = tl.full([BM], _BIG, tl.int32)
