@@ -28,6 +28,16 @@ Backward (dS = P * (dP - delta), delta = rowsum(dO * O)):
   * dq and the depth-gradient histogram Hist[t, v] = sum_j dS[t, j] [idx(t, j) = v]: query-stationary,
     each program owns its rows, so no atomics: dq += Hist @ E in-kernel, and each program writes
     its partial dE = Hist^T @ q_blk to its own slot of a buffer that is summed afterwards.
+  The histogram loops over the depth values present in the tile (min..max of its indices; a
+  select for binary tapes). QE is computed once per query row by a small preprocess kernel
+  (with delta) and read back by both passes.
+
+Dtypes: q, k, v, dO and E are fed to tl.dot in q's dtype on GPU (fp16/bf16 tensor cores, fp32 as
+"ieee"); under TRITON_INTERPRET=1 every dot operand is upcast to fp32 first (the interpreter
+computes bf16 dots on raw bit patterns). Accumulators, softmax statistics and QE are fp32.
+Layout: q, k, v contiguous [B, H, T, D]; E [H, V, D] with any strides (a stride-0 head axis from
+expanding a shared [V, D] table works); tapes are made contiguous int32 (compact) or kept in
+their integer dtype (dense).
 """
 
 from __future__ import annotations
