@@ -3,9 +3,10 @@
 // ATen/BLAS; these kernels do everything between them on a [B, H, m, kend] block of scores:
 //
 //   forward:  S row from the compact tape (or a dense int32 block) -> depth index ->
-//             x = s + QE[idx], causal mask, softmax -> normalized P written over s, lse out.
-//   backward: P = exp(s + QE[idx] - lse) -> written over s (for dV = P^T dO);
-//             dS = P (dP - delta) written over dp; H[t, v] += dS[t, j] for idx(t, j) = v.
+//             x = scale (s + QE[idx]), causal mask, softmax -> normalized P written over s, lse.
+//   backward: P = exp(scale (s + QE[idx]) - lse) -> written over s (for dV = P^T dO);
+//             dS = scale P (dP - delta) written over dp; H[t, v] += dS[t, j] for idx(t, j) = v.
+// (s = q k^T and QE = q E^T unscaled: the scale is applied here, so q needs no scaled copy.)
 //
 // The S row of query t (absolute position t0 + i) is built once per (batch, row) and shared by
 // the heads: a reverse running minimum of the boundary counts, S(t, j) = D_j - min_{j<=k<=t} c_k.
@@ -27,6 +28,7 @@ struct Block {
     int64_t Tk;             // row stride of depth / boundary [B, Tk]
     int64_t V;
     bool binary;
+    double scale;
     const int32_t* depth;     // [B, Tk] or null
     const int32_t* boundary;  // [B, Tk] or null
     const int32_t* dense;     // [B, m, kend] or null
@@ -70,7 +72,7 @@ void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
                 const T* e = qe + r * k.V;
                 T mx = -std::numeric_limits<T>::infinity();
                 for (int64_t j = 0; j < n; ++j) {
-                    x[j] += e[idx[j]];
+                    x[j] = T(k.scale) * (x[j] + e[idx[j]]);
                     mx = std::max(mx, x[j]);
                 }
                 T sum = 0;
@@ -103,11 +105,11 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
                 T* g = dp + r * k.kend;
                 const T* e = qe + r * k.V;
                 T* hr = hist + r * k.V;
-                const T l = lse[r], dl = delta[r];
+                const T l = lse[r], dl = delta[r], sc = T(k.scale);
                 for (int64_t v = 0; v < k.V; ++v) hr[v] = 0;
                 for (int64_t j = 0; j < n; ++j) {
-                    const T p = std::exp(x[j] + e[idx[j]] - l);
-                    const T ds = p * (g[j] - dl);
+                    const T p = std::exp(sc * (x[j] + e[idx[j]]) - l);
+                    const T ds = sc * p * (g[j] - dl);
                     x[j] = p;
                     g[j] = ds;
                     hr[idx[j]] += ds;
@@ -122,8 +124,8 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
 }
 
 Block make_block(int64_t B, int64_t H, int64_t m, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary,
-                 uintptr_t depth, uintptr_t boundary, uintptr_t dense) {
-    return Block{B, H, m, kend, t0, Tk, V, binary, reinterpret_cast<const int32_t*>(depth),
+                 double scale, uintptr_t depth, uintptr_t boundary, uintptr_t dense) {
+    return Block{B, H, m, kend, t0, Tk, V, binary, scale, reinterpret_cast<const int32_t*>(depth),
                  reinterpret_cast<const int32_t*>(boundary), reinterpret_cast<const int32_t*>(dense)};
 }
 
@@ -135,8 +137,8 @@ void register_pushdown(pybind11::module_& m) {
     m.def(
         "pushdown_fwd_block",
         [](uintptr_t s, uintptr_t qe, uintptr_t lse, uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B,
-           int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary, bool fp64, int threads) {
-            const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, depth, boundary, dense);
+           int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary, double scale, bool fp64, int threads) {
+            const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, scale, depth, boundary, dense);
             pybind11::gil_scoped_release release;
             if (fp64)
                 fwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<const double*>(qe), reinterpret_cast<double*>(lse), threads);
@@ -148,8 +150,8 @@ void register_pushdown(pybind11::module_& m) {
         "pushdown_bwd_block",
         [](uintptr_t s, uintptr_t dp, uintptr_t qe, uintptr_t lse, uintptr_t delta, uintptr_t hist, uintptr_t depth,
            uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk,
-           int64_t V, bool binary, bool fp64, int threads) {
-            const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, depth, boundary, dense);
+           int64_t V, bool binary, double scale, bool fp64, int threads) {
+            const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, scale, depth, boundary, dense);
             pybind11::gil_scoped_release release;
             if (fp64)
                 bwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<double*>(dp), reinterpret_cast<const double*>(qe),

@@ -11,7 +11,7 @@ Backends:
   QE[t, S(t, j)] taken along the dense tape, then softmax attention. Float64-capable, autograd by
   PyTorch. ``pushdown_attention_materialized`` is the authors' form q . (k + E[S]) (tests only: it
   builds a [B, H, Tq, Tk, D] tensor).
-* ``cpu`` -- a blocked (FlashAttention-style) form on CPU: query blocks of 16-256 rows (a ~4 MiB
+* ``cpu`` -- a blocked (FlashAttention-style) form on CPU: query blocks of 16-256 rows (a ~3 MiB
   score block); the GEMMs (q k^T, q E^T, P V and the backward's five) run in ATen, and one fused
   C++ pass per block (csrc/cpu/pushdown.cpp) regenerates S row by row from the compact tape
   (never a T x T integer tensor), adds the depth gather, masks and takes the softmax. The
@@ -59,7 +59,7 @@ def _check(backend: str, device_type: str) -> str | None:
 
 register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=_check)
 
-_BLOCK_BYTES = 4 << 20  # the cpu backend's score block [B, H, BM, Tk] stays near 4 MiB
+_BLOCK_BYTES = 3 << 20  # the cpu backend's score block [B, H, BM, Tk] stays near 3 MiB
 
 
 def _block_rows(B: int, H: int, Tk: int, itemsize: int) -> int:
@@ -168,24 +168,24 @@ def _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: boo
     Tk = k.shape[2]
     off = Tk - Tq
     cd = _compute_dtype(q.dtype)
-    qs = q.to(cd) * scale  # the scale folded into q: s = qs k^T, QE = qs E^T
+    qf = q.to(cd)  # s = q k^T and QE = q E^T unscaled; the C++ pass applies the scale
     kf, vf = k.to(cd), v.to(cd)
     Et = emb.to(cd).transpose(1, 2)  # [H, D, V]
     V = Et.shape[2]
     out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
-    bm = _block_rows(B, H, Tk, qs.element_size())
+    bm = _block_rows(B, H, Tk, qf.element_size())
     for r0 in range(0, Tq, bm):
         r1 = min(r0 + bm, Tq)
         m, kend = r1 - r0, off + r1
-        qb = qs[:, :, r0:r1]
+        qb = qf[:, :, r0:r1]
         s = torch.matmul(qb, kf[:, :, :kend].transpose(-1, -2)).contiguous()  # [B, H, m, kend]
         qe = torch.matmul(qb, Et).contiguous()  # [B, H, m, V]
         blk = _block_dense(dense, r0, r1, kend)
         lse_b = torch.empty(B, H, m, dtype=cd)
         C.pushdown_fwd_block(
             s.data_ptr(), qe.data_ptr(), lse_b.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(blk),
-            B, H, m, kend, off + r0, Tk, V, binary, cd == torch.float64, _threads(),
+            B, H, m, kend, off + r0, Tk, V, binary, scale, cd == torch.float64, _threads(),
         )
         out[:, :, r0:r1] = torch.matmul(s, vf[:, :, :kend])
         lse[:, :, r0:r1] = lse_b
@@ -194,14 +194,14 @@ def _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: boo
 
 def _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: float, binary: bool):
     """Blocked backward: P recomputed from the saved lse; dS and the depth histogram
-    H[t, v] = sum_j dS[t, j] [idx(t, j) = v] in one fused C++ pass per block; then
-    dq = scale (dS k + H E), dk = dS^T (scale q), dv = P^T dO, dE = H^T (scale q)."""
+    H[t, v] = sum_j dS[t, j] [idx(t, j) = v] in one fused C++ pass per block (dS includes the
+    scale); then dq = dS k + H E, dk = dS^T q, dv = P^T dO, dE = H^T q."""
     C = _cpp()
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     off = Tk - Tq
     cd = _compute_dtype(q.dtype)
-    qs = q.to(cd) * scale
+    qf = q.to(cd)
     kf, vf, dof = k.to(cd), v.to(cd), do.to(cd)
     E = emb.to(cd)
     Et = E.transpose(1, 2)
@@ -212,11 +212,11 @@ def _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: floa
     dk = torch.zeros(B, H, Tk, D, dtype=cd, device=q.device)
     dv = torch.zeros(B, H, Tk, D, dtype=cd, device=q.device)
     demb = torch.zeros(H, V, D, dtype=cd, device=q.device)
-    bm = _block_rows(B, H, Tk, qs.element_size())
+    bm = _block_rows(B, H, Tk, qf.element_size())
     for r0 in range(0, Tq, bm):
         r1 = min(r0 + bm, Tq)
         m, kend = r1 - r0, off + r1
-        qb, dob = qs[:, :, r0:r1], dof[:, :, r0:r1]
+        qb, dob = qf[:, :, r0:r1], dof[:, :, r0:r1]
         kb, vb = kf[:, :, :kend], vf[:, :, :kend]
         s = torch.matmul(qb, kb.transpose(-1, -2)).contiguous()
         dp = torch.matmul(dob, vb.transpose(-1, -2)).contiguous()
@@ -226,13 +226,13 @@ def _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: floa
         lse_b, delta_b = lse[:, :, r0:r1].contiguous(), delta[:, :, r0:r1].contiguous()
         C.pushdown_bwd_block(
             s.data_ptr(), dp.data_ptr(), qe.data_ptr(), lse_b.data_ptr(), delta_b.data_ptr(), hist.data_ptr(),
-            _ptr(depth), _ptr(boundary), _ptr(blk), B, H, m, kend, off + r0, Tk, V, binary, cd == torch.float64, _threads(),
+            _ptr(depth), _ptr(boundary), _ptr(blk), B, H, m, kend, off + r0, Tk, V, binary, scale, cd == torch.float64, _threads(),
         )
         dv[:, :, :kend] += torch.matmul(s.transpose(-1, -2), dob)
         dk[:, :, :kend] += torch.matmul(dp.transpose(-1, -2), qb)
         dqb = torch.matmul(dp, kb)
         dqb += torch.matmul(hist, E)
-        dq[:, :, r0:r1] = dqb * scale
+        dq[:, :, r0:r1] = dqb
         demb += torch.einsum("bhmv,bhmd->hvd", hist, qb)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), demb
 
