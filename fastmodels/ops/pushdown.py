@@ -157,6 +157,12 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _buffer_view(buf: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous [shape] view on the front of a flat buffer reused by every block (fresh
+    large allocations per block cost page faults that dominated the CPU time)."""
+    return buf[: math.prod(shape)].view(shape)
+
+
 def _ptr(x) -> int:
     return 0 if x is None else x.data_ptr()
 
@@ -175,19 +181,23 @@ def _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: boo
     out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
     bm = _block_rows(B, H, Tk, qf.element_size())
+    s_buf = torch.empty(B * H * bm * Tk, dtype=cd)
+    qe_buf = torch.empty(B * H * bm * V, dtype=cd)
+    lse_buf = torch.empty(B * H * bm, dtype=cd)
+    o_buf = torch.empty(B * H * bm * D, dtype=cd)
     for r0 in range(0, Tq, bm):
         r1 = min(r0 + bm, Tq)
         m, kend = r1 - r0, off + r1
         qb = qf[:, :, r0:r1]
-        s = torch.matmul(qb, kf[:, :, :kend].transpose(-1, -2)).contiguous()  # [B, H, m, kend]
-        qe = torch.matmul(qb, Et).contiguous()  # [B, H, m, V]
+        s = torch.matmul(qb, kf[:, :, :kend].transpose(-1, -2), out=_buffer_view(s_buf, B, H, m, kend))
+        qe = torch.matmul(qb, Et, out=_buffer_view(qe_buf, B, H, m, V))
         blk = _block_dense(dense, r0, r1, kend)
-        lse_b = torch.empty(B, H, m, dtype=cd)
+        lse_b = _buffer_view(lse_buf, B, H, m)
         C.pushdown_fwd_block(
             s.data_ptr(), qe.data_ptr(), lse_b.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(blk),
             B, H, m, kend, off + r0, Tk, V, binary, scale, cd == torch.float64, _threads(),
         )
-        out[:, :, r0:r1] = torch.matmul(s, vf[:, :, :kend])
+        out[:, :, r0:r1] = torch.matmul(s, vf[:, :, :kend], out=_buffer_view(o_buf, B, H, m, D))
         lse[:, :, r0:r1] = lse_b
     return out.to(q.dtype), lse
 
@@ -213,24 +223,30 @@ def _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: floa
     dv = torch.zeros(B, H, Tk, D, dtype=cd, device=q.device)
     demb = torch.zeros(H, V, D, dtype=cd, device=q.device)
     bm = _block_rows(B, H, Tk, qf.element_size())
+    s_buf = torch.empty(B * H * bm * Tk, dtype=cd)
+    dp_buf = torch.empty(B * H * bm * Tk, dtype=cd)
+    kd_buf = torch.empty(B * H * Tk * D, dtype=cd)  # dk / dv contributions of a block
+    qe_buf = torch.empty(B * H * bm * V, dtype=cd)
+    hist_buf = torch.empty(B * H * bm * V, dtype=cd)
+    dq_buf = torch.empty(B * H * bm * D, dtype=cd)
     for r0 in range(0, Tq, bm):
         r1 = min(r0 + bm, Tq)
         m, kend = r1 - r0, off + r1
         qb, dob = qf[:, :, r0:r1], dof[:, :, r0:r1]
         kb, vb = kf[:, :, :kend], vf[:, :, :kend]
-        s = torch.matmul(qb, kb.transpose(-1, -2)).contiguous()
-        dp = torch.matmul(dob, vb.transpose(-1, -2)).contiguous()
-        qe = torch.matmul(qb, Et).contiguous()
-        hist = torch.empty(B, H, m, V, dtype=cd)
+        s = torch.matmul(qb, kb.transpose(-1, -2), out=_buffer_view(s_buf, B, H, m, kend))
+        dp = torch.matmul(dob, vb.transpose(-1, -2), out=_buffer_view(dp_buf, B, H, m, kend))
+        qe = torch.matmul(qb, Et, out=_buffer_view(qe_buf, B, H, m, V))
+        hist = _buffer_view(hist_buf, B, H, m, V)
         blk = _block_dense(dense, r0, r1, kend)
         lse_b, delta_b = lse[:, :, r0:r1].contiguous(), delta[:, :, r0:r1].contiguous()
         C.pushdown_bwd_block(
             s.data_ptr(), dp.data_ptr(), qe.data_ptr(), lse_b.data_ptr(), delta_b.data_ptr(), hist.data_ptr(),
             _ptr(depth), _ptr(boundary), _ptr(blk), B, H, m, kend, off + r0, Tk, V, binary, scale, cd == torch.float64, _threads(),
         )
-        dv[:, :, :kend] += torch.matmul(s.transpose(-1, -2), dob)
-        dk[:, :, :kend] += torch.matmul(dp.transpose(-1, -2), qb)
-        dqb = torch.matmul(dp, kb)
+        dv[:, :, :kend] += torch.matmul(s.transpose(-1, -2), dob, out=_buffer_view(kd_buf, B, H, kend, D))
+        dk[:, :, :kend] += torch.matmul(dp.transpose(-1, -2), qb, out=_buffer_view(kd_buf, B, H, kend, D))
+        dqb = torch.matmul(dp, kb, out=_buffer_view(dq_buf, B, H, m, D))
         dqb += torch.matmul(hist, E)
         dq[:, :, r0:r1] = dqb
         demb += torch.einsum("bhmv,bhmd->hvd", hist, qb)
