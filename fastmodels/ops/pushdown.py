@@ -153,8 +153,11 @@ def _block_dense(dense, r0: int, r1: int, kend: int):
 
 
 def _threads() -> int:
-    """OpenMP threads of the C++ pass: torch's intra-op setting (torch.set_num_threads)."""
-    return torch.get_num_threads()
+    """Threads of the C++ pass: one. Measured on the 2-core CI machine (busy with other jobs): a
+    second thread team for this pass (OpenMP or std::thread) between ATen's own parallel GEMMs made
+    whole forward+backward calls 4-15x slower than running the pass on the calling thread, while
+    the pass is only ~20% of the single-thread time."""
+    return 1
 
 
 def _buffer_view(buf: torch.Tensor, *shape: int) -> torch.Tensor:
