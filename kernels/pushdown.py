@@ -28,6 +28,16 @@ Backward (dS = P * (dP - delta), delta = rowsum(dO * O)):
   * dq and the depth-gradient histogram Hist[t, v] = sum_j dS[t, j] [idx(t, j) = v]: query-stationary,
     each program owns its rows, so no atomics: dq += Hist @ E in-kernel, and each program writes
     its partial dE = Hist^T @ q_blk to its own slot of a buffer that is summed afterwards.
+  The histogram loops over the depth values present in the tile (min..max of its indices; a
+  select for binary tapes). QE is computed once per query row by a small preprocess kernel
+  (with delta) and read back by both passes.
+
+Dtypes: q, k, v, dO and E are fed to tl.dot in q's dtype on GPU (fp16/bf16 tensor cores, fp32 as
+"ieee"); under TRITON_INTERPRET=1 every dot operand is upcast to fp32 first (the interpreter
+computes bf16 dots on raw bit patterns). Accumulators, softmax statistics and QE are fp32.
+Layout: q, k, v contiguous [B, H, T, D]; E [H, V, D] with any strides (a stride-0 head axis from
+expanding a shared [V, D] table works); tapes are made contiguous int32 (compact) or kept in
+their integer dtype (dense).
 """
 
 from __future__ import annotations
@@ -42,9 +52,9 @@ __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "No boundary" marker for masked-out tape entries (any value above every real c_k).
-_BIG = 2**30
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+_BIG = tl.constexpr(2**30)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 # Query-block size of the dq pass; fixed (not autotuned) because the per-program dE partial
 # buffer is sized by it before launch.
 _DQ_BM = 16 if INTERPRET else 64
@@ -206,7 +216,7 @@ def pushdown_attention_fwd_kernel(
     # QE = q E^T: the depth term of every (row, depth) pair, kept in registers
     b_qe = tl.dot(_mm(b_q, q, FP32_DOT), tl.trans(_mm(b_e, q, FP32_DOT)), input_precision=PREC)
 
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _LOG2E
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -229,7 +239,7 @@ def pushdown_attention_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]
     tl.store(o + p_q, acc.to(o.dtype.element_ty), mask=m_q)
-    tl.store(lse + bh * Tq + o_m, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=m_m)
+    tl.store(lse + bh * Tq + o_m, (m_i + tl.log2(l_safe)) * _LN2, mask=m_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +274,7 @@ def pushdown_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
+def _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
                bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
                COMPACT: tl.constexpr, BINARY: tl.constexpr, MASKED: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, VP: tl.constexpr,
@@ -278,7 +288,7 @@ def _dkdv_tile(dk, dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, b
     b_q = tl.load(q + p_x, mask=m_x, other=0.0)
     b_do = tl.load(do + p_x, mask=m_x, other=0.0)
     # padded query rows get lse = +inf, hence P = 0
-    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * _LOG2E
     b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
     o_v = tl.arange(0, VP)
     b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
@@ -309,11 +319,11 @@ def _dkdv_tile(dk, dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, b
     p = tl.exp2(s - b_lse[:, None])
     if MASKED:
         p = tl.where((o_n[None, :] <= o_t[:, None]) & m_n[None, :], p, 0.0)
-    dv += tl.dot(tl.trans(_mm(p, q, FP32_DOT)), _mm(b_do, q, FP32_DOT), input_precision=PREC)
+    b_dv += tl.dot(tl.trans(_mm(p, q, FP32_DOT)), _mm(b_do, q, FP32_DOT), input_precision=PREC)
     dp = tl.dot(_mm(b_do, q, FP32_DOT), tl.trans(_mm(b_v, q, FP32_DOT)), input_precision=PREC)
     ds = p * (dp - b_delta[:, None])
-    dk += tl.dot(tl.trans(_mm(ds, q, FP32_DOT)), _mm(b_q, q, FP32_DOT), input_precision=PREC)
-    return dk, dv, G
+    b_dk += tl.dot(tl.trans(_mm(ds, q, FP32_DOT)), _mm(b_q, q, FP32_DOT), input_precision=PREC)
+    return b_dk, b_dv, G
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
@@ -349,7 +359,7 @@ def pushdown_attention_bwd_dkdv_kernel(
         sufmin_k = c_k
     G = tl.min(tl.full([BN], _BIG, tl.int32), axis=0)  # min c over [n0 + BN, first query row)
 
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _LOG2E
     b_dk = tl.zeros([BN, BD], tl.float32)
     b_dv = tl.zeros([BN, BD], tl.float32)
     n_mblk = tl.cdiv(Tq, BM)
@@ -358,12 +368,12 @@ def pushdown_attention_bwd_dkdv_kernel(
     mi_full = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(n0 + BN - 1 - off, 0), BM), mi_lo), n_mblk)
     for mi in range(mi_lo, mi_full):
         b_dk, b_dv, G = _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
-                               bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
-                               COMPACT, BINARY, True, BM, BN, VP, FP32_DOT, PREC)
+                                   bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                                   COMPACT, BINARY, True, BM, BN, VP, FP32_DOT, PREC)
     for mi in range(mi_full, n_mblk):
         b_dk, b_dv, G = _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, qe, bnd, dense,
-                               bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
-                               COMPACT, BINARY, False, BM, BN, VP, FP32_DOT, PREC)
+                                   bh, b, mi, n0, o_n, m_n, o_d, m_d, Tq, Tk, D, V, qk_scale,
+                                   COMPACT, BINARY, False, BM, BN, VP, FP32_DOT, PREC)
     tl.store(dk + p_kv, (b_dk * scale).to(dk.dtype.element_ty), mask=m_kv)
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kv)
 
@@ -443,11 +453,11 @@ def pushdown_attention_bwd_dq_kernel(
     m_x = m_m[:, None] & m_d[None, :]
     b_q = tl.load(q + p_x, mask=m_x, other=0.0)
     b_do = tl.load(do + p_x, mask=m_x, other=0.0)
-    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * _LOG2E
     b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
     b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
 
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _LOG2E
     b_dq = tl.zeros([BM, BD], tl.float32)
     hist = tl.zeros([BM, VP], tl.float32)
     R = tl.full([BM], _BIG, tl.int32)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRET, assert_rms_close, op_backends
+from helpers import DEVICE, INTERPRET, assert_rms_close, backend_device, op_backends
 
 from fastmodels.ops import pushdown_attention
 from fastmodels.ops.pushdown import _fwd_op, pushdown_attention_materialized, pushdown_attention_reference
@@ -94,8 +94,9 @@ def _tape_for(case, device):
 @pytest.mark.parametrize("backend,case", _params())
 def test_forward_and_grads_vs_float64_reference(backend, case):
     B, H, T, D, V, ph, binary, kind, lengths = case
-    q, k, v, E, do = make_inputs(B, H, T, T, D, V, ph, torch.float64)
-    tape = _tape_for(case, DEVICE)
+    dev = backend_device(backend)
+    q, k, v, E, do = make_inputs(B, H, T, T, D, V, ph, torch.float64, device=dev)
+    tape = _tape_for(case, dev)
     ref = run("reference", q, k, v, E, do, tape, binary)
     dtypes = [torch.float32] if backend == "triton" else [torch.float64, torch.float32]
     for dtype in dtypes:
@@ -110,8 +111,9 @@ def test_forward_and_grads_vs_float64_reference(backend, case):
 def test_low_precision_within_pytorch_error(backend):
     from fastmodels.testing import lowp_error_budget
 
-    q, k, v, E, do = make_inputs(2, 2, 40, 40, 32, 6, False, torch.float64)
-    tape = make_tape([40, 25], 40)
+    dev = backend_device(backend)
+    q, k, v, E, do = make_inputs(2, 2, 40, 40, 32, 6, False, torch.float64, device=dev)
+    tape = make_tape([40, 25], 40, device=dev)
     ref = run("reference", q, k, v, E, do, tape, False)
     for dtype in (torch.float16, torch.bfloat16):
         low = [x.to(dtype) for x in (q, k, v, E, do)]
@@ -137,7 +139,7 @@ def test_reference_matches_materialized_form_and_plain_sdpa():
 
 def test_depth_clamp_and_binary_index():
     # depths above V-1 use row V-1; binary uses row [S > 0]
-    q, k, v, E, _ = make_inputs(1, 1, 9, 9, 8, 3, False, torch.float64)
+    q, k, v, E, _ = make_inputs(1, 1, 9, 9, 8, 3, False, torch.float64, device="cpu")
     dense = torch.randint(0, 7, (1, 9, 9)).tril()
     a = pushdown_attention_reference(q, k, v, E, dense, scale=1.0)
     b = pushdown_attention_reference(q, k, v, E, dense.clamp(max=2), scale=1.0)
@@ -154,8 +156,9 @@ def test_decode_rows_match_full_sequence(backend):
     compact tape: equal to the last rows of the full forward; grads too."""
     T, Tq = 23, 3
     dtype = torch.float32 if backend == "triton" else torch.float64
-    q, k, v, E, do = make_inputs(2, 3, T, T, 16, 5, True, dtype)
-    tape = make_tape([T, T], T)
+    dev = backend_device(backend)
+    q, k, v, E, do = make_inputs(2, 3, T, T, 16, 5, True, dtype, device=dev)
+    tape = make_tape([T, T], T, device=dev)
     full = pushdown_attention(q, k, v, E, tape, backend="reference")
     for t in (tape.dense()[:, -Tq:], tape):
         got = run(backend, q[:, :, -Tq:], k, v, E, do[:, :, -Tq:], t, False)
@@ -168,8 +171,8 @@ def test_decode_rows_match_full_sequence(backend):
 
 def test_padding_does_not_change_real_rows():
     """A sentence padded to a longer batch gives the same outputs on its real tokens."""
-    q, k, v, E, _ = make_inputs(1, 2, 30, 30, 16, 5, False, torch.float64)
-    short = make_tape([18], 18, seed=5)
+    q, k, v, E, _ = make_inputs(1, 2, 30, 30, 16, 5, False, torch.float64, device="cpu")
+    short = make_tape([18], 18, seed=5, device="cpu")
     padded = StackTape(torch.nn.functional.pad(short.depth, (0, 12)), torch.nn.functional.pad(short.boundary, (0, 12)), torch.tensor([18]))
     for backend in ("reference", "cpu"):
         a = pushdown_attention(q[:, :, :18], k[:, :, :18], v[:, :, :18], E, short, backend=backend)
@@ -178,7 +181,7 @@ def test_padding_does_not_change_real_rows():
 
 
 def test_empty_sequence():
-    q, k, v, E, _ = make_inputs(2, 1, 0, 0, 8, 3, False, torch.float64)
+    q, k, v, E, _ = make_inputs(2, 1, 0, 0, 8, 3, False, torch.float64, device="cpu")
     tape = StackTape(torch.zeros(2, 0, dtype=torch.int32), torch.zeros(2, 0, dtype=torch.int32))
     for backend in ("reference", "cpu"):
         out = pushdown_attention(q, k, v, E, tape, backend=backend)
@@ -221,26 +224,46 @@ def test_bad_inputs_raise_clear_errors():
         pushdown_attention(q, k, v, E, tape, scale="big")
     with pytest.raises(ValueError, match="backend"):
         pushdown_attention(q, k, v, E, tape, backend="fortran")
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device"):
-            pushdown_attention(q, k.cuda(), v, E, tape)
+    other = torch.device("meta") if q.device.type == "cpu" else torch.device("cpu")
+    with pytest.raises(ValueError, match="k: expected a tensor on"):
+        pushdown_attention(q, k.to(other), v, E, tape)
+    with pytest.raises(ValueError, match="depth_emb: expected a tensor on"):
+        pushdown_attention(q, k, v, E.to(other), tape)
+    with pytest.raises(ValueError, match="tape: expected a tensor on"):
+        pushdown_attention(q, k, v, E, dense.to(other))
+    if q.device.type != "cpu":
         with pytest.raises(ValueError, match="tape: expected a StackTape on"):
-            pushdown_attention(q.cuda(), k.cuda(), v.cuda(), E.cuda(), tape)
-    else:
-        meta = torch.device("meta")
-        with pytest.raises(ValueError, match="k: expected a tensor on"):
-            pushdown_attention(q, k.to(meta), v, E, tape)
-        with pytest.raises(ValueError, match="tape: expected a tensor on"):
-            pushdown_attention(q, k, v, E, dense.to(meta))
+            pushdown_attention(q, k, v, E, tape.to("cpu"))
 
 
 @pytest.mark.parametrize("backend", op_backends("pushdown_attention"))
 def test_opcheck(backend):
     if backend == "triton" and DEVICE == "cpu" and not INTERPRET:
         pytest.skip("needs the interpreter")
-    q, k, v, E, _ = make_inputs(1, 2, 6, 6, 16, 3, True, torch.float32)
-    tape = make_tape([6], 6)
+    dev = backend_device(backend)
+    q, k, v, E, _ = make_inputs(1, 2, 6, 6, 16, 3, True, torch.float32, device=dev)
+    tape = make_tape([6], 6, device=dev)
     q, k, v, E = (x.requires_grad_(True) for x in (q, k, v, E))
     scale = 1 / math.sqrt(16)
     torch.library.opcheck(_fwd_op, (q, k, v, E, tape.depth, tape.boundary, None, scale, False, backend))
     torch.library.opcheck(_fwd_op, (q, k, v, E, None, None, tape.dense().to(torch.int32), scale, True, backend))
+
+
+@pytest.mark.parametrize("kind", ["compact", "dense", "decode"])
+def test_cpu_backend_many_blocks(monkeypatch, kind):
+    """The cpu backend with 16-row query blocks (several blocks, a partial last one)."""
+    import fastmodels.ops.pushdown as mod
+    from helpers import op_backend_unavailable_reason
+
+    if op_backend_unavailable_reason("pushdown_attention", "cpu", "cpu"):
+        pytest.skip("cpu backend unavailable")
+    monkeypatch.setattr(mod, "_BLOCK_BYTES", 1)
+    T, Tq = 100, (37 if kind == "decode" else 100)
+    q, k, v, E, do = make_inputs(2, 3, Tq, T, 60, 5, True, torch.float64, device="cpu")
+    tape = make_tape([100, 58], T, device="cpu")
+    t = tape if kind == "compact" else tape.dense()[:, T - Tq :].to(torch.int32)
+    for binary in (False, True):
+        ref = run("reference", q, k, v, E, do, tape.dense()[:, T - Tq :], binary)
+        got = run("cpu", q, k, v, E, do, t, binary)
+        for name, g, r in zip(("out", "dq", "dk", "dv", "d_depth_emb"), got, ref):
+            assert_rms_close(g, r, 1e-10, name=name)

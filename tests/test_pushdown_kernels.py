@@ -257,3 +257,26 @@ def test_bad_layout(device):
     z = torch.zeros(1, 8, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="compact"):
         kernels.pushdown_attention_fwd(q, k, v, emb, z, z, None, 1.0, False)
+
+
+def test_emb_dtype_and_strides(device):
+    """A bf16 table, and a non-contiguous [H, V, D] view (transposed storage), with fp32 q/k/v."""
+    B, H, T, D, V = 2, 2, 9, 16, 5
+    q, k, v, _ = make_inputs(B, H, T, T, D, V, torch.float32, device)
+    emb = torch.randn(V, H, D, device=device).to(torch.bfloat16).transpose(0, 1)
+    depth, boundary, S = random_tape([9, 6], T, seed=3)
+    check_bwd(q, k, v, emb, depth.to(device), boundary.to(device), None, depth_index(S, V, False), 0.5, False, 1e-5)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(0, 0), (0, 5)])
+def test_empty(Tq, Tk, device):
+    q = torch.randn(1, 2, Tq, 16, device=device)
+    k = torch.randn(1, 2, Tk, 16, device=device)
+    v = torch.randn(1, 2, Tk, 16, device=device)
+    emb = torch.randn(2, 3, 16, device=device)
+    S = torch.zeros(1, Tq, Tk, dtype=torch.int32, device=device)
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, None, None, S, 1.0, False)
+    assert out.shape == q.shape and lse.shape == (1, 2, Tq)
+    dq, dk, dv, demb = kernels.pushdown_attention_bwd(torch.randn_like(out), q, k, v, emb, None, None, S, out, lse, 1.0, False)
+    assert dq.shape == q.shape and demb.shape == emb.shape
+    assert (dk == 0).all() and (dv == 0).all() and (demb == 0).all()

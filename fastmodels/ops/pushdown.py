@@ -11,11 +11,13 @@ Backends:
   QE[t, S(t, j)] taken along the dense tape, then softmax attention. Float64-capable, autograd by
   PyTorch. ``pushdown_attention_materialized`` is the authors' form q . (k + E[S]) (tests only: it
   builds a [B, H, Tq, Tk, D] tensor).
-* ``cpu`` -- a blocked (FlashAttention-style) form on CPU: query blocks of 64 rows, S regenerated
-  per block from the compact tape (never a T x T integer tensor), scores, depth gather, softmax and
-  P V per block through ATen GEMMs; the backward recomputes P from the saved log-sum-exp and
-  accumulates the per-row depth histogram H[t, v] = sum_j dS[t, j] [S(t, j) = v] per block, so
-  dq += H E and dE += H^T q need no T x T buffer.
+* ``cpu`` -- a blocked (FlashAttention-style) form on CPU: query blocks of 16-256 rows (a ~3 MiB
+  score block); the GEMMs (q k^T, q E^T, P V and the backward's five) run in ATen, and one fused
+  C++ pass per block (csrc/cpu/pushdown.cpp) regenerates S row by row from the compact tape
+  (never a T x T integer tensor), adds the depth gather, masks and takes the softmax. The
+  backward recomputes P from the saved log-sum-exp and accumulates the per-row depth histogram
+  H[t, v] = sum_j dS[t, j] [S(t, j) = v] in the same pass, so dq += H E and dE += H^T q need
+  no T x T buffer either.
 * ``triton`` -- the fused FlashAttention-2 kernels of ``fastmodels.kernels.pushdown`` (S generated
   in-kernel from the compact tape, or read from a dense int tile).
 
@@ -42,9 +44,28 @@ __all__ = [
 ]
 
 OP = "pushdown_attention"
-register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=("triton", "reference"))
 
-_BLOCK_M = 64  # query rows per block of the cpu backend
+
+def _check(backend: str, device_type: str) -> str | None:
+    if backend == "cpu":
+        try:
+            import fastmodels._C as C
+        except ImportError:
+            return None  # the dispatcher reports the missing extension itself
+        if not hasattr(C, "pushdown_fwd_block"):
+            return "fastmodels._C predates the pushdown kernels: rebuild it (pip install --no-build-isolation -e .)"
+    return None
+
+
+register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=_check)
+
+_BLOCK_BYTES = 3 << 20  # the cpu backend's score block [B, H, BM, Tk] stays near 3 MiB
+
+
+def _block_rows(B: int, H: int, Tk: int, itemsize: int) -> int:
+    """Query rows per block of the cpu backend: 16..256, a multiple of 16."""
+    rows = _BLOCK_BYTES // max(B * H * Tk * itemsize, 1)
+    return int(min(256, max(16, rows // 16 * 16)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,101 +132,127 @@ def pushdown_attention_materialized(q, k, v, depth_emb, dense, *, scale: float, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _block_tape(depth, boundary, dense, r0: int, r1: int, offset: int, kend: int) -> torch.Tensor:
-    """S for query rows r0..r1-1 (absolute positions offset + r) and keys 0..kend-1, int64."""
-    if dense is not None:
-        return dense[:, r0:r1, :kend].to(torch.int64)
-    t0, t1 = offset + r0, offset + r1  # absolute query positions; kend == t1
-    c = boundary.to(torch.int64)
-    d = depth[:, :kend].to(torch.int64)
-    m = t1 - t0
-    # min over c[t0..t] for every query row of the block
-    pm = torch.cummin(c[:, t0:t1], dim=1).values  # [B, m]
-    parts = []
-    if t0 > 0:
-        # min over c[j..t0-1] for keys before the block: a reverse running minimum
-        sm = torch.cummin(c[:, :t0].flip(1), dim=1).values.flip(1)  # [B, t0]
-        parts.append(torch.minimum(sm[:, None, :], pm[:, :, None]))  # [B, m, t0]
-    # keys inside the block: min over c[j..t] for j <= t (running min along t of c masked to k >= j)
-    ar = torch.arange(m, device=c.device)
-    upper = ar[None, :] >= ar[:, None]  # [j, k]: k >= j
-    big = torch.iinfo(torch.int64).max
-    masked = torch.where(upper[None], c[:, None, t0:t1], big)  # [B, j, k]
-    tri = torch.cummin(masked, dim=2).values.transpose(1, 2)  # [B, t, j]
-    parts.append(tri)
-    running = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-    S = d[:, None, :] - running
-    # j > t inside the diagonal block: huge negative garbage; those scores are masked, clamp to 0
-    return S.clamp_(min=0)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cpp():
+    import fastmodels._C as C
+
+    return C
+
+
+def _block_dense(dense, r0: int, r1: int, kend: int):
+    """The dense tape rows of a query block as a contiguous int32 [B, m, kend] tensor."""
+    if dense is None:
+        return None
+    blk = dense[:, r0:r1, :kend]
+    if dense.dtype == torch.int64:
+        blk = blk.clamp(max=2**31 - 1)
+    return blk.to(torch.int32).contiguous()
+
+
+def _threads() -> int:
+    """Threads of the C++ pass: one. Measured on the 2-core CI machine (busy with other jobs): a
+    second thread team for this pass (OpenMP or std::thread) between ATen's own parallel GEMMs made
+    whole forward+backward calls 4-15x slower than running the pass on the calling thread, while
+    the pass is only ~20% of the single-thread time."""
+    return 1
+
+
+def _buffer_view(buf: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous [shape] view on the front of a flat buffer reused by every block (fresh
+    large allocations per block cost page faults that dominated the CPU time)."""
+    return buf[: math.prod(shape)].view(shape)
+
+
+def _ptr(x) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
 def _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool):
+    """Blocked forward: per block of query rows, ATen GEMMs around one fused C++ pass."""
+    C = _cpp()
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     off = Tk - Tq
     cd = _compute_dtype(q.dtype)
-    qf, kf, vf, E = (x.to(cd) for x in (q, k, v, emb))
-    V = E.shape[1]
-    Et = E.transpose(1, 2)  # [H, D, V]
+    qf = q.to(cd)  # s = q k^T and QE = q E^T unscaled; the C++ pass applies the scale
+    kf, vf = k.to(cd), v.to(cd)
+    Et = emb.to(cd).transpose(1, 2)  # [H, D, V]
+    V = Et.shape[2]
     out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
-    for r0 in range(0, Tq, _BLOCK_M):
-        r1 = min(r0 + _BLOCK_M, Tq)
+    bm = _block_rows(B, H, Tk, qf.element_size())
+    s_buf = torch.empty(B * H * bm * Tk, dtype=cd)
+    qe_buf = torch.empty(B * H * bm * V, dtype=cd)
+    lse_buf = torch.empty(B * H * bm, dtype=cd)
+    o_buf = torch.empty(B * H * bm * D, dtype=cd)
+    for r0 in range(0, Tq, bm):
+        r1 = min(r0 + bm, Tq)
         m, kend = r1 - r0, off + r1
         qb = qf[:, :, r0:r1]
-        idx = _depth_index(_block_tape(depth, boundary, dense, r0, r1, off, kend), V, binary)
-        s = torch.matmul(qb, kf[:, :, :kend].transpose(-1, -2))  # [B, H, m, kend]
-        s.add_(torch.gather(torch.matmul(qb, Et), -1, idx[:, None].expand(B, H, m, kend)))
-        s.mul_(scale)
-        diag = s[..., kend - m :]
-        diag.masked_fill_(~torch.ones(m, m, dtype=torch.bool, device=q.device).tril_(), float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1)
-        s.sub_(row_lse[..., None]).exp_()
-        torch.matmul(s, vf[:, :, :kend], out=out[:, :, r0:r1])
-        lse[:, :, r0:r1] = row_lse
+        s = torch.matmul(qb, kf[:, :, :kend].transpose(-1, -2), out=_buffer_view(s_buf, B, H, m, kend))
+        qe = torch.matmul(qb, Et, out=_buffer_view(qe_buf, B, H, m, V))
+        blk = _block_dense(dense, r0, r1, kend)
+        lse_b = _buffer_view(lse_buf, B, H, m)
+        C.pushdown_fwd_block(
+            s.data_ptr(), qe.data_ptr(), lse_b.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(blk),
+            B, H, m, kend, off + r0, Tk, V, binary, scale, cd == torch.float64, _threads(),
+        )
+        out[:, :, r0:r1] = torch.matmul(s, vf[:, :, :kend], out=_buffer_view(o_buf, B, H, m, D))
+        lse[:, :, r0:r1] = lse_b
     return out.to(q.dtype), lse
 
 
 def _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: float, binary: bool):
+    """Blocked backward: P recomputed from the saved lse; dS and the depth histogram
+    H[t, v] = sum_j dS[t, j] [idx(t, j) = v] in one fused C++ pass per block (dS includes the
+    scale); then dq = dS k + H E, dk = dS^T q, dv = P^T dO, dE = H^T q."""
+    C = _cpp()
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     off = Tk - Tq
     cd = _compute_dtype(q.dtype)
-    qf, kf, vf, E, dof, of = (x.to(cd) for x in (q, k, v, emb, do, out))
-    V = E.shape[1]
+    qf = q.to(cd)
+    kf, vf, dof = k.to(cd), v.to(cd), do.to(cd)
+    E = emb.to(cd)
     Et = E.transpose(1, 2)
-    delta = (dof * of).sum(-1)  # [B, H, Tq]
+    V = E.shape[1]
+    lse = lse.to(cd)
+    delta = (dof * out.to(cd)).sum(-1)  # [B, H, Tq]
     dq = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     dk = torch.zeros(B, H, Tk, D, dtype=cd, device=q.device)
     dv = torch.zeros(B, H, Tk, D, dtype=cd, device=q.device)
     demb = torch.zeros(H, V, D, dtype=cd, device=q.device)
-    for r0 in range(0, Tq, _BLOCK_M):
-        r1 = min(r0 + _BLOCK_M, Tq)
+    bm = _block_rows(B, H, Tk, qf.element_size())
+    s_buf = torch.empty(B * H * bm * Tk, dtype=cd)
+    dp_buf = torch.empty(B * H * bm * Tk, dtype=cd)
+    kd_buf = torch.empty(B * H * Tk * D, dtype=cd)  # dk / dv contributions of a block
+    qe_buf = torch.empty(B * H * bm * V, dtype=cd)
+    hist_buf = torch.empty(B * H * bm * V, dtype=cd)
+    dq_buf = torch.empty(B * H * bm * D, dtype=cd)
+    for r0 in range(0, Tq, bm):
+        r1 = min(r0 + bm, Tq)
         m, kend = r1 - r0, off + r1
         qb, dob = qf[:, :, r0:r1], dof[:, :, r0:r1]
-        idx = _depth_index(_block_tape(depth, boundary, dense, r0, r1, off, kend), V, binary)
-        idx = idx[:, None].expand(B, H, m, kend)
         kb, vb = kf[:, :, :kend], vf[:, :, :kend]
-        # recompute P
-        p = torch.matmul(qb, kb.transpose(-1, -2))
-        p.add_(torch.gather(torch.matmul(qb, Et), -1, idx))
-        p.mul_(scale)
-        p[..., kend - m :].masked_fill_(~torch.ones(m, m, dtype=torch.bool, device=q.device).tril_(), float("-inf"))
-        p.sub_(lse[:, :, r0:r1, None]).exp_()
-        dv[:, :, :kend].add_(torch.matmul(p.transpose(-1, -2), dob))
-        ds = torch.matmul(dob, vb.transpose(-1, -2))  # dP
-        ds.sub_(delta[:, :, r0:r1, None]).mul_(p).mul_(scale)  # d(score before scaling)
-        del p
-        hist = torch.zeros(B, H, m, V, dtype=cd, device=q.device).scatter_add_(-1, idx, ds)
-        dk[:, :, :kend].add_(torch.matmul(ds.transpose(-1, -2), qb))
-        dqb = torch.matmul(ds, kb)
-        dqb.add_(torch.matmul(hist, E))
+        s = torch.matmul(qb, kb.transpose(-1, -2), out=_buffer_view(s_buf, B, H, m, kend))
+        dp = torch.matmul(dob, vb.transpose(-1, -2), out=_buffer_view(dp_buf, B, H, m, kend))
+        qe = torch.matmul(qb, Et, out=_buffer_view(qe_buf, B, H, m, V))
+        hist = _buffer_view(hist_buf, B, H, m, V)
+        blk = _block_dense(dense, r0, r1, kend)
+        lse_b, delta_b = lse[:, :, r0:r1].contiguous(), delta[:, :, r0:r1].contiguous()
+        C.pushdown_bwd_block(
+            s.data_ptr(), dp.data_ptr(), qe.data_ptr(), lse_b.data_ptr(), delta_b.data_ptr(), hist.data_ptr(),
+            _ptr(depth), _ptr(boundary), _ptr(blk), B, H, m, kend, off + r0, Tk, V, binary, scale, cd == torch.float64, _threads(),
+        )
+        dv[:, :, :kend] += torch.matmul(s.transpose(-1, -2), dob, out=_buffer_view(kd_buf, B, H, kend, D))
+        dk[:, :, :kend] += torch.matmul(dp.transpose(-1, -2), qb, out=_buffer_view(kd_buf, B, H, kend, D))
+        dqb = torch.matmul(dp, kb, out=_buffer_view(dq_buf, B, H, m, D))
+        dqb += torch.matmul(hist, E)
         dq[:, :, r0:r1] = dqb
-        demb.add_(torch.einsum("bhmv,bhmd->hvd", hist, qb))
+        demb += torch.einsum("bhmv,bhmd->hvd", hist, qb)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), demb
 
 

@@ -1,0 +1,166 @@
+// Pushdown attention on CPU: the elementwise middle of a blocked (FlashAttention-style) forward
+// and backward, fused into one pass per score row. The GEMMs (q k^T, P v, dO v^T, ...) stay in
+// ATen/BLAS; these kernels do everything between them on a [B, H, m, kend] block of scores:
+//
+//   forward:  S row from the compact tape (or a dense int32 block) -> depth index ->
+//             x = scale (s + QE[idx]), causal mask, softmax -> normalized P written over s, lse.
+//   backward: P = exp(scale (s + QE[idx]) - lse) -> written over s (for dV = P^T dO);
+//             dS = scale P (dP - delta) written over dp; H[t, v] += dS[t, j] for idx(t, j) = v.
+// (s = q k^T and QE = q E^T unscaled: the scale is applied here, so q needs no scaled copy.)
+//
+// The S row of query t (absolute position t0 + i) is built once per (batch, row) and shared by
+// the heads: a reverse running minimum of the boundary counts, S(t, j) = D_j - min_{j<=k<=t} c_k.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "fastmodels_cpu.h"
+
+namespace {
+
+struct Block {
+    int64_t B, H, m, kend;  // score block [B, H, m, kend]
+    int64_t t0;             // absolute position of the block's first query row
+    int64_t Tk;             // row stride of depth / boundary [B, Tk]
+    int64_t V;
+    bool binary;
+    double scale;
+    const int32_t* depth;     // [B, Tk] or null
+    const int32_t* boundary;  // [B, Tk] or null
+    const int32_t* dense;     // [B, m, kend] or null
+};
+
+// Depth index of every key 0..t of query row i of batch b into idx[0..t].
+inline void depth_row(const Block& k, int64_t b, int64_t i, int32_t* idx) {
+    const int64_t t = k.t0 + i;
+    const int32_t vmax = static_cast<int32_t>(k.V - 1);
+    if (k.dense) {
+        const int32_t* row = k.dense + (b * k.m + i) * k.kend;
+        for (int64_t j = 0; j <= t; ++j) {
+            const int32_t s = row[j];
+            idx[j] = k.binary ? (s > 0) : std::min(s, vmax);
+        }
+        return;
+    }
+    const int32_t* d = k.depth + b * k.Tk;
+    const int32_t* c = k.boundary + b * k.Tk;
+    int32_t running = std::numeric_limits<int32_t>::max();
+    for (int64_t j = t; j >= 0; --j) {
+        running = std::min(running, c[j]);
+        const int32_t s = d[j] - running;
+        idx[j] = k.binary ? (s > 0) : std::min(s, vmax);
+    }
+}
+
+template <typename T>
+void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<int32_t> idx(k.kend);
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < k.B * k.m; ++bi) {
+            const int64_t b = bi / k.m, i = bi % k.m;
+            const int64_t n = k.t0 + i + 1;  // visible keys
+            depth_row(k, b, i, idx.data());
+            for (int64_t h = 0; h < k.H; ++h) {
+                const int64_t r = (b * k.H + h) * k.m + i;
+                T* x = s + r * k.kend;
+                const T* e = qe + r * k.V;
+                T mx = -std::numeric_limits<T>::infinity();
+                for (int64_t j = 0; j < n; ++j) {
+                    x[j] = T(k.scale) * (x[j] + e[idx[j]]);
+                    mx = std::max(mx, x[j]);
+                }
+                T sum = 0;
+                for (int64_t j = 0; j < n; ++j) {
+                    x[j] = std::exp(x[j] - mx);
+                    sum += x[j];
+                }
+                const T inv = T(1) / sum;
+                for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+                for (int64_t j = n; j < k.kend; ++j) x[j] = 0;
+                lse[r] = mx + std::log(sum);
+            }
+        }
+    }
+}
+
+template <typename T>
+void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* delta, T* hist, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<int32_t> idx(k.kend);
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < k.B * k.m; ++bi) {
+            const int64_t b = bi / k.m, i = bi % k.m;
+            const int64_t n = k.t0 + i + 1;
+            depth_row(k, b, i, idx.data());
+            for (int64_t h = 0; h < k.H; ++h) {
+                const int64_t r = (b * k.H + h) * k.m + i;
+                T* x = s + r * k.kend;
+                T* g = dp + r * k.kend;
+                const T* e = qe + r * k.V;
+                T* hr = hist + r * k.V;
+                const T l = lse[r], dl = delta[r], sc = T(k.scale);
+                for (int64_t v = 0; v < k.V; ++v) hr[v] = 0;
+                for (int64_t j = 0; j < n; ++j) {
+                    const T p = std::exp(sc * (x[j] + e[idx[j]]) - l);
+                    const T ds = sc * p * (g[j] - dl);
+                    x[j] = p;
+                    g[j] = ds;
+                    hr[idx[j]] += ds;
+                }
+                for (int64_t j = n; j < k.kend; ++j) {
+                    x[j] = 0;
+                    g[j] = 0;
+                }
+            }
+        }
+    }
+}
+
+Block make_block(int64_t B, int64_t H, int64_t m, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary,
+                 double scale, uintptr_t depth, uintptr_t boundary, uintptr_t dense) {
+    return Block{B, H, m, kend, t0, Tk, V, binary, scale, reinterpret_cast<const int32_t*>(depth),
+                 reinterpret_cast<const int32_t*>(boundary), reinterpret_cast<const int32_t*>(dense)};
+}
+
+}  // namespace
+
+namespace fastmodels {
+
+void register_pushdown(pybind11::module_& m) {
+    m.def(
+        "pushdown_fwd_block",
+        [](uintptr_t s, uintptr_t qe, uintptr_t lse, uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B,
+           int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary, double scale, bool fp64, int threads) {
+            const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, scale, depth, boundary, dense);
+            pybind11::gil_scoped_release release;
+            if (fp64)
+                fwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<const double*>(qe), reinterpret_cast<double*>(lse), threads);
+            else
+                fwd_block<float>(k, reinterpret_cast<float*>(s), reinterpret_cast<const float*>(qe), reinterpret_cast<float*>(lse), threads);
+        },
+        "Pushdown attention forward block: scores (in place -> P), lse.");
+    m.def(
+        "pushdown_bwd_block",
+        [](uintptr_t s, uintptr_t dp, uintptr_t qe, uintptr_t lse, uintptr_t delta, uintptr_t hist, uintptr_t depth,
+           uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk,
+           int64_t V, bool binary, double scale, bool fp64, int threads) {
+            const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, scale, depth, boundary, dense);
+            pybind11::gil_scoped_release release;
+            if (fp64)
+                bwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<double*>(dp), reinterpret_cast<const double*>(qe),
+                                  reinterpret_cast<const double*>(lse), reinterpret_cast<const double*>(delta), reinterpret_cast<double*>(hist), threads);
+            else
+                bwd_block<float>(k, reinterpret_cast<float*>(s), reinterpret_cast<float*>(dp), reinterpret_cast<const float*>(qe),
+                                 reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta), reinterpret_cast<float*>(hist), threads);
+        },
+        "Pushdown attention backward block: P over s, dS over dp, depth histogram.");
+}
+
+}  // namespace fastmodels
