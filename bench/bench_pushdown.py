@@ -49,26 +49,8 @@ def _random_tree(rng: random.Random, n: int):
     return root
 
 
-def _exact_cpu_peaks() -> None:
-    """Make the harness's resident-memory peaks mean something on CPU: with glibc's default
-    dynamic mmap threshold, freed blocks of a first call stay resident and later calls reuse them
-    (every implementation then reads ~0 MB). A fixed 64 KiB threshold maps every large tensor
-    fresh and unmaps it on free, so the high-water mark counts what a call really holds. This
-    affects only this case's worker process (each CPU case runs in its own subprocess)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _setup(B, H, T, D, V, dtype, device, threads=None):
     def make():
-        if device == "cpu":
-            _exact_cpu_peaks()
         if threads is not None:
             torch.set_num_threads(threads)  # this case's worker process only
         rng = random.Random(0)
@@ -207,20 +189,3 @@ def cases(device: str, quick: bool) -> list[Case]:
             ))
     return out
 
-
-def _register_in_main_harness() -> None:
-    """Workaround: ``python -m fastmodels.bench.harness`` (used for every CPU worker subprocess and
-    by gpu_check.sh) runs the harness as ``__main__``, a second module object whose registry
-    ``register_cases`` above does not reach. Register there too (no-op otherwise)."""
-    import sys
-
-    from fastmodels.bench import harness
-
-    main = sys.modules.get("__main__")
-    registry = getattr(main, "_REGISTRY", None)
-    if main is not None and main is not harness and isinstance(registry, dict) and hasattr(main, "register_cases"):
-        if cases not in registry.get("pushdown_attention", []):
-            main.register_cases("pushdown_attention")(cases)
-
-
-_register_in_main_harness()

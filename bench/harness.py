@@ -145,6 +145,21 @@ def _rss_kb(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
+def fixed_mmap_threshold(threshold: int = 64 * 1024) -> None:
+    """Make resident-memory peaks mean something: with glibc's dynamic mmap threshold, blocks freed
+    by a first call stay resident and later calls reuse them (every implementation then reads
+    ~0 MB). A fixed threshold maps every large tensor fresh and unmaps it on free, so the
+    high-water mark counts what a call really holds. Called in the per-case worker processes."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def peak_cpu_mb(fn: Callable[[], Any]) -> float | None:
     """Resident-memory high-water mark of one call above the resident size before it."""
     gc.collect()
@@ -377,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.worker:
         op, index = args.worker[0], int(args.worker[1])
+        if device == "cpu":
+            fixed_mmap_threshold()
         case = collect_cases(device, [op], args.quick)[index]
         rows = run_case(case, cpu_budget_s=args.budget)
         with open(args.out, "w") as f:

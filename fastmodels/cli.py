@@ -46,6 +46,8 @@ def _bench(args) -> int:
     argv = list(args.ops) + (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
     if args.no_write:
         argv.append("--no-write")
+    if args.budget is not None:
+        argv += ["--budget", str(args.budget)]
     return harness.main(argv)
 
 
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--budget", type=float, help="CPU seconds of timing per implementation (default 2)")
     p.set_defaults(fn=_bench)
 
     p = sub.add_parser("demo", help="every op vs its reference and peer, then the quick reproductions")
