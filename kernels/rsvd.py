@@ -54,7 +54,7 @@ def _omega_tile(seed, mat, o_r, o_c, L):
     return tl.randn(key, offs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def sketch_omega_kernel(o_ptr, seed, R, L, BR: tl.constexpr, BL: tl.constexpr):
     i_b = tl.program_id(0).to(tl.int64)
     i_r = tl.program_id(1)
@@ -84,7 +84,7 @@ def sketch_omega_kernel(o_ptr, seed, R, L, BR: tl.constexpr, BL: tl.constexpr):
     ),
     key=["M", "K", "L", "BL", "DOT_FP32"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 must not become a constexpr
 def sketch_matmul_kernel(
     a_ptr, y_ptr, seed, M, K, L,
     stride_ab, stride_am, stride_ak,

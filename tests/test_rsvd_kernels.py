@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DEVICE, INTERPRET, assert_rms_close
+from helpers import DEVICE, assert_rms_close
 
 triton_only = pytest.mark.triton
 
