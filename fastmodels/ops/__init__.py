@@ -7,3 +7,4 @@ Conventions every op follows (see fastmodels/_dispatch.py and fastmodels/_valida
   torch.compile(fullgraph=True) traces through it;
 - a public function that validates its arguments and takes ``backend=None``.
 """
+from fastmodels.ops.rsvd import SVDResult, IntruderDimensions, randomized_svd, low_rank, singular_value_grads, intruder_dimensions  # noqa: F401
