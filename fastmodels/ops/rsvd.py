@@ -240,9 +240,10 @@ def _sketch_reference(b: int, rows: int, cols: int, seed: int, dtype, device) ->
 
 
 def _exact_basis(ops_short, s: int, l: int) -> torch.Tensor:
-    """Top-l eigenvectors of the Gram M M^T (float64 eigh): the exact route's basis."""
-    M = ops_short.M
-    G = (M @ M.mT).to(torch.float64)
+    """Top-l eigenvectors of the float64 Gram M M^T (float64 eigh): the exact route's basis.
+    An fp32 Gram would blur every direction with sigma^2 < 1e-7 sigma_1^2."""
+    M = ops_short.M.to(torch.float64)
+    G = M @ M.mT
     _, evecs = torch.linalg.eigh(G)  # ascending
     return evecs[..., s - l :].flip(-1)
 
