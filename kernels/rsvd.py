@@ -6,7 +6,9 @@ Two memory-bound passes over the batch of matrices A [b, m, n]:
   the kernel with Philox (``tl.randn``) and never stored. Entry (row r, col c) of Omega_i is
   ``randn(key, r * l + c)`` with the 64-bit Philox key ``key = (seed mod 2**32) + (i << 32)``: a pure
   function of (seed, matrix index i, row, col), independent of block sizes and autotuning, so
-  ``sketch_omega`` can materialize exactly the same matrix for tests.
+  ``sketch_omega`` can materialize exactly the same matrix for tests. Cost note: a program regenerates
+  its [BK, BL] tile of Omega for every row block of BM rows (Philox + Box-Muller per element), so
+  the sketch does m / BM * n * BL normal draws per matrix; larger BM configs amortize it.
 * ``power_pass``: Z = A @ (A^T @ Y) fused over column panels of A. For each panel of BN columns a
   program computes W = A_panel^T @ Y ([BN, l], fp32, registers) and then adds A_panel @ W into Z.
   The second read of A_panel comes right after the first (from L2), so A is read from memory once
