@@ -391,8 +391,9 @@ def randomized_svd(A, rank: int, *, oversample: int | None = None, n_iter: int |
         out = torch.float64 if A.dtype == torch.float64 else torch.float32
         z = lambda *sh: torch.zeros(*batch, *sh, dtype=out, device=A.device)  # noqa: E731
         return SVDResult(z(m, k), z(k), z(n, k))
-    U, S, V = _rsvd_bucket(A3, k, p, q, method, seed, chosen)
-    U, S, V = _finish(U, S, V, A.dtype)
+    with torch.no_grad():  # a randomized factorization: no autograd (weights may require grad)
+        U, S, V = _rsvd_bucket(A3.detach(), k, p, q, method, seed, chosen)
+        U, S, V = _finish(U, S, V, A.dtype)
     return SVDResult(U.reshape(*batch, m, k), S.reshape(*batch, k), V.reshape(*batch, n, k))
 
 
@@ -443,7 +444,8 @@ def low_rank(A, ranks, *, oversample: int | None = None, n_iter: int | None = No
     elif svd.S.shape[-1] < kmax:
         raise ValueError(f"svd: has {svd.S.shape[-1]} singular triplets, fewer than max(ranks) = {kmax}")
     U, S, V = svd
-    outs = [((U[..., :r] * S[..., None, :r]) @ V[..., :r].mT).to(A.dtype) for r in rank_list]
+    with torch.no_grad():
+        outs = [((U[..., :r] * S[..., None, :r]) @ V[..., :r].mT).to(A.dtype) for r in rank_list]
     return outs[0] if single else outs
 
 
