@@ -301,11 +301,13 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
     work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
     M = work if m >= n else work.mT  # tall, as torch does
     ops = _TorchOps(M)
-    Q = _orth(ops.mul(_sketch_reference(b, s, l, seed, work.dtype, A.device)))
+    # Between steps a well-conditioned basis spans the same space as torch's Householder Q; only
+    # the last one, which the Rayleigh-Ritz step projects on, must be orthonormal.
+    Q = _orth(ops.mul(_sketch_reference(b, s, l, seed, work.dtype, A.device)), passes=1)
     for _ in range(q):
-        Q = _orth(ops.mul_t(Q))
-        Q = _orth(ops.mul(Q))
-    U, S, V = _rayleigh_ritz(ops, Q, k, "rows", small)
+        Q = _orth(ops.mul_t(Q), passes=1)
+        Q = _orth(ops.mul(Q), passes=1)
+    U, S, V = _rayleigh_ritz(ops, _orth(Q), k, "rows", small)
     return (U, S, V) if m >= n else (V, S, U)
 
 
