@@ -6,14 +6,23 @@ Two memory-bound passes over the batch of matrices A [b, m, n]:
   the kernel with Philox (``tl.randn``) and never stored. Entry (row r, col c) of Omega_i is
   ``randn(key, r * l + c)`` with the 64-bit Philox key ``key = (seed mod 2**32) + (i << 32)``: a pure
   function of (seed, matrix index i, row, col), independent of block sizes and autotuning, so
-  ``sketch_omega`` can materialize exactly the same matrix for tests.
-* ``power_pass``: Z = A @ (A^T @ Y) fused over column panels of A. A program owns a contiguous group
-  of panels of BN columns; for each panel it computes W = A_panel^T @ Y ([BN, l], fp32, registers)
-  and then adds A_panel @ W into its own slice of a split-K buffer ``part[s, b, m, l]``. The second
-  read of A_panel comes right after the first (from L2), so A is read from memory once per pass.
-  Partial sums of different splits are reduced afterwards with ``part.sum(0)``: deterministic, no
-  atomics (same input -> bit-identical output). The number of splits is bounded so the buffer stays
-  small (about 2 programs per SM on GPU).
+  ``sketch_omega`` can materialize exactly the same matrix for tests. Cost note: a program regenerates
+  its [BK, BL] tile of Omega for every row block of BM rows (Philox + Box-Muller per element), so
+  the sketch does m / BM * n * BL normal draws per matrix; larger BM configs amortize it.
+* ``power_pass``: Z = A @ (A^T @ Y) fused over column panels of A. For each panel of BN columns a
+  program computes W = A_panel^T @ Y ([BN, l], fp32, registers) and then adds A_panel @ W into Z.
+  The second read of A_panel comes right after the first (from L2), so A is read from memory once
+  per pass. The partial products of different panels are summed in one of two ways:
+    - ``deterministic=True`` (default): a program owns a contiguous group of panels and its own
+      slice of a split-K buffer ``part[s, b, m, l]`` (plain read-modify-write per panel, the first
+      panel overwrites); ``part.sum(0)`` reduces afterwards. Bit-identical results run to run. Cost:
+      each panel reads and writes an [m, l] fp32 slice (8 m l bytes against 2 m BN bytes of bf16 A),
+      which goes to HBM when the live slices exceed L2 -- at l ~ 64-128 this traffic exceeds A's.
+    - ``deterministic=False``: one panel per program, ``tl.atomic_add`` (fp32) into a zeroed Z. The
+      grid runs the panels of one matrix next to each other, so the live part of Z (m l 4 bytes per
+      matrix) stays in L2 and A really is read once; the summation order (hence the last bits)
+      varies between runs.
+  The panel index is the fastest grid axis, so concurrently running programs share a matrix's Y.
 
 Precision: fp32 accumulation everywhere. For fp16/bf16 A the tl.dot operands are A's native dtype:
 Omega, Y and W are cast to A's dtype before tl.dot (W = A^T Y is rounded to bf16/fp16 before the
@@ -54,7 +63,7 @@ def _omega_tile(seed, mat, o_r, o_c, L):
     return tl.randn(key, offs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def sketch_omega_kernel(o_ptr, seed, R, L, BR: tl.constexpr, BL: tl.constexpr):
     i_b = tl.program_id(0).to(tl.int64)
     i_r = tl.program_id(1)
@@ -84,7 +93,7 @@ def sketch_omega_kernel(o_ptr, seed, R, L, BR: tl.constexpr, BL: tl.constexpr):
     ),
     key=["M", "K", "L", "BL", "DOT_FP32"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 must not become a constexpr
 def sketch_matmul_kernel(
     a_ptr, y_ptr, seed, M, K, L,
     stride_ab, stride_am, stride_ak,
@@ -129,22 +138,29 @@ def sketch_matmul_kernel(
         ],
         triton.Config({"BM": 16}, num_warps=4, num_stages=1),
     ),
-    key=["M", "N", "L", "BN", "BL", "DOT_FP32"],
+    key=["M", "N", "L", "BN", "BL", "DOT_FP32", "USE_ATOMIC"],
+    reset_to_zero=["part_ptr"],  # the atomic variant accumulates: benchmark runs must start from zero
 )
 @triton.jit
 def power_pass_kernel(
     a_ptr, y_ptr, part_ptr, B, M, N, L, PANELS_PER_SPLIT,
-    DOT_FP32: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr,
+    DOT_FP32: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr,
 ):
-    """part[s, i] (M x L) = sum over the panels P of split s of A[i][:, P] @ (A[i][:, P]^T @ Y[i])."""
-    i_b = tl.program_id(0).to(tl.int64)
-    i_s = tl.program_id(1).to(tl.int64)
+    """part[s, i] (M x L) = sum over the panels P of split s of A[i][:, P] @ (A[i][:, P]^T @ Y[i]).
+
+    USE_ATOMIC: part is a zeroed [1, B, M, L] and every program atomically adds its panels into it.
+    """
+    i_s = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
     i_l = tl.program_id(2)
     o_l = i_l * BL + tl.arange(0, BL)
     m_l = o_l < L
     a_base = a_ptr + i_b * M * N
     y_base = y_ptr + i_b * M * L + o_l.to(tl.int64)[None, :]
-    z_base = part_ptr + (i_s * B + i_b) * M * L + o_l.to(tl.int64)[None, :]
+    if USE_ATOMIC:
+        z_base = part_ptr + i_b * M * L + o_l.to(tl.int64)[None, :]
+    else:
+        z_base = part_ptr + (i_s * B + i_b) * M * L + o_l.to(tl.int64)[None, :]
     for p in range(0, PANELS_PER_SPLIT):
         o_n = (i_s * PANELS_PER_SPLIT + p) * BN + tl.arange(0, BN)
         m_n = o_n < N
@@ -170,8 +186,11 @@ def power_pass_kernel(
                 b_z = tl.dot(b_a, b_w.to(b_a.dtype))
             p_z = z_base + o_m[:, None] * L
             m_z = m_m[:, None] & m_l[None, :]
-            b_z += tl.load(p_z, mask=m_z & (p > 0), other=0.0)
-            tl.store(p_z, b_z, mask=m_z)
+            if USE_ATOMIC:
+                tl.atomic_add(p_z, b_z, mask=m_z)
+            else:
+                b_z += tl.load(p_z, mask=m_z & (p > 0), other=0.0)
+                tl.store(p_z, b_z, mask=m_z)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,11 +273,13 @@ def _num_splits(b: int, panels: int, l_tiles: int, device: torch.device) -> int:
     return max(1, min(panels, triton.cdiv(target, b * l_tiles)))
 
 
-def power_pass(A: torch.Tensor, Y: torch.Tensor, *, num_splits: int | None = None) -> torch.Tensor:
+def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, num_splits: int | None = None) -> torch.Tensor:
     """Z = A @ (A^T @ Y) for A [b, m, n], Y [b, m, l] fp32 -> Z [b, m, l] fp32, reading A once.
 
-    ``num_splits`` (default: about two programs per SM) is the number of column groups whose
-    partial products are reduced deterministically afterwards.
+    ``deterministic=True``: partial products of ``num_splits`` column groups (default: about two
+    programs per SM) go to a split-K buffer reduced afterwards, bit-identical run to run.
+    ``deterministic=False``: fp32 atomics into Z, one panel per program (``num_splits`` ignored);
+    less memory traffic, last bits vary between runs. See the module docstring for the costs.
     """
     _check_a(A)
     if not isinstance(Y, torch.Tensor) or Y.dim() != 3 or Y.shape[:2] != A.shape[:2]:
@@ -281,10 +302,16 @@ def power_pass(A: torch.Tensor, Y: torch.Tensor, *, num_splits: int | None = Non
         BN = 128 if BL <= 64 else 64
     panels = triton.cdiv(n, BN)
     l_tiles = triton.cdiv(L, BL)
-    S = num_splits if num_splits is not None else _num_splits(b, panels, l_tiles, A.device)
-    S = max(1, min(int(S), panels))
-    per_split = triton.cdiv(panels, S)
-    S = triton.cdiv(panels, per_split)  # no empty split
-    part = torch.empty((S, b, m, L), device=A.device, dtype=torch.float32)
-    power_pass_kernel[(b, S, l_tiles)](A, Y, part, b, m, n, L, per_split, DOT_FP32=_dot_fp32(A.dtype), BN=BN, BL=BL)
-    return part[0] if S == 1 else part.sum(dim=0)
+    if deterministic:
+        S = num_splits if num_splits is not None else _num_splits(b, panels, l_tiles, A.device)
+        S = max(1, min(int(S), panels))
+        per_split = triton.cdiv(panels, S)
+        S = triton.cdiv(panels, per_split)  # no empty split
+        part = torch.empty((S, b, m, L), device=A.device, dtype=torch.float32)
+    else:
+        S, per_split = panels, 1
+        part = torch.zeros((1, b, m, L), device=A.device, dtype=torch.float32)
+    power_pass_kernel[(S, b, l_tiles)](
+        A, Y, part, b, m, n, L, per_split, DOT_FP32=_dot_fp32(A.dtype), USE_ATOMIC=not deterministic, BN=BN, BL=BL
+    )
+    return part[0] if part.shape[0] == 1 else part.sum(dim=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DEVICE, INTERPRET, assert_rms_close
+from helpers import DEVICE, assert_rms_close
 
 triton_only = pytest.mark.triton
 
@@ -146,11 +146,12 @@ POWER_TOL = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 @triton_only
 @pytest.mark.parametrize("b,m,n,l", POWER_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_power_pass_matches_float64(device, b, m, n, l, dtype):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["splitk", "atomic"])
+def test_power_pass_matches_float64(device, b, m, n, l, dtype, deterministic):
     k = _rsvd_kernels()
     A = torch.randn(b, m, n, device=device).to(dtype)
     Y = torch.randn(b, m, l, device=device)
-    Z = k.power_pass(A, Y)
+    Z = k.power_pass(A, Y, deterministic=deterministic)
     assert Z.shape == (b, m, l) and Z.dtype == torch.float32
     A64 = A.double()
     ref = A64 @ (A64.transpose(1, 2) @ Y.double())
@@ -172,6 +173,7 @@ def test_power_pass_splits_are_deterministic(device):
         assert_rms_close(Z, ref, 2e-6, f"Z (num_splits={s})")
         assert torch.equal(Z, k.power_pass(A, Y, num_splits=s))  # bit-identical on repeat
     assert torch.equal(k.power_pass(A, Y), k.power_pass(A, Y))
+    assert_rms_close(k.power_pass(A, Y, deterministic=False), ref, 2e-6, "Z (atomic)")
 
 
 @triton_only
@@ -182,13 +184,15 @@ def test_power_pass_large_l_is_tiled(device):
     Y = torch.randn(1, 16, 130, device=device)
     ref = A.double() @ (A.double().transpose(1, 2) @ Y.double())
     assert_rms_close(k.power_pass(A, Y), ref, 2e-6, "Z")
+    assert_rms_close(k.power_pass(A, Y, deterministic=False), ref, 2e-6, "Z (atomic)")
 
 
 @triton_only
 def test_power_pass_edge_cases_and_errors(device):
     k = _rsvd_kernels()
-    Z = k.power_pass(torch.randn(2, 4, 0, device=device), torch.randn(2, 4, 3, device=device))
-    assert torch.equal(Z, torch.zeros(2, 4, 3, device=device))
+    for det in (True, False):
+        Z = k.power_pass(torch.randn(2, 4, 0, device=device), torch.randn(2, 4, 3, device=device), deterministic=det)
+        assert torch.equal(Z, torch.zeros(2, 4, 3, device=device))
     assert k.power_pass(torch.randn(2, 0, 5, device=device), torch.randn(2, 0, 3, device=device)).shape == (2, 0, 3)
     A = torch.randn(2, 4, 5, device=device)
     with pytest.raises(ValueError, match="Y must be"):

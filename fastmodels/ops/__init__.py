@@ -7,6 +7,27 @@ Conventions every op follows (see fastmodels/_dispatch.py and fastmodels/_valida
   torch.compile(fullgraph=True) traces through it;
 - a public function that validates its arguments and takes ``backend=None``.
 """
-from fastmodels.ops.efield import electric_image, electric_image_reference  # noqa: F401
+from fastmodels.ops.efield import electric_image, electric_image_reference
+from fastmodels.ops.nextlat import linear_cross_entropy_kl
 from fastmodels.ops.pushdown import pushdown_attention
-from fastmodels.ops.nextlat import linear_cross_entropy_kl  # noqa: E402,F401
+from fastmodels.ops.rsvd import (
+    IntruderDimensions,
+    SVDResult,
+    intruder_dimensions,
+    low_rank,
+    randomized_svd,
+    singular_value_grads,
+)
+
+__all__ = [
+    "IntruderDimensions",
+    "SVDResult",
+    "electric_image",
+    "electric_image_reference",
+    "intruder_dimensions",
+    "linear_cross_entropy_kl",
+    "low_rank",
+    "pushdown_attention",
+    "randomized_svd",
+    "singular_value_grads",
+]

@@ -1,0 +1,547 @@
+"""Batched randomized truncated SVD (Halko-Martinsson-Tropp) for model editing.
+
+Public functions:
+
+* :func:`randomized_svd` -- ``A ~= U diag(S) V^T`` for a batch ``[..., m, n]`` or a list of 2-D
+  matrices of any shapes, in two modes: ``method="accurate"`` (oversampling + power iterations
+  chosen for a near-optimal residual) and ``method="torch_lowrank"`` (the semantics of
+  ``torch.svd_lowrank(A, q=rank, niter=2)`` that LASER used, batched).
+* :func:`low_rank` -- the rank-k approximation(s), several ranks from one factorization.
+* :func:`singular_value_grads` -- ``dL/dsigma_i = u_i^T G v_i`` without forming ``U^T G V``.
+* :func:`intruder_dimensions` -- top-k singular directions of a fine-tuned matrix (dense or a
+  LoRA adapter ``(W_base, B, A, scale)`` never formed) that are far from every base direction.
+
+Algorithm (all backends): sketch ``Y = A Omega``; ``q`` power passes ``Y = A (A^T orth(Y))``;
+``Q = orth(Y)``; ``B^T = A^T Q``; ``B^T = Q_v R`` (CholeskyQR2); ``R = U_r S V_r^T`` (small SVD);
+``U = Q V_r``, ``V = Q_v U_r``. Orthonormalization is CholeskyQR with a float64 Gram and float64
+Cholesky, with a Householder fallback for the matrices whose Gram is singular or whose result is
+not orthonormal (rank-deficient, all-zero or very ill-conditioned blocks), so no input gives NaN.
+
+Backends: ``reference`` (PyTorch; the sketch from a seeded ``torch.Generator``), ``triton``
+(in-kernel Philox sketch and fused ``A (A^T Y)`` passes from ``fastmodels.kernels.rsvd``, operands
+read in their own precision with fp32 accumulation; the same torch orthonormalization) and
+``cuda`` (the triton passes plus the CUDA batched one-sided Jacobi SVD for the small factor).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+from fastmodels._dispatch import register_op, select_backend
+from fastmodels._validation import FLOAT_DTYPES, check_choice, check_float, check_int, check_tensor
+
+__all__ = [
+    "SVDResult",
+    "IntruderDimensions",
+    "randomized_svd",
+    "low_rank",
+    "singular_value_grads",
+    "intruder_dimensions",
+    "rsvd_reference",
+    "default_oversample_niter",
+    "EXACT_ROUTE_FRACTION",
+]
+
+register_op("randomized_svd", ("reference", "triton", "cuda"), cpu=("reference",), cuda=("triton", "reference"))
+
+METHODS = ("accurate", "torch_lowrank")
+# Above this fraction of min(m, n) a randomized sketch costs as much as an exact factorization:
+# method="accurate" then takes the exact route (Gram + float64 eigh + the same Rayleigh-Ritz step).
+EXACT_ROUTE_FRACTION = 0.25
+# Largest sketch width the CUDA Jacobi kernel handles (one l x l matrix per block).
+_CUDA_JACOBI_MAX = 512
+
+
+class SVDResult(NamedTuple):
+    """``A ~= U @ diag(S) @ V.mT``: U [..., m, k], S [..., k] descending, V [..., n, k]."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+
+class IntruderDimensions(NamedTuple):
+    """``count`` intruders among the top-k tuned directions, their ``indices`` (int64 [count])
+    and, for every one of the k directions, ``max_cos`` = max_i |cos(y_j, x_i)| over the base
+    directions x_i (float32 [k])."""
+
+    count: int
+    indices: torch.Tensor
+    max_cos: torch.Tensor
+
+
+def default_oversample_niter(rank: int, short: int, method: str = "accurate") -> tuple[int, int]:
+    """The (oversample, n_iter) used when they are not given.
+
+    ``accurate``: p = max(10, rank // 2) extra sketch columns (capped by the short side) and 3
+    power passes: on the flattest spectra of the accuracy contract (Marchenko-Pastur bulk, rank
+    ~10% of the short side) 2 passes leave the residual ~1% above optimal, 3 passes ~0.6%.
+    With the in-kernel sketch this reads A 2 + n_iter = 5 times.
+    ``torch_lowrank``: torch.svd_lowrank's defaults, p = 0 and n_iter = 2.
+    """
+    if method == "torch_lowrank":
+        return 0, 2
+    p = min(max(10, rank // 2), max(short - rank, 0))
+    return p, 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthonormalization: CholeskyQR(2) in float64 with a Householder fallback
+# ---------------------------------------------------------------------------------------------
+
+
+def _cholqr_pass(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CholeskyQR pass on float64 ``Y`` [b, r, c]: (Q, R, ok[b])."""
+    G = Y.mT @ Y
+    L, info = torch.linalg.cholesky_ex(G)
+    ok = info == 0
+    if not bool(ok.all()):
+        # Failed factorizations hold garbage; give them an identity so the solve stays finite.
+        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+        L = torch.where(ok[:, None, None], L, eye)
+    R = L.mT
+    # Q = Y R^-1 through the explicit c x c inverse: a batched trsm with r right-hand-side rows
+    # is ~100x slower on CPU than this GEMM; the second pass and the orthonormality check below
+    # cover the (slightly) larger rounding of the explicit inverse.
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+    Q = Y @ torch.linalg.solve_triangular(R, eye, upper=True)
+    return Q, R, ok
+
+
+def _orth(Y: torch.Tensor, *, passes: int = 2, want_r: bool = False):
+    """Orthonormal basis of the columns of ``Y`` [b, r, c] (r >= c), computed in float64.
+
+    CholeskyQR repeated ``passes`` times (CholeskyQR2 by default: the second pass restores
+    orthogonality to working precision for condition numbers up to ~1e8); matrices whose Gram is
+    not positive definite, or whose result is not orthonormal to 1e-10, are redone with
+    Householder QR, which returns an orthonormal basis for any input (rank-deficient, zero).
+    Returns Q (float64), and R with Y = Q R when ``want_r``.
+    """
+    Y = Y.to(torch.float64)
+    b, r, c = Y.shape
+    Q, R, ok = _cholqr_pass(Y)
+    for _ in range(passes - 1):
+        Q, R2, ok2 = _cholqr_pass(Q)
+        R, ok = R2 @ R, ok & ok2
+    if b and passes >= 2:
+        # Between power passes a well-conditioned basis is enough (a singular Gram still falls
+        # back); the final bases must be orthonormal to working precision.
+        eye = torch.eye(c, dtype=Y.dtype, device=Y.device)
+        defect = (Q.mT @ Q - eye).abs().amax(dim=(-2, -1))
+        ok = ok & (defect <= 1e-10)  # a NaN defect compares False
+    if b and not bool(ok.all()):
+        bad = (~ok).nonzero().squeeze(1)
+        Qh, Rh = torch.linalg.qr(Y[bad])
+        Q, R = Q.clone(), R.clone()
+        Q[bad], R[bad] = Qh, Rh
+    return (Q, R) if want_r else Q
+
+
+# ---------------------------------------------------------------------------------------------
+# Products with A: the only places the backends differ
+# ---------------------------------------------------------------------------------------------
+
+
+class _TorchOps:
+    """Products with a [b, r, c] matrix ``M`` (possibly a transposed view) in its work dtype."""
+
+    def __init__(self, M: torch.Tensor):
+        self.M = M
+
+    def mul(self, Q):  # M @ Q
+        return self.M @ Q.to(self.M.dtype)
+
+    def mul_t(self, Q):  # M^T @ Q
+        return self.M.mT @ Q.to(self.M.dtype)
+
+    def power(self, Q):  # M (M^T Q)
+        return self.mul(self.mul_t(Q))
+
+
+def _panel_rows(b: int, cols: int) -> int:
+    return max(1, (1 << 27) // max(1, b * cols))  # ~512 MB of fp32 temporaries per panel
+
+
+class _KernelOps:
+    """Products with a contiguous [b, m, n] ``A`` through the Triton kernels (fp32 results)."""
+
+    def __init__(self, A: torch.Tensor):
+        from fastmodels.kernels import rsvd as kernels  # lazy: triton is optional
+
+        self.kernels = kernels
+        self.A = A
+
+    def sketch(self, l: int, seed: int, transpose: bool = False):
+        return self.kernels.sketch_matmul(self.A, l, seed, transpose=transpose)
+
+    def power(self, Q):
+        return self.kernels.power_pass(self.A, Q.to(torch.float32).contiguous())
+
+    def mul_t(self, Q):  # A^T Q in fp32, A read once in row panels upcast one at a time
+        A, Q = self.A, Q.to(torch.float32)
+        b, m, n = A.shape
+        if A.dtype == torch.float32:
+            return A.mT @ Q
+        out = torch.zeros(b, n, Q.shape[-1], dtype=torch.float32, device=A.device)
+        step = _panel_rows(b, n)
+        for i in range(0, m, step):
+            out += A[:, i : i + step].to(torch.float32).mT @ Q[:, i : i + step]
+        return out
+
+    def mul(self, Q):  # A Q in fp32, A read once in column panels
+        A, Q = self.A, Q.to(torch.float32)
+        b, m, n = A.shape
+        if A.dtype == torch.float32:
+            return A @ Q
+        out = torch.zeros(b, m, Q.shape[-1], dtype=torch.float32, device=A.device)
+        step = _panel_rows(b, m)
+        for j in range(0, n, step):
+            out += A[:, :, j : j + step].to(torch.float32) @ Q[:, j : j + step]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm on one bucket [b, m, n]
+# ---------------------------------------------------------------------------------------------
+
+
+def _small_svd(R: torch.Tensor, small: str):
+    """SVD of the small square factor: R = Ur diag(S) Vr^T (float64 results)."""
+    if small == "cuda":
+        from fastmodels.ops._jacobi import jacobi_svd
+
+        Ur, S, Vr = jacobi_svd(R.to(torch.float32).contiguous(), backend="cuda")
+        return Ur.to(torch.float64), S.to(torch.float64), Vr.to(torch.float64)
+    Ur, S, Vrh = torch.linalg.svd(R)
+    return Ur, S, Vrh.mT
+
+
+def _rayleigh_ritz(ops, Q: torch.Tensor, k: int, side: str, small: str):
+    """Given an orthonormal basis Q of M's column space (side="rows", Q [b, r, l]) or row space
+    (side="cols", Q [b, c, l]), the best rank-k factorization of M within it: (U, S, V) float64."""
+    C = ops.mul_t(Q) if side == "rows" else ops.mul(Q)  # B^T = M^T Q, or M Q
+    Qc, R = _orth(C, want_r=True)  # C = Qc R
+    Ur, S, Vr = _small_svd(R, small)  # R = Ur S Vr^T
+    Q = Q.to(torch.float64)
+    if side == "rows":  # M ~ Q Q^T M = Q C^T = (Q Vr) S (Qc Ur)^T
+        U, V = Q @ Vr[..., :k], Qc @ Ur[..., :k]
+    else:  # M ~ M Q Q^T = C Q^T = (Qc Ur) S (Q Vr)^T
+        U, V = Qc @ Ur[..., :k], Q @ Vr[..., :k]
+    return U, S[..., :k], V
+
+
+def _sketch_reference(b: int, rows: int, cols: int, seed: int, dtype, device) -> torch.Tensor:
+    """Omega [b, rows, cols] ~ N(0, 1); matrix i depends only on (seed, i, rows, cols)."""
+    out = torch.empty(b, rows, cols, dtype=dtype, device=device)
+    g = torch.Generator(device=device)
+    for i in range(b):
+        g.manual_seed((seed * 1_000_003 + i) % (1 << 63))
+        out[i] = torch.randn(rows, cols, generator=g, dtype=dtype, device=device)
+    return out
+
+
+def _exact_basis(ops_short, s: int, l: int) -> torch.Tensor:
+    """Top-l eigenvectors of the float64 Gram M M^T (float64 eigh): the exact route's basis.
+    An fp32 Gram would blur every direction with sigma^2 < 1e-7 sigma_1^2."""
+    M = ops_short.M.to(torch.float64)
+    G = M @ M.mT
+    _, evecs = torch.linalg.eigh(G)  # ascending
+    return evecs[..., s - l :].flip(-1)
+
+
+def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str):
+    """(U, S, V) float64 for a bucket A [b, m, n]."""
+    b, m, n = A.shape
+    s = min(m, n)
+    use_kernels = backend in ("triton", "cuda") and A.dtype != torch.float64
+    small = "cuda" if backend == "cuda" and k + p <= _CUDA_JACOBI_MAX else "reference"
+    if method == "accurate":
+        l = min(k + p, s)
+        if k > EXACT_ROUTE_FRACTION * s or l >= s:
+            work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
+            X = work if m <= n else work.mT  # short side as rows
+            ops = _TorchOps(X)
+            Q = _exact_basis(ops, s, l)
+            U, S, V = _rayleigh_ritz(ops, Q, k, "rows", small)
+            return (U, S, V) if m <= n else (V, S, U)
+        if use_kernels:
+            ops = _KernelOps(A.contiguous())
+            Y = ops.sketch(l, seed)  # A Omega [b, m, l]
+            for _ in range(q):
+                Y = ops.power(_orth(Y, passes=1))
+            return _rayleigh_ritz(ops, _orth(Y), k, "rows", small)
+        work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
+        X = work if m <= n else work.mT
+        ops = _TorchOps(X)
+        r, c = X.shape[-2:]
+        Y = ops.mul(_sketch_reference(b, c, l, seed, work.dtype, A.device))
+        for _ in range(q):
+            Y = ops.power(_orth(Y, passes=1))
+        U, S, V = _rayleigh_ritz(ops, _orth(Y), k, "rows", small)
+        return (U, S, V) if m <= n else (V, S, U)
+
+    # method == "torch_lowrank": torch.svd_lowrank(A, q=k+p, niter=q) with CholeskyQR2 for QR.
+    l = min(k + p, s)
+    if use_kernels:
+        ops = _KernelOps(A.contiguous())
+        if m >= n:  # torch's tall case: Y = A R, (A A^T) passes, Rayleigh-Ritz on the columns
+            Y = ops.sketch(l, seed)
+            for _ in range(q):
+                Y = ops.power(_orth(Y, passes=1))
+            return _rayleigh_ritz(ops, _orth(Y), k, "rows", small)
+        # Wide: torch works on A^T; its final basis is orth(A^T (A A^T)^q R), R [m, l].
+        Y = ops.kernels.sketch_omega(b, m, l, seed, A.device)
+        for _ in range(q):
+            Y = ops.power(_orth(Y, passes=1))
+        Qn = _orth(ops.mul_t(_orth(Y)))
+        return _rayleigh_ritz(ops, Qn, k, "cols", small)
+    work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
+    M = work if m >= n else work.mT  # tall, as torch does
+    ops = _TorchOps(M)
+    # Between steps a well-conditioned basis spans the same space as torch's Householder Q; only
+    # the last one, which the Rayleigh-Ritz step projects on, must be orthonormal.
+    Q = _orth(ops.mul(_sketch_reference(b, s, l, seed, work.dtype, A.device)), passes=1)
+    for _ in range(q):
+        Q = _orth(ops.mul_t(Q), passes=1)
+        Q = _orth(ops.mul(Q), passes=1)
+    U, S, V = _rayleigh_ritz(ops, _orth(Q), k, "rows", small)
+    return (U, S, V) if m >= n else (V, S, U)
+
+
+def _normalize_signs(U: torch.Tensor, V: torch.Tensor):
+    """Flip each pair (u_i, v_i) so that the largest-magnitude entry of u_i is positive."""
+    if U.shape[-2] == 0 or U.shape[-1] == 0:
+        return U, V
+    idx = U.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(torch.gather(U, -2, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, V * sign
+
+
+def _finish(U, S, V, dtype):
+    out = torch.float64 if dtype == torch.float64 else torch.float32
+    U, V = _normalize_signs(U, V)
+    return U.to(out), S.clamp_min(0).to(out), V.to(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_matrix(A, name: str) -> torch.Tensor:
+    check_tensor(A, name, dtypes=FLOAT_DTYPES)
+    if A.dim() < 2:
+        raise ValueError(f"{name}: expected a matrix or a batch of matrices [..., m, n], got shape {list(A.shape)}")
+    return A
+
+
+def _resolve_seed(seed) -> int:
+    if seed is None:
+        return int(torch.randint(0, 1 << 62, (1,)).item())
+    return check_int(seed, "seed", low=0, high=(1 << 63) - 1)
+
+
+def _resolve_settings(k: int, s: int, method: str, oversample, n_iter) -> tuple[int, int]:
+    p_def, q_def = default_oversample_niter(k, s, method)
+    p = p_def if oversample is None else check_int(oversample, "oversample", low=0)
+    q = q_def if n_iter is None else check_int(n_iter, "n_iter", low=0)
+    return p, q
+
+
+def randomized_svd(A, rank: int, *, oversample: int | None = None, n_iter: int | None = None, method: str = "accurate", seed: int | None = None, backend: str | None = None):
+    """Truncated SVD ``A ~= U @ diag(S) @ V.mT`` of rank ``rank`` by randomized subspace iteration.
+
+    Args:
+        A: a tensor [..., m, n] (float64/32/16, bfloat16), or a list of 2-D tensors of any shapes
+            on one device (bucketed by shape internally; a list of results is returned).
+        rank: k, 1 <= k <= min(m, n) (of every matrix, for a list).
+        oversample: extra sketch columns p (default: see :func:`default_oversample_niter`).
+        n_iter: power iterations q, each a pass ``A (A^T Y)`` (default: as above).
+        method: ``"accurate"`` -- ``||A - U S V^T||_F`` within 1% of the optimal ``||A - A_k||_F``
+            on LLM-like spectra, ``||U^T U - I||_max <= 1e-5``; ranks above 25% of min(m, n) take
+            an exact route (Gram + float64 eigh). ``"torch_lowrank"`` -- what
+            ``torch.svd_lowrank(A, q=rank, niter=n_iter or 2)`` computes (LASER's edit), no
+            oversampling unless ``oversample`` is given, batched.
+        seed: the sketch's seed (default: drawn from torch's global generator). Matrix i of a batch
+            (or of a shape bucket of a list) gets its own sketch from (seed, i), so the same seed
+            gives the same result.
+        backend: "reference", "triton" or "cuda" (default: triton on CUDA, reference on CPU).
+
+    Returns:
+        ``SVDResult(U [..., m, k], S [..., k] descending, V [..., n, k])``; float64 for float64
+        input, float32 otherwise. Each u_i has its largest-magnitude entry positive.
+    """
+    check_choice(method, "method", METHODS)
+    if isinstance(A, (list, tuple)):
+        return _randomized_svd_list(list(A), rank, oversample=oversample, n_iter=n_iter, method=method, seed=seed, backend=backend)
+    _check_matrix(A, "A")
+    m, n = A.shape[-2:]
+    s = min(m, n)
+    k = check_int(rank, "rank", low=1)
+    if k > s:
+        raise ValueError(f"rank: expected an int <= min(m, n) = {s} for A of shape {list(A.shape)}, got {k}")
+    p, q = _resolve_settings(k, s, method, oversample, n_iter)
+    seed = _resolve_seed(seed)
+    chosen = select_backend("randomized_svd", backend, A.device)
+    batch = A.shape[:-2]
+    A3 = A.reshape(-1, m, n)
+    if A3.shape[0] == 0:
+        out = torch.float64 if A.dtype == torch.float64 else torch.float32
+        z = lambda *sh: torch.zeros(*batch, *sh, dtype=out, device=A.device)  # noqa: E731
+        return SVDResult(z(m, k), z(k), z(n, k))
+    with torch.no_grad():  # a randomized factorization: no autograd (weights may require grad)
+        U, S, V = _rsvd_bucket(A3.detach(), k, p, q, method, seed, chosen)
+        U, S, V = _finish(U, S, V, A.dtype)
+    return SVDResult(U.reshape(*batch, m, k), S.reshape(*batch, k), V.reshape(*batch, n, k))
+
+
+def _randomized_svd_list(mats: list, rank, **kw) -> list:
+    if not mats:
+        return []
+    device = None
+    for i, M in enumerate(mats):
+        check_tensor(M, f"A[{i}]", ndim=2, dtypes=FLOAT_DTYPES)
+        if device is None:
+            device = M.device
+        elif M.device != device:
+            raise ValueError(f"A[{i}]: expected a tensor on {device} (the device of A[0]), got one on {M.device}")
+        k = check_int(rank, "rank", low=1)
+        if k > min(M.shape):
+            raise ValueError(f"rank: expected an int <= min(m, n) = {min(M.shape)} for A[{i}] of shape {list(M.shape)}, got {k}")
+    seed = _resolve_seed(kw.pop("seed"))
+    buckets: dict[tuple, list[int]] = {}
+    for i, M in enumerate(mats):
+        buckets.setdefault((tuple(M.shape), M.dtype), []).append(i)
+    results: list = [None] * len(mats)
+    for idx in buckets.values():
+        res = randomized_svd(torch.stack([mats[i] for i in idx]), rank, seed=seed, **kw)
+        for j, i in enumerate(idx):
+            results[i] = SVDResult(res.U[j], res.S[j], res.V[j])
+    return results
+
+
+def low_rank(A, ranks, *, oversample: int | None = None, n_iter: int | None = None, method: str = "accurate", seed: int | None = None, backend: str | None = None, svd: SVDResult | None = None):
+    """Rank-k approximation ``U_k diag(S_k) V_k^T`` of A [..., m, n] in A's dtype.
+
+    ``ranks`` is an int (returns a tensor) or a sequence of ints (returns a list, one per rank,
+    all sliced from ONE factorization at the largest rank). Pass ``svd`` (a result of
+    :func:`randomized_svd` with at least max(ranks) columns) to reuse a factorization.
+    Other arguments as in :func:`randomized_svd`.
+    """
+    _check_matrix(A, "A")
+    single = not isinstance(ranks, (list, tuple))
+    rank_list = [ranks] if single else list(ranks)
+    if not rank_list:
+        raise ValueError("ranks: expected an int or a non-empty sequence of ints")
+    s = min(A.shape[-2:])
+    for r in rank_list:
+        check_int(r, "ranks", low=1, high=s)
+    kmax = max(rank_list)
+    if svd is None:
+        svd = randomized_svd(A, kmax, oversample=oversample, n_iter=n_iter, method=method, seed=seed, backend=backend)
+    elif svd.S.shape[-1] < kmax:
+        raise ValueError(f"svd: has {svd.S.shape[-1]} singular triplets, fewer than max(ranks) = {kmax}")
+    U, S, V = svd
+    with torch.no_grad():
+        outs = [((U[..., :r] * S[..., None, :r]) @ V[..., :r].mT).to(A.dtype) for r in rank_list]
+    return outs[0] if single else outs
+
+
+def singular_value_grads(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``dL/dsigma_i = u_i^T G v_i`` for ``W = U diag(S) V^T`` and ``G = dL/dW``: [..., k] float32
+    (float64 for float64 factors). Computed as ``sum_rows(U * (G V))`` (one [m, n] x [n, k]
+    product), never forming the k x k matrix ``U^T G V``. ``S`` fixes k and is otherwise unused.
+    """
+    dims: dict = {}
+    check_tensor(U, "U", dtypes=FLOAT_DTYPES)
+    if U.dim() < 2:
+        raise ValueError(f"U: expected [..., m, k], got shape {list(U.shape)}")
+    batch = list(U.shape[:-2])
+    names = [f"b{i}" for i in range(len(batch))]
+    check_tensor(U, "U", shape=(*names, "m", "k"), dims=dims)
+    check_tensor(S, "S", shape=(*names, "k"), dims=dims, dtypes=FLOAT_DTYPES)
+    check_tensor(V, "V", shape=(*names, "n", "k"), dims=dims, dtypes=FLOAT_DTYPES)
+    check_tensor(G, "G", shape=(*names, "m", "n"), dims=dims, dtypes=FLOAT_DTYPES)
+    dt = torch.float64 if U.dtype == torch.float64 else torch.float32
+    GV = G.to(dt) @ V.to(dt)  # [..., m, k]
+    return (U.to(dt) * GV).sum(dim=-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Intruder dimensions
+# ---------------------------------------------------------------------------------------------
+
+
+def _operator_top_left(apply, apply_t, m: int, n: int, k: int, dtype, device, seed: int) -> torch.Tensor:
+    """Top-k left singular vectors of an implicit m x n matrix given by products
+    ``apply(X) = W X`` and ``apply_t(Y) = W^T Y`` (accurate settings; float64 [m, k])."""
+    s = min(m, n)
+    p, q = default_oversample_niter(k, s)
+    l = min(k + p, s)
+    Omega = _sketch_reference(1, n, l, seed, dtype, device)[0]
+    Y = apply(Omega)
+    for _ in range(q):
+        Y = apply(apply_t(_orth(Y[None], passes=1)[0].to(dtype)))
+    Q = _orth(Y[None])[0]
+    BT = apply_t(Q.to(dtype))  # [n, l]
+    _, R = _orth(BT[None], want_r=True)
+    Ur, S, Vrh = torch.linalg.svd(R[0])  # BT = Qv Ur S Vr^T -> W ~ Q Vr S (Qv Ur)^T
+    return Q @ Vrh.mT[:, :k]
+
+
+def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float = 0.5, base_svd=None, *, seed: int = 0) -> IntruderDimensions:
+    """Intruder dimensions of a fine-tuned matrix (Shuttleworth et al., arXiv:2410.21228).
+
+    Among the top-``k`` left singular vectors y_j of ``W_tuned``, the intruders are those with
+    max_i |cos(y_j, x_i)| < ``eps`` over all left singular vectors x_i of ``W_base``.
+
+    Args:
+        W_base: the pre-trained matrix [m, n].
+        W_tuned: the fine-tuned matrix [m, n], or a LoRA adapter ``(W_base, B, A, scale)``
+            meaning ``W_base + scale * B @ A`` (B [m, r], A [r, n]); the sum is never formed:
+            its top-k left singular vectors come from a randomized SVD driven by products.
+        k, eps: the paper's defaults, 10 and 0.5.
+        base_svd: optionally the left singular vectors of W_base (a tensor [m, s] or a tuple whose
+            first element is it, e.g. ``torch.linalg.svd(W_base, full_matrices=False)``);
+            computed with ``torch.linalg.svd`` otherwise.
+        seed: the sketch's seed for the tuned matrix's randomized SVD.
+    """
+    check_tensor(W_base, "W_base", ndim=2, dtypes=FLOAT_DTYPES)
+    m, n = W_base.shape
+    k = check_int(k, "k", low=1, high=min(m, n))
+    eps = check_float(eps, "eps", low=0.0, high=1.0)
+    dt = torch.float64 if W_base.dtype == torch.float64 else torch.float32
+    if isinstance(W_tuned, (tuple, list)):
+        if len(W_tuned) != 4:
+            raise ValueError(f"W_tuned: expected a tensor or a LoRA tuple (W_base, B, A, scale), got a sequence of length {len(W_tuned)}")
+        W0, Bm, Am, scale = W_tuned
+        dims = {"m": m, "n": n}
+        check_tensor(W0, "W_tuned[0]", shape=("m", "n"), dims=dims, dtypes=FLOAT_DTYPES)
+        check_tensor(Bm, "W_tuned[1] (B)", shape=("m", "r"), dims=dims, dtypes=FLOAT_DTYPES)
+        check_tensor(Am, "W_tuned[2] (A)", shape=("r", "n"), dims=dims, dtypes=FLOAT_DTYPES)
+        scale = check_float(scale, "W_tuned[3] (scale)")
+        W0d, Bd, Ad = W0.to(dt), Bm.to(dt), Am.to(dt)
+        apply = lambda X: W0d @ X + scale * (Bd @ (Ad @ X))  # noqa: E731
+        apply_t = lambda Y: W0d.mT @ Y + scale * (Ad.mT @ (Bd.mT @ Y))  # noqa: E731
+        Y = _operator_top_left(apply, apply_t, m, n, k, dt, W_base.device, seed)
+    else:
+        check_tensor(W_tuned, "W_tuned", shape=(m, n), dtypes=FLOAT_DTYPES)
+        Y = randomized_svd(W_tuned, k, seed=seed, backend="reference").U.to(torch.float64)
+    if base_svd is None:
+        Xb = torch.linalg.svd(W_base.to(dt), full_matrices=False).U
+    else:
+        Xb = base_svd[0] if isinstance(base_svd, (tuple, list)) else base_svd
+        check_tensor(Xb, "base_svd", shape=(m, None), dtypes=FLOAT_DTYPES)
+    cos = (Xb.to(torch.float64).mT @ Y.to(torch.float64)).abs()  # [s, k]; unit vectors
+    max_cos = cos.amax(dim=0).to(torch.float32)
+    indices = (max_cos < eps).nonzero().squeeze(1)
+    return IntruderDimensions(int(indices.numel()), indices, max_cos)
+
+
+def rsvd_reference(A: torch.Tensor, rank: int, **kw) -> SVDResult:
+    """The reference backend of :func:`randomized_svd` (same arguments)."""
+    return randomized_svd(A, rank, backend="reference", **kw)

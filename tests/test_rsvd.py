@@ -1,0 +1,509 @@
+"""randomized_svd & co. against torch.linalg.svd in float64: the issue's accuracy contract
+(LLM-like spectra, aspects 1:1 and 1:2.7, k/min in {0.01, 0.1, 0.4}), edge cases, batching,
+lists, seeds, torch.svd_lowrank semantics, low_rank, singular-value gradients, intruder
+dimensions, bad inputs. Triton/CUDA backends at tiny shapes at the end."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import pytest
+import torch
+from helpers import DEVICE, op_backends, pick
+
+from fastmodels.ops import intruder_dimensions, low_rank, randomized_svd, singular_value_grads
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Test matrices (built in float64 with a known spectrum, cached per shape)
+# ---------------------------------------------------------------------------------------------
+
+
+def _haar(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=F64, generator=g))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@lru_cache(maxsize=None)
+def spectrum_matrix(kind: str, m: int, n: int, b: int = 2, seed: int = 0) -> torch.Tensor:
+    """[b, m, n] float64: "power" sigma_i = i^-0.3; "mp" Marchenko-Pastur bulk + 5 spikes;
+    "deficient" rank 3; "kappa" sigma geometric from 1 to 1e-10."""
+    g = torch.Generator().manual_seed(seed * 7919 + m * 31 + n)
+    s = min(m, n)
+    out = []
+    for _ in range(b):
+        U, V = _haar(m, s, g), _haar(n, s, g)
+        if kind == "power":
+            sig = torch.arange(1, s + 1, dtype=F64) ** -0.3
+        elif kind == "kappa":
+            sig = torch.logspace(0, -10, s, dtype=F64)
+        elif kind == "deficient":
+            sig = torch.zeros(s, dtype=F64)
+            sig[:3] = torch.tensor([3.0, 2.0, 1.0], dtype=F64)
+        elif kind == "mp":
+            bulk = torch.randn(m, n, dtype=F64, generator=g) / math.sqrt(max(m, n))
+            spikes = (U[:, :5] * torch.tensor([8.0, 6.0, 5.0, 4.0, 3.0], dtype=F64)) @ V[:, :5].T
+            out.append(bulk + spikes)
+            continue
+        else:
+            raise ValueError(kind)
+        out.append((U * sig) @ V.T)
+    return torch.stack(out)
+
+
+def residual_ratio(A: torch.Tensor, U, S, V, k: int) -> torch.Tensor:
+    """||A - U S V^T||_F / ||A - A_k||_F per matrix (A_k from torch.linalg.svd in float64)."""
+    A = A.to(F64).cpu()
+    sv = torch.linalg.svdvals(A)
+    opt = sv[..., k:].square().sum(-1).sqrt()
+    rec = (U.to(F64).cpu() * S.to(F64).cpu()[..., None, :]) @ V.to(F64).cpu().mT
+    return torch.linalg.matrix_norm(A - rec) / opt
+
+
+def orth_defect(U: torch.Tensor) -> float:
+    U = U.to(F64).cpu()
+    eye = torch.eye(U.shape[-1], dtype=F64)
+    return (U.mT @ U - eye).abs().max().item()
+
+
+def sin_max_angle(U: torch.Tensor, W: torch.Tensor) -> float:
+    """Sine of the largest principal angle between the column spaces of U and W (orthonormal)."""
+    c = torch.linalg.svdvals(U.to(F64).cpu().mT @ W.to(F64).cpu())
+    return math.sqrt(max(0.0, 1.0 - c.min().item() ** 2))
+
+
+def check_svd_shapes(res, A_shape, k: int, dtype) -> None:
+    *batch, m, n = A_shape
+    assert res.U.shape == (*batch, m, k) and res.S.shape == (*batch, k) and res.V.shape == (*batch, n, k)
+    for name in ("U", "S", "V"):
+        t = getattr(res, name)
+        assert t.dtype == dtype, f"{name} dtype {t.dtype}, expected {dtype}"
+        assert torch.isfinite(t).all(), f"{name} has NaN/inf"
+    assert (res.S[..., :-1] >= res.S[..., 1:]).all(), "S not descending"
+    assert (res.S >= 0).all()
+
+
+ASPECTS = [(96, 96), (96, 260), (260, 96)]
+FRACTIONS = [0.01, 0.1, 0.4]
+
+
+def rank_of(frac: float, m: int, n: int) -> int:
+    return max(1, round(frac * min(m, n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy contract (reference backend)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["power", "mp"])
+@pytest.mark.parametrize("shape", ASPECTS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("frac", FRACTIONS)
+def test_accurate_contract_fp32(kind, shape, frac, device):
+    m, n = shape
+    k = rank_of(frac, m, n)
+    A = spectrum_matrix(kind, m, n).to(device, torch.float32)
+    res = randomized_svd(A, k, seed=3)
+    check_svd_shapes(res, A.shape, k, torch.float32)
+    ratio = residual_ratio(A, *res, k)
+    assert ratio.max().item() <= 1.01, f"residual {ratio.tolist()} x optimal"
+    assert orth_defect(res.U) <= 1e-5
+    assert orth_defect(res.V) <= 1e-5
+    # Ritz values never exceed the true singular values; the leading one is close.
+    sv = torch.linalg.svdvals(A.to(F64).cpu())[..., :k]
+    assert (res.S.to(F64).cpu() <= sv * (1 + 1e-5) + 1e-6).all()
+    assert (res.S[..., 0].to(F64).cpu() >= 0.995 * sv[..., 0]).all()
+
+
+@pytest.mark.parametrize("kind", ["power", "mp"])
+@pytest.mark.parametrize("frac", [0.01, 0.1])
+def test_accurate_contract_fp64(kind, frac, device):
+    m, n = 96, 260
+    k = rank_of(frac, m, n)
+    A = spectrum_matrix(kind, m, n).to(device)
+    res = randomized_svd(A, k, seed=5)
+    check_svd_shapes(res, A.shape, k, F64)
+    assert residual_ratio(A, *res, k).max().item() <= 1.01
+    assert orth_defect(res.U) <= 1e-12 and orth_defect(res.V) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", [(96, 260), (260, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_leading_subspace_principal_angles(shape, device):
+    # Five spikes (8..3) above a Marchenko-Pastur bulk (edge ~1.6): a gap at k = 5.
+    m, n = shape
+    A = spectrum_matrix("mp", m, n).to(device, torch.float32)
+    U0, _, V0h = torch.linalg.svd(A.to(F64).cpu())
+    res = randomized_svd(A, 5, seed=11)
+    # Subspace error ~ (sigma_{l+1} / sigma_k)^(2q+1) with q = 3, l = k + 10, bulk
+    # sigma_{l+1} ~ 1.5: (1.5/3)^7 = 8e-3. (torch_lowrank, l = k, misses the 5th spike.)
+    tol = 1e-2
+    for i in range(A.shape[0]):
+        assert sin_max_angle(res.U[i], U0[i, :, :5]) <= tol
+        assert sin_max_angle(res.V[i], V0h[i, :5].mT) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype, device):
+    m, n, k = 96, 260, 10
+    A = spectrum_matrix("power", m, n).to(device, dtype)
+    res = randomized_svd(A, k, seed=1)
+    check_svd_shapes(res, A.shape, k, torch.float32)
+    # Against the exact truncation of the low-precision matrix itself.
+    assert residual_ratio(A, *res, k).max().item() <= 1.01
+    assert orth_defect(res.U) <= 1e-5 and orth_defect(res.V) <= 1e-5
+
+
+def test_exact_route_matches_full_svd(device):
+    m, n, k = 96, 260, 60  # k > 0.25 min(m, n)
+    A = spectrum_matrix("power", m, n).to(device)
+    res = randomized_svd(A, k)
+    U0, S0, V0h = torch.linalg.svd(A.cpu())
+    torch.testing.assert_close(res.S.cpu(), S0[..., :k], rtol=1e-10, atol=1e-12)
+    assert residual_ratio(A, *res, k).max().item() <= 1 + 1e-10
+    # The exact route is deterministic: no dependence on the seed.
+    res2 = randomized_svd(A, k, seed=123)
+    torch.testing.assert_close(res2.U, res.U, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases: no NaN, no error
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 10, 40])
+def test_rank_deficient(k, device):
+    A = spectrum_matrix("deficient", 96, 260).to(device, torch.float32)
+    res = randomized_svd(A, k, seed=2)
+    check_svd_shapes(res, A.shape, k, torch.float32)
+    assert orth_defect(res.U) <= 1e-5 and orth_defect(res.V) <= 1e-5
+    rec = (res.U * res.S[..., None, :]) @ res.V.mT
+    if k >= 3:
+        assert torch.linalg.matrix_norm(rec.cpu().double() - A.cpu().double()).max() <= 1e-5
+    torch.testing.assert_close(res.S[..., :min(k, 3)].cpu().double(), torch.tensor([3.0, 2.0, 1.0], dtype=F64)[:min(k, 3)].expand(2, -1), rtol=1e-5, atol=1e-5)
+    assert (res.S[..., 3:] <= 1e-5).all()
+
+
+@pytest.mark.parametrize("method", ["accurate", "torch_lowrank"])
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_all_zero(k, method, device):
+    A = torch.zeros(3, 40, 70, device=device)
+    res = randomized_svd(A, k, method=method, seed=0)
+    check_svd_shapes(res, A.shape, k, torch.float32)
+    assert (res.S == 0).all()
+    assert orth_defect(res.U) <= 1e-5 and orth_defect(res.V) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 50), (50, 1), (1, 1)])
+def test_single_row_or_column(shape, device):
+    A = torch.randn(2, *shape, device=device)
+    res = randomized_svd(A, 1, seed=0)
+    check_svd_shapes(res, A.shape, 1, torch.float32)
+    torch.testing.assert_close(res.S[:, 0], torch.linalg.vector_norm(A, dim=(-2, -1)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((res.U * res.S[..., None, :]) @ res.V.mT, A, rtol=1e-5, atol=1e-6)
+    assert (torch.abs(res.U).amax(dim=-2) == res.U.amax(dim=-2)).all()  # sign convention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["accurate", "torch_lowrank"])
+@pytest.mark.parametrize("k", [3, 10, 40])
+def test_ill_conditioned(dtype, method, k, device):
+    A = spectrum_matrix("kappa", 96, 260).to(device, dtype)
+    res = randomized_svd(A, k, method=method, seed=4)
+    check_svd_shapes(res, A.shape, k, dtype)
+    assert orth_defect(res.U) <= 1e-5 and orth_defect(res.V) <= 1e-5
+    sv = torch.linalg.svdvals(A.to(F64).cpu())
+    rec = (res.U.to(F64) * res.S.to(F64)[..., None, :]) @ res.V.to(F64).mT
+    err = torch.linalg.matrix_norm(rec.cpu() - A.to(F64).cpu())
+    opt = sv[..., k:].square().sum(-1).sqrt()
+    if method == "accurate":
+        # The leading singular values are resolved; the residual is near-optimal down to the
+        # working precision's floor.
+        torch.testing.assert_close(res.S[..., :3].to(F64).cpu(), sv[..., :3], rtol=1e-4, atol=1e-6)
+        assert (err <= 1.01 * opt + 1e-5).all()
+    else:  # no oversampling, 2 passes on a slowly decaying spectrum: only a sane residual
+        assert (err <= 3 * opt + 1e-5).all()
+
+
+def test_empty_batch(device):
+    res = randomized_svd(torch.zeros(0, 8, 12, device=device), 3)
+    assert res.U.shape == (0, 8, 3) and res.S.shape == (0, 3) and res.V.shape == (0, 12, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, batching, lists
+# ---------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_result_and_sign_convention(device):
+    A = spectrum_matrix("power", 96, 260).to(device, torch.float32)
+    r1 = randomized_svd(A, 10, seed=7)
+    r2 = randomized_svd(A, 10, seed=7)
+    for a, b in zip(r1, r2):
+        assert torch.equal(a, b)
+    r3 = randomized_svd(A, 10, seed=8)
+    assert not torch.equal(r1.U, r3.U)  # a different sketch
+    # Global-RNG default seed: reproducible under torch.manual_seed.
+    torch.manual_seed(1)
+    r4 = randomized_svd(A, 10)
+    torch.manual_seed(1)
+    r5 = randomized_svd(A, 10)
+    assert torch.equal(r4.U, r5.U)
+    # Largest-magnitude entry of every u_i is positive.
+    idx = r1.U.abs().argmax(dim=-2, keepdim=True)
+    assert (torch.gather(r1.U, -2, idx) > 0).all()
+
+
+@pytest.mark.parametrize("method", ["accurate", "torch_lowrank"])
+def test_batched_equals_looped(method, device):
+    A = spectrum_matrix("mp", 96, 260, b=4).to(device, torch.float32).reshape(2, 2, 96, 260)
+    k = 5
+    res = randomized_svd(A, k, method=method, seed=9)
+    assert res.U.shape == (2, 2, 96, k)
+    # Matrix i of a batch gets the sketch of (seed, i): index 0 matches a lone call exactly...
+    lone = randomized_svd(A[0, 0], k, method=method, seed=9)
+    for a, b in zip(res, lone):
+        torch.testing.assert_close(a[0, 0], b, rtol=1e-5, atol=1e-6)
+    # ...and every matrix gets the same rank-k approximation as a lone call (gap at k = 5).
+    tol = 1e-2 if method == "accurate" else 2e-1  # see the principal-angle test
+    for i in range(2):
+        for j in range(2):
+            one = randomized_svd(A[i, j], k, method=method, seed=9)
+            rec_b = (res.U[i, j] * res.S[i, j]) @ res.V[i, j].mT
+            rec_1 = (one.U * one.S) @ one.V.mT
+            assert torch.linalg.matrix_norm(rec_b - rec_1) <= tol * torch.linalg.matrix_norm(rec_1)
+            torch.testing.assert_close(res.S[i, j], one.S, rtol=tol, atol=0)
+
+
+def test_list_equals_separate_calls(device):
+    base = spectrum_matrix("mp", 96, 260, b=2).to(device, torch.float32)
+    mats = [base[0], spectrum_matrix("mp", 40, 30, b=1)[0].to(device, torch.float32), base[1], base[0].to(torch.bfloat16), spectrum_matrix("mp", 30, 40, b=1)[0].to(device)]
+    k = 5
+    out = randomized_svd(mats, k, seed=21)
+    assert isinstance(out, list) and len(out) == len(mats)
+    for M, res in zip(mats, out):
+        dt = F64 if M.dtype == F64 else torch.float32
+        check_svd_shapes(res, M.shape, k, dt)
+        one = randomized_svd(M, k, seed=21)
+        rec_l = (res.U * res.S) @ res.V.mT
+        rec_1 = (one.U * one.S) @ one.V.mT
+        assert torch.linalg.matrix_norm((rec_l - rec_1).double()) <= 1e-2 * torch.linalg.matrix_norm(rec_1.double())
+    # The first matrix of each shape bucket gets the sketch of a lone call: identical results.
+    for i in (0, 1, 3, 4):
+        one = randomized_svd(mats[i], k, seed=21)
+        for a, b in zip(out[i], one):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Same-shape items equal the stacked batched call.
+    stacked = randomized_svd(torch.stack([mats[0], mats[2]]), k, seed=21)
+    torch.testing.assert_close(out[2].U, stacked.U[1], rtol=1e-5, atol=1e-6)
+    assert randomized_svd([], 3) == []
+
+
+def test_torch_lowrank_matches_torch_statistically():
+    # Same algorithm as torch.svd_lowrank(A, q=k, niter=2): the mean excess residual over seeds
+    # agrees with torch's, and is well above the accurate mode's.
+    m, n, k = 96, 260, 10
+    A = spectrum_matrix("power", m, n, b=1)[0].to(torch.float32)
+    ours, theirs = [], []
+    for seed in range(12):
+        r = randomized_svd(A, k, method="torch_lowrank", seed=seed)
+        ours.append(residual_ratio(A, *r, k).item() - 1)
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(A, q=k, niter=2)
+        theirs.append(residual_ratio(A, U, S, V, k).item() - 1)
+    mo, mt = sum(ours) / len(ours), sum(theirs) / len(theirs)
+    assert abs(mo - mt) <= 0.25 * mt, (mo, mt)
+    acc = residual_ratio(A, *randomized_svd(A, k, seed=0), k).item() - 1
+    assert acc < 0.5 * mt
+    # n_iter and oversample are honoured: more iterations -> smaller residual on average.
+    more = [residual_ratio(A, *randomized_svd(A, k, method="torch_lowrank", n_iter=6, seed=s), k).item() - 1 for s in range(4)]
+    assert sum(more) / 4 < mo
+
+
+# ---------------------------------------------------------------------------------------------
+# low_rank, singular_value_grads, intruder_dimensions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_low_rank_many_ranks_one_factorization(device):
+    A = spectrum_matrix("mp", 96, 260).to(device, torch.bfloat16)
+    ranks = [1, 5, 20]
+    outs = low_rank(A, ranks, seed=0)
+    svd = randomized_svd(A, 20, seed=0)
+    assert len(outs) == 3
+    for r, W in zip(ranks, outs):
+        assert W.dtype == torch.bfloat16 and W.shape == A.shape
+        ref = (svd.U[..., :r] * svd.S[..., None, :r]) @ svd.V[..., :r].mT
+        torch.testing.assert_close(W.float(), ref.to(torch.bfloat16).float(), rtol=0, atol=0)
+    single = low_rank(A, 5, svd=svd)
+    assert torch.equal(single, outs[1])
+    # rank 5 sits at the spectral gap: close to the exact truncation.
+    U0, S0, V0h = torch.linalg.svd(A.to(F64).cpu())
+    A5 = (U0[..., :5] * S0[..., None, :5]) @ V0h[..., :5, :]
+    assert (torch.linalg.matrix_norm(single.cpu().double() - A5) <= 1e-2 * torch.linalg.matrix_norm(A5)).all()
+    with pytest.raises(ValueError, match="svd"):
+        low_rank(A, [30], svd=svd)
+    with pytest.raises(ValueError, match="ranks"):
+        low_rank(A, [])
+
+
+def test_singular_value_grads_match_autograd(device):
+    torch.manual_seed(0)
+    W = torch.randn(3, 20, 33, dtype=F64, device=device)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    V = Vh.mT
+    T = torch.randn(3, 20, 33, dtype=F64, device=device)
+
+    def loss(M):
+        return (torch.tanh(M) * T).sum()
+
+    Wr = W.clone().requires_grad_(True)
+    (G,) = torch.autograd.grad(loss(Wr), Wr)
+    Sr = S.clone().requires_grad_(True)
+    (dS,) = torch.autograd.grad(loss((U * Sr[..., None, :]) @ V.mT), Sr)
+    got = singular_value_grads(U[..., :7], S[..., :7], V[..., :7], G)
+    assert got.shape == (3, 7) and got.dtype == F64
+    torch.testing.assert_close(got, dS[..., :7], rtol=1e-10, atol=1e-12)
+    # float32 factors with a bf16 gradient: float32 result, close to the float64 one.
+    g32 = singular_value_grads(U.float(), S.float(), V.float(), G.to(torch.bfloat16))
+    assert g32.dtype == torch.float32
+    torch.testing.assert_close(g32.double(), dS, rtol=0, atol=5e-2 * dS.abs().max().item())
+    with pytest.raises(ValueError, match="G: expected shape"):
+        singular_value_grads(U, S, V, G[..., :5])
+
+
+def _intruder_setup(device, m=64, n=96):
+    g = torch.Generator().manual_seed(5)
+    Ub, Vb = _haar(m, m, g), _haar(n, m, g)
+    sig = 0.8 ** torch.arange(m, dtype=F64)  # separated singular values
+    W = ((Ub * sig) @ Vb.T).to(device)
+    b = torch.randn(m, 2, dtype=F64, generator=g)
+    a = torch.randn(2, n, dtype=F64, generator=g)
+    return W, b.to(device), a.to(device)
+
+
+def _intruders_exact(W_base, W_tuned, k, eps):
+    Xb = torch.linalg.svd(W_base, full_matrices=False).U
+    Y = torch.linalg.svd(W_tuned, full_matrices=False).U[:, :k]
+    max_cos = (Xb.mT @ Y).abs().amax(dim=0)
+    return max_cos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_intruder_dimensions_lora_and_dense(dtype, device):
+    W, B, A = _intruder_setup(device)
+    scale = 2.0  # B A has singular values ~ 2 * 10 >> sigma_1(W) = 1: two intruding directions
+    W_t = W + scale * B @ A
+    exact = _intruders_exact(W, W_t, 10, 0.5)
+    dense = intruder_dimensions(W.to(dtype), W_t.to(dtype), k=10)
+    lora = intruder_dimensions(W.to(dtype), (W.to(dtype), B.to(dtype), A.to(dtype), scale), k=10)
+    for res in (dense, lora):
+        assert res.max_cos.shape == (10,) and res.max_cos.dtype == torch.float32
+        torch.testing.assert_close(res.max_cos.double(), exact.cpu() if device == "cpu" else exact, rtol=0, atol=2e-3)
+        assert res.count == int((exact < 0.5).sum()) and res.count >= 1
+        assert torch.equal(res.indices.cpu(), (exact < 0.5).nonzero().squeeze(1).cpu())
+    # Reusing the base SVD gives the same answer.
+    base = torch.linalg.svd(W.to(dtype), full_matrices=False)
+    again = intruder_dimensions(W.to(dtype), W_t.to(dtype), k=10, base_svd=base)
+    torch.testing.assert_close(again.max_cos, dense.max_cos, rtol=0, atol=1e-5)
+    # A tiny, full-rank perturbation (full fine-tuning-like) creates no intruder.
+    noise = 1e-4 * torch.randn(W.shape, dtype=F64, generator=torch.Generator().manual_seed(1)).to(device)
+    assert intruder_dimensions(W.to(dtype), (W + noise).to(dtype)).count == 0
+
+
+def test_intruder_bad_inputs():
+    W, B, A = _intruder_setup("cpu")
+    with pytest.raises(ValueError, match="LoRA tuple"):
+        intruder_dimensions(W, (W, B, A))
+    with pytest.raises(ValueError, match=r"W_tuned\[2\] \(A\)"):
+        intruder_dimensions(W, (W, B, A[:, :5], 1.0))
+    with pytest.raises(ValueError, match="W_tuned: expected shape"):
+        intruder_dimensions(W, W[:5])
+    with pytest.raises(ValueError, match="eps"):
+        intruder_dimensions(W, W, eps=2.0)
+    with pytest.raises(ValueError, match="k:"):
+        intruder_dimensions(W, W, k=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    A = torch.randn(10, 20)
+    with pytest.raises(ValueError, match="rank: expected an int >= 1"):
+        randomized_svd(A, 0)
+    with pytest.raises(ValueError, match=r"rank: expected an int <= min\(m, n\) = 10"):
+        randomized_svd(A, 11)
+    with pytest.raises(TypeError, match="rank: expected an int"):
+        randomized_svd(A, 2.5)
+    with pytest.raises(TypeError, match="A: expected dtype"):
+        randomized_svd(torch.ones(10, 20, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match=r"A: expected a matrix .* got shape \[20\]"):
+        randomized_svd(torch.randn(20), 1)
+    with pytest.raises(TypeError, match="A: expected a torch.Tensor"):
+        randomized_svd(A.numpy(), 2)
+    with pytest.raises(ValueError, match="method"):
+        randomized_svd(A, 2, method="fast")
+    with pytest.raises(ValueError, match="oversample"):
+        randomized_svd(A, 2, oversample=-1)
+    with pytest.raises(ValueError, match="n_iter"):
+        randomized_svd(A, 2, n_iter=-1)
+    with pytest.raises(ValueError, match="seed"):
+        randomized_svd(A, 2, seed=-3)
+    with pytest.raises(ValueError, match=r"A\[1\]: expected 2 dimensions"):
+        randomized_svd([A, torch.randn(2, 10, 20)], 2)
+    with pytest.raises(ValueError, match=r"rank: .* for A\[1\]"):
+        randomized_svd([A, torch.randn(3, 20)], 5)
+    with pytest.raises(ValueError, match="backend"):
+        randomized_svd(A, 2, backend="magic")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton and CUDA backends (tiny shapes under the interpreter; full ones on a GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", op_backends("randomized_svd"))
+@pytest.mark.parametrize("shape", [pick((40, 70), (512, 1380)), pick((70, 40), (1380, 512))], ids=["wide", "tall"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_accurate(backend, shape, dtype):
+    device = "cuda" if backend == "cuda" else DEVICE
+    m, n = shape
+    k = max(1, min(m, n) // 10)
+    A = spectrum_matrix("mp", m, n).to(device, dtype)
+    res = randomized_svd(A, k, seed=3, backend=backend)
+    check_svd_shapes(res, A.shape, k, torch.float32)
+    assert residual_ratio(A, *res, k).max().item() <= 1.01
+    assert orth_defect(res.U) <= 1e-5 and orth_defect(res.V) <= 1e-5
+    again = randomized_svd(A, k, seed=3, backend=backend)
+    assert torch.equal(again.U, res.U)
+
+
+@pytest.mark.parametrize("backend", op_backends("randomized_svd"))
+@pytest.mark.parametrize("shape", [pick((40, 70), (512, 1380)), pick((70, 40), (1380, 512))], ids=["wide", "tall"])
+def test_backend_torch_lowrank_and_edges(backend, shape):
+    device = "cuda" if backend == "cuda" else DEVICE
+    m, n = shape
+    A = spectrum_matrix("mp", m, n).to(device, torch.float32)
+    res = randomized_svd(A, 5, method="torch_lowrank", seed=1, backend=backend)
+    check_svd_shapes(res, A.shape, 5, torch.float32)
+    assert residual_ratio(A, *res, 5).max().item() <= 1.1  # torch's own quality: ~1.02
+    assert orth_defect(res.U) <= 1e-5 and orth_defect(res.V) <= 1e-5
+    z = randomized_svd(torch.zeros(2, m, n, device=device), 3, seed=0, backend=backend)
+    check_svd_shapes(z, (2, m, n), 3, torch.float32)
+    assert (z.S == 0).all() and orth_defect(z.U) <= 1e-5
+
+
+def test_docs_example_runs():
+    # The LASER-style example in docs/rsvd.md runs as written.
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "rsvd.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if b.startswith("import torch")]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/rsvd.md", "exec"), {"print": lambda *a, **k: None})
