@@ -29,13 +29,17 @@ def _num(v, spec):
     return "" if v is None else format(v, spec)
 
 
+def _verdict(met) -> str:
+    return "not measured" if met is None else ("met" if met else "NOT met")
+
+
 def markdown(rows: list[dict]) -> str:
     out = ["| op / case | impl | median ms | peak MB | peer time / ours | peer mem / ours | error | targets |", "|---|---|---|---|---|---|---|---|"]
     machines = sorted({f"{r.get('device_name')} (torch {r.get('torch')}, triton {r.get('triton')}, commit {r.get('commit')}, {r.get('date', '')[:10]})" for r in rows})
     for r in rows:
         err_keys = [k for k in r if k.endswith("err") or k.endswith("error_ratio")]
         err = f"{err_keys[0]}={r[err_keys[0]]:.2e}" if err_keys and r.get(err_keys[0]) is not None else ""
-        targets = "; ".join(f"{k} {'met' if t['met'] else 'NOT met'} ({_num(t['got'], '.3g')} vs {t['want']:.3g})" for k, t in r.get("targets", {}).items())
+        targets = "; ".join(f"{k} {_verdict(t['met'])} ({_num(t['got'], '.3g')} vs {t['want']:.3g})" for k, t in r.get("targets", {}).items())
         if "median_ms" not in r:
             out.append(f"| {r['op']} / {r['case']} | {r['impl']} | failed: {r.get('error', '')[:60]} | | | | | |")
             continue
