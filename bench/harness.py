@@ -148,25 +148,34 @@ def _rss_kb(field_name: str) -> int:
 _EXACT_CPU_PEAKS = False  # set in the per-case worker processes
 
 
-def set_mmap_threshold(threshold: int) -> None:
-    """glibc's M_MMAP_THRESHOLD: allocations above it are mmapped and unmapped on free."""
+def _libc():
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def set_mmap_threshold(threshold: int) -> None:
+    """glibc's M_MMAP_THRESHOLD: allocations above it are mmapped and unmapped on free."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 def _peak_cpu_mb_exact(fn: Callable[[], Any]) -> float | None:
-    """Resident peaks that mean something: with glibc's dynamic mmap threshold, blocks freed by a
-    warm-up call stay resident and later calls reuse them (every implementation then reads ~0 MB).
-    A 64 KiB threshold maps every large tensor fresh and unmaps it on free, so the high-water mark
-    counts what a call really holds. That makes every allocation a page-faulting mmap, so timing
-    runs afterwards with a 32 MiB threshold (glibc's dynamic maximum, its warmed-up state)."""
+    """Resident peaks that mean something. With glibc's dynamic mmap threshold, memory freed by a
+    warm-up call stays resident in the heap and later calls reuse it (every implementation then
+    reads ~0 MB). So the probe first returns free heap pages to the OS (malloc_trim) and maps every
+    block above 64 KiB fresh: the high-water mark then counts what one call really touches. Fresh
+    mmaps page-fault on every allocation, so timing runs afterwards with a 32 MiB threshold
+    (glibc's dynamic maximum, its warmed-up state)."""
+    libc = _libc()
     set_mmap_threshold(64 * 1024)
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
     try:
         return peak_cpu_mb(fn)
     finally:
