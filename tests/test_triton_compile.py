@@ -295,31 +295,58 @@ def test_every_kernel_is_launched_by_a_recorded_launcher(op):
     assert not missing, f"kernels never launched by the recorded launcher calls (add a call above): {missing}"
 
 
-@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
-@pytest.mark.parametrize(("name", "jit", "args", "kwargs", "config"), _CASES)
-def test_compiles_for_sm90(name, jit, args, kwargs, config, _fresh_triton_cache, record_property):
+def _compile(jit, args, kwargs):
+    """triton.compile for sm_90 with what a GPU launch derives from (args, kwargs); returns
+    (compiled kernel, ptxas log, seconds)."""
     import triton
     from triton.compiler import ASTSource
 
     target, _ = _backend()
-    kw = dict(kwargs)
-    if config is not None:
-        kw.update(config.all_kwargs())  # what Autotuner.run merges into the launch
-    options, signature, constexprs, attrs = _specialize(jit, args, kw)
+    options, signature, constexprs, attrs = _specialize(jit, args, kwargs)
     log = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
-    seconds = time.perf_counter() - t0
+    return compiled, log.getvalue(), time.perf_counter() - t0
+
+
+@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+@pytest.mark.parametrize(("name", "jit", "args", "kwargs", "config"), _CASES)
+def test_compiles_for_sm90(name, jit, args, kwargs, config, _fresh_triton_cache, record_property, request):
+    kw = dict(kwargs)
+    if config is not None:
+        kw.update(config.all_kwargs())  # what Autotuner.run merges into the launch
+    compiled, ptxas, seconds = _compile(jit, args, kw)
     assert compiled.asm.get("cubin"), "no cubin produced"
-    ptxas = log.getvalue()
     regs = re.search(r"Used (\d+) registers", ptxas)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     n_regs = int(regs.group(1)) if regs else None
     n_spills = (int(spills.group(1)), int(spills.group(2))) if spills else None
     record_property("n_regs", n_regs)
     record_property("spill_store_load_bytes", n_spills)
-    cfg = "" if config is None else f" {config}"
-    print(f"[sm_90] {name}{cfg}: {n_regs} registers, spill stores/loads {n_spills} bytes, "
-          f"shared {compiled.metadata.shared} B, {seconds:.1f}s")
+    record_property("shared_bytes", compiled.metadata.shared)
+    cfg = "" if config is None else f" {{{config}}}"
+    print(f"[sm_90] {request.node.callspec.id}{cfg}: {n_regs} registers, spill stores/loads "
+          f"{n_spills} bytes, shared {compiled.metadata.shared} B, {seconds:.1f}s")
+
+
+if _SKIP is None:
+    import triton
+    import triton.language as tl
+
+    _SCALE = 3  # a plain module-level int: the interpreter reads it, the GPU compiler must refuse it
+
+    @triton.jit
+    def _reads_plain_global_kernel(x_ptr, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(x_ptr + o, tl.load(x_ptr + o) * _SCALE)
+
+
+@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+def test_compile_check_catches_what_the_interpreter_accepts(_fresh_triton_cache):
+    """The check is not vacuous: a kernel the interpreter runs fine fails to compile here."""
+    from triton.compiler.errors import CompilationError
+
+    with pytest.raises(CompilationError, match="_SCALE"):
+        _compile(_reads_plain_global_kernel, (torch.zeros(16),), dict(BLOCK=16))
