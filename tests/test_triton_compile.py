@@ -319,6 +319,8 @@ def test_compiles_for_sm90(name, jit, args, kwargs, config, _fresh_triton_cache,
         kw.update(config.all_kwargs())  # what Autotuner.run merges into the launch
     compiled, ptxas, seconds = _compile(jit, args, kw)
     assert compiled.asm.get("cubin"), "no cubin produced"
+    # sm_90 opt-in limit per block (227 KB): a config above it can never launch on an H100/H200
+    assert compiled.metadata.shared <= 232448, f"needs {compiled.metadata.shared} B of shared memory (> 227 KB)"
     regs = re.search(r"Used (\d+) registers", ptxas)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     n_regs = int(regs.group(1)) if regs else None
