@@ -24,7 +24,8 @@ value: flags such as HAS_BIAS/KL/COMPACT/BINARY/USE_ATOMIC/DOT_F32, block sizes 
 each int argument Triton specializes to 1), and these variants are paired round-robin with the
 kernel's GPU autotune configs, so every config is compiled at least once too
 (max(#variants kept, #configs) compiles per kernel; while configs remain unpaired, further
-recorded variants are taken in launcher order). ``FASTMODELS_AOT_FULL=1`` compiles every
+recorded variants are taken in launcher order), plus every config with the first recorded launch
+(bf16, default flags: what the GPU benchmarks autotune over). ``FASTMODELS_AOT_FULL=1`` compiles every
 recorded variant with every config instead.
 
 Each compile prints (and records as junit properties) the register count and spill bytes that
@@ -265,6 +266,8 @@ def _cases():
                 n = max(len(cover), len(configs))
                 variants = (cover + [v for v in variants if v not in cover])[:n]
                 pairs = [(i % len(variants), i % len(configs)) for i in range(n)]
+                # and every config with the first recorded launch (bf16, the dtype the GPU benches run)
+                pairs += [(0, ci) for ci in range(len(configs)) if (0, ci) not in pairs]
             for vi, ci in pairs:
                 label, (args, kwargs) = variants[vi]
                 cases.append(pytest.param(name, jit, args, kwargs, configs[ci], id=f"{name}-{label}-cfg{ci}"))
