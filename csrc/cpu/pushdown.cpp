@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <thread>
 #include <vector>
 
 #include "fastmodels_cpu.h"
@@ -57,29 +56,13 @@ inline void depth_row(const Block& k, int64_t b, int64_t i, int32_t* idx) {
     }
 }
 
-// Run body(first, stride) on `threads` threads (the calling thread included), thread t taking rows
-// t, t + threads, ... (interleaved: later query rows see more keys, so contiguous chunks would be
-// unbalanced). Plain std::threads joined at the end, not OpenMP: an OpenMP team of this library's
-// runtime spin-waits between blocks and steals the cores from ATen's own (separate) OpenMP pool
-// running the GEMMs in between, which made whole calls many times slower under load.
-template <typename F>
-void parallel_rows(int threads, F body) {
-    if (threads <= 1) {
-        body(int64_t(0), int64_t(1));
-        return;
-    }
-    std::vector<std::thread> pool;
-    pool.reserve(threads - 1);
-    for (int t = 1; t < threads; ++t) pool.emplace_back(body, int64_t(t), int64_t(threads));
-    body(int64_t(0), int64_t(threads));
-    for (auto& th : pool) th.join();
-}
-
 template <typename T>
 void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
-    parallel_rows(threads, [&](int64_t first, int64_t stride) {
+#pragma omp parallel num_threads(threads)
+    {
         std::vector<int32_t> idx(k.kend);
-        for (int64_t bi = first; bi < k.B * k.m; bi += stride) {
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < k.B * k.m; ++bi) {
             const int64_t b = bi / k.m, i = bi % k.m;
             const int64_t n = k.t0 + i + 1;  // visible keys
             depth_row(k, b, i, idx.data());
@@ -103,14 +86,16 @@ void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
                 lse[r] = mx + std::log(sum);
             }
         }
-    });
+    }
 }
 
 template <typename T>
 void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* delta, T* hist, int threads) {
-    parallel_rows(threads, [&](int64_t first, int64_t stride) {
+#pragma omp parallel num_threads(threads)
+    {
         std::vector<int32_t> idx(k.kend);
-        for (int64_t bi = first; bi < k.B * k.m; bi += stride) {
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < k.B * k.m; ++bi) {
             const int64_t b = bi / k.m, i = bi % k.m;
             const int64_t n = k.t0 + i + 1;
             depth_row(k, b, i, idx.data());
@@ -135,7 +120,7 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
                 }
             }
         }
-    });
+    }
 }
 
 Block make_block(int64_t B, int64_t H, int64_t m, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary,

@@ -153,11 +153,11 @@ def _block_dense(dense, r0: int, r1: int, kend: int):
 
 
 def _threads() -> int:
-    """Threads of the C++ pass: torch's intra-op thread count. On an idle 2-core machine two
-    threads in the pass bring T=1024 forward+backward from ~73 ms to ~51 ms (SDPA: ~37 ms). Under
-    heavy oversubscription a second thread team between ATen's parallel GEMMs can be much slower:
-    torch.set_num_threads(1) then gives the single-threaded pass."""
-    return torch.get_num_threads()
+    """Threads of the C++ pass: one. Measured on the 2-core CI machine (busy with other jobs): a
+    second thread team for this pass (OpenMP or std::thread) between ATen's own parallel GEMMs made
+    whole forward+backward calls 4-15x slower than running the pass on the calling thread, while
+    the pass is only ~20% of the single-thread time."""
+    return 1
 
 
 def _buffer_view(buf: torch.Tensor, *shape: int) -> torch.Tensor:
