@@ -507,3 +507,19 @@ def test_docs_example_runs():
     blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if b.startswith("import torch")]
     assert len(blocks) == 1
     exec(compile(blocks[0], "docs/rsvd.md", "exec"), {"print": lambda *a, **k: None})
+
+
+@pytest.mark.no_poison
+def test_custom_op_opcheck_and_compile():
+    from fastmodels.ops.rsvd import _rsvd_op
+
+    A = torch.randn(2, 40, 70)
+    torch.library.opcheck(_rsvd_op, (A, 5, 3, 2, "accurate", 7, "reference"), test_utils=("test_schema", "test_faketensor"))
+
+    def f(x):
+        U, S, V = randomized_svd(x, 5, seed=7, backend="reference")
+        return (U * S[..., None, :]) @ V.mT
+
+    eager = f(A)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(A)
+    torch.testing.assert_close(compiled, eager)

@@ -386,17 +386,39 @@ def randomized_svd(A, rank: int, *, oversample: int | None = None, n_iter: int |
         raise ValueError(f"rank: expected an int <= min(m, n) = {s} for A of shape {list(A.shape)}, got {k}")
     p, q = _resolve_settings(k, s, method, oversample, n_iter)
     seed = _resolve_seed(seed)
-    chosen = select_backend("randomized_svd", backend, A.device)
+    chosen = _resolve_backend(backend, A.device)
     batch = A.shape[:-2]
     A3 = A.reshape(-1, m, n)
     if A3.shape[0] == 0:
         out = torch.float64 if A.dtype == torch.float64 else torch.float32
         z = lambda *sh: torch.zeros(*batch, *sh, dtype=out, device=A.device)  # noqa: E731
         return SVDResult(z(m, k), z(k), z(n, k))
-    with torch.no_grad():  # a randomized factorization: no autograd (weights may require grad)
-        U, S, V = _rsvd_bucket(A3.detach(), k, p, q, method, seed, chosen)
-        U, S, V = _finish(U, S, V, A.dtype)
+    U, S, V = _rsvd_op(A3.detach(), k, p, q, method, seed, chosen)
     return SVDResult(U.reshape(*batch, m, k), S.reshape(*batch, k), V.reshape(*batch, n, k))
+
+
+@torch._dynamo.assume_constant_result
+def _resolve_backend(backend: str | None, device: torch.device) -> str:
+    # Evaluated once at trace time under torch.compile (the dispatcher reads the environment and
+    # imports modules, which dynamo does not trace).
+    return select_backend("randomized_svd", backend, device)
+
+
+@torch.library.custom_op("fastmodels::randomized_svd", mutates_args=())
+def _rsvd_op(A3: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factorization of a [b, m, n] batch as one opaque op (torch.compile traces around it).
+    No autograd: a randomized factorization (weights that require grad may be passed)."""
+    with torch.no_grad():
+        U, S, V = _rsvd_bucket(A3, k, p, q, method, seed, backend)
+        U, S, V = _finish(U, S, V, A3.dtype)
+    return U.contiguous(), S.contiguous(), V.contiguous()
+
+
+@_rsvd_op.register_fake
+def _rsvd_fake(A3, k, p, q, method, seed, backend):
+    b, m, n = A3.shape
+    out = torch.float64 if A3.dtype == torch.float64 else torch.float32
+    return A3.new_empty((b, m, k), dtype=out), A3.new_empty((b, k), dtype=out), A3.new_empty((b, n, k), dtype=out)
 
 
 def _randomized_svd_list(mats: list, rank, **kw) -> list:
