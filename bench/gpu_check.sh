@@ -20,6 +20,10 @@ T_TESTS="${GPU_CHECK_TEST_TIMEOUT:-180}"
 T_BENCH_OP="${GPU_CHECK_BENCH_TIMEOUT:-60}"
 start=$(date +%s)
 
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check.sh: torch sees no CUDA device; run this on a GPU machine" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i "warning" | tail -3
 "$PY" -m fastmodels info 2>&1 | tee "$RESULTS/info.log" | head -40

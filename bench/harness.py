@@ -217,7 +217,7 @@ def peak_cuda_mb(fn: Callable[[], Any]) -> float:
 
 def device_name(device: str) -> str:
     if device == "cuda":
-        return torch.cuda.get_device_name()
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device visible"
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -417,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
     if args.worker:
         op, index = args.worker[0], int(args.worker[1])
         global _EXACT_CPU_PEAKS
