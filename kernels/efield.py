@@ -49,6 +49,16 @@ def _dipole_signal(dx, dy, nx, ny, px, py, eps):
 
 
 @triton.jit
+def _fish(fish_pos, heading, eod, fj, half):
+    """Fish fj's centre, EOD amplitude and half pole-separation vector (fp32)."""
+    xj = tl.load(fish_pos + 2 * fj).to(tl.float32)
+    yj = tl.load(fish_pos + 2 * fj + 1).to(tl.float32)
+    thj = tl.load(heading + fj).to(tl.float32)
+    ej = tl.load(eod + fj).to(tl.float32)
+    return xj, yj, ej, half * tl.cos(thj), half * tl.sin(thj)
+
+
+@triton.jit
 def _image(k: tl.constexpr, W, H):
     """(sign_x, sign_y, shift_x, shift_y) of wall image k: x = 0, x = W, y = 0, y = H."""
     if k == 0:
@@ -95,13 +105,7 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nr
 
     # direct poles of every fish j (comm), and their images
     for j in range(0, N):
-        fj = b * N + j
-        xj = tl.load(fish_pos + 2 * fj).to(tl.float32)
-        yj = tl.load(fish_pos + 2 * fj + 1).to(tl.float32)
-        thj = tl.load(heading + fj).to(tl.float32)
-        ej = tl.load(eod + fj).to(tl.float32)
-        ux = half * tl.cos(thj)
-        uy = half * tl.sin(thj)
+        xj, yj, ej, ux, uy = _fish(fish_pos, heading, eod, b * N + j, half)
         dx = xi - xj
         dy = yi - yj
         v = _pole_signal((dx - ux) + ox, (dy - uy) + oy, nx, ny, ej, eps) + \
@@ -129,13 +133,7 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nr
         ex = tl.zeros([BLOCK_M], dtype=tl.float32)
         ey = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j in range(0, N):
-            fj = b * N + j
-            xj = tl.load(fish_pos + 2 * fj).to(tl.float32)
-            yj = tl.load(fish_pos + 2 * fj + 1).to(tl.float32)
-            thj = tl.load(heading + fj).to(tl.float32)
-            ej = tl.load(eod + fj).to(tl.float32)
-            ux = half * tl.cos(thj)
-            uy = half * tl.sin(thj)
+            xj, yj, ej, ux, uy = _fish(fish_pos, heading, eod, b * N + j, half)
             for p in tl.static_range(2):
                 sg = 1.0 - 2.0 * p
                 dx = (b_cx - xj) - sg * ux
