@@ -345,7 +345,7 @@ def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write
     rows: list[dict] = []
     iterator = cases
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # no carriage-return bars in log files
         try:
             from tqdm import tqdm
 
@@ -364,6 +364,9 @@ def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write
         for row in case_rows:
             row.update(env)
         rows.extend(case_rows)
+        if bar is None and progress:  # one line per finished case for logs
+            done = ", ".join(f"{r['impl']} {r['median_ms']:.3f} ms" if "median_ms" in r else f"{r['impl']} {r.get('error', '?')[:60]}" for r in case_rows)
+            print(f"[bench] {case.key}: {done}", file=sys.stderr, flush=True)
         if write:
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
             with open(RESULTS_DIR / f"{device}.jsonl", "a") as f:
