@@ -9,7 +9,7 @@ The C++ CPU kernels in ``csrc/cpu/*.cpp`` build into one pybind11 extension, ``f
 (OpenMP, -O3). They take raw pointers, so the build needs pybind11 and a C++ compiler but never
 torch. A failed build does not fail the install: the ``cpu`` backends then report why they are
 unavailable (``fastmodels.backends()``), and the reference backends still work. Set
-FASTMODELS_REQUIRE_CPP=1 to make a failed build an error instead.
+FASTMODELS_REQUIRE_CPP=1 to make a failed build an error instead, FASTMODELS_BUILD_CPP=0 to skip it.
 
 CUDA C++ sources (``csrc/cuda/*.cu``) are not built here: they are compiled with nvcc on first use
 on a GPU machine and cached (see fastmodels/_cuda.py).
@@ -31,6 +31,9 @@ except ImportError:  # e.g. --no-build-isolation on a machine without pybind11
         raise
     if cpu_sources:
         print("WARNING: pybind11 is not installed; the C++ extension is not built (cpu backends disabled)", file=sys.stderr)
+    cpu_sources = []
+if cpu_sources and os.environ.get("FASTMODELS_BUILD_CPP", "1") == "0":
+    print("FASTMODELS_BUILD_CPP=0: the C++ extension is not built (cpu backends disabled)", file=sys.stderr)
     cpu_sources = []
 if cpu_sources:
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: on a bare H100/H200 machine with the packages of
 # ../shared/ENVIRONMENT.md (torch, triton, nvcc, pytest, pytest-xdist), install fastmodels, run every
-# CUDA benchmark and then the GPU test suite, and write machine-readable results. About 8.5 minutes
-# at most (the per-op benchmark limits below, then 90 s of tests).
+# CUDA benchmark, kernel-time breakdowns and then the GPU test suite, and write machine-readable
+# results. About 9 minutes at most (the per-op benchmark limits below, 50 s of breakdowns, 80 s of
+# tests).
 #
 #   FASTMODELS_COMMIT=$(git rev-parse --short=12 HEAD) bash bench/gpu_check.sh [results_dir]
 #
@@ -12,13 +13,16 @@
 # backends, marked triton or gpu), with per-test lines (-v) so that a run cut off by its limit still
 # says what passed and what failed.
 #
-# Knobs: GPU_CHECK_OPS (space-separated ops, default all, in priority order), GPU_CHECK_TESTS=0
-# (benchmarks only), GPU_CHECK_TEST_TIMEOUT (s, default 90), GPU_CHECK_BENCH_TIMEOUT (s, one limit
-# for every op instead of the per-op defaults).
+# Knobs: GPU_CHECK_OPS (space-separated ops, default all, in priority order), GPU_CHECK_PROFILE=0
+# (no kernel-time breakdown), GPU_CHECK_TESTS=0 (no tests), GPU_CHECK_TEST_FILES (pytest node ids,
+# default tests), GPU_CHECK_TEST_TIMEOUT (s, default 80), GPU_CHECK_BENCH_TIMEOUT (s, one limit for
+# every op instead of the per-op defaults), GPU_CHECK_LIMITS ("op=seconds ..." for some ops),
+# FASTMODELS_BUILD_CPP (default 0 here: the GPU check
+# runs no cpu backend).
 #
-# Results: <results_dir>/cuda.jsonl (benchmark rows, appended) and gpu_tests.jsonl (one summary row),
-# plus info.log, bench.log and gpu_tests.log. Default results_dir: $OUT when set (the device tool),
-# else bench/results.
+# Results: <results_dir>/cuda.jsonl (benchmark rows, appended), profile.jsonl (kernel-time
+# breakdowns) and gpu_tests.jsonl (one summary row), plus info.log, bench.log and gpu_tests.log.
+# Default results_dir: $OUT when set (the device tool), else bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${1:-${OUT:-bench/results}}"
@@ -27,9 +31,10 @@ export FASTMODELS_BENCH_RESULTS="$RESULTS"
 export FASTMODELS_CACHE_DIR="${FASTMODELS_CACHE_DIR:-/tmp/fastmodels-cache}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-T_TESTS="${GPU_CHECK_TEST_TIMEOUT:-90}"
+T_TESTS="${GPU_CHECK_TEST_TIMEOUT:-80}"
 OPS="${GPU_CHECK_OPS:-pushdown_attention linear_cross_entropy_kl randomized_svd electric_image}"
-declare -A T_OP=([pushdown_attention]=200 [linear_cross_entropy_kl]=75 [randomized_svd]=90 [electric_image]=40)
+declare -A T_OP=([pushdown_attention]=170 [linear_cross_entropy_kl]=75 [randomized_svd]=120 [electric_image]=40)
+for kv in ${GPU_CHECK_LIMITS:-}; do T_OP[${kv%%=*}]=${kv#*=}; done
 start=$(date +%s)
 elapsed() { echo "[$(( $(date +%s) - start )) s]"; }
 
@@ -38,7 +43,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i "warning" | tail -3
+FASTMODELS_BUILD_CPP="${FASTMODELS_BUILD_CPP:-0}" "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i "warning" | tail -3
 if ! "$PY" -c "import fastmodels.kernels, fastmodels.bench.harness" 2>/dev/null; then
   # the editable install failed: expose kernels/ and bench/ under the package by links instead
   echo "gpu_check.sh: pip install -e . failed; linking kernels/ and bench/ into fastmodels/" >&2
@@ -59,13 +64,20 @@ for op in $OPS; do
 done
 "$PY" -m fastmodels.bench.report --device cuda --results "$RESULTS" 2>&1 | tail -60
 
+if [ "${GPU_CHECK_PROFILE:-1}" != "0" ]; then
+  echo "=== kernel-time breakdowns (limit 50 s) $(elapsed) ==="
+  prof_ops=$(for op in $OPS; do case $op in pushdown_attention|randomized_svd) echo -n "$op ";; esac; done)
+  [ -n "$prof_ops" ] && timeout 50 "$PY" -m fastmodels.bench.gpu_profile $prof_ops 2>&1 | tee "$RESULTS/profile.log" | grep -v "^\s*$" | head -80
+fi
+
 if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
   echo "=== GPU tests: triton and gpu markers (limit ${T_TESTS} s) $(elapsed) ==="
   per_test=()  # one slow test must not eat the whole budget
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
   # One autotune config per pushdown kernel: the tests check results, the benchmarks tune.
-  FASTMODELS_AUTOTUNE=0 timeout "$T_TESTS" "$PY" -m pytest -v -n 8 -p no:cacheprovider -m "(triton or gpu) and not slow" \
-    "${per_test[@]}" --ignore tests/test_triton_compile.py --junitxml="$RESULTS/gpu_tests.xml" tests \
+  # SIGINT at the limit: pytest stops and still reports the failures so far
+  FASTMODELS_AUTOTUNE=0 timeout -s INT -k 15 "$T_TESTS" "$PY" -m pytest -v -n 8 -p no:cacheprovider -m "(triton or gpu) and not slow" \
+    "${per_test[@]}" --ignore tests/test_triton_compile.py --junitxml="$RESULTS/gpu_tests.xml" ${GPU_CHECK_TEST_FILES:-tests} \
     > "$RESULTS/gpu_tests.log" 2>&1
   test_rc=$?
   grep -E "FAILED|ERROR|passed|failed" "$RESULTS/gpu_tests.log" | grep -v " PASSED " | tail -40

@@ -79,7 +79,9 @@ _DQ_CONFIGS = (
     if INTERPRET
     else [triton.Config({"BN": bn}, num_warps=w, num_stages=2) for bn, w in ((32, 4), (64, 4), (64, 8))[: 3 if _AUTOTUNE else 1]]
 )
-_KEY = ["BD", "VP", "COMPACT", "BINARY"]
+# T_BUCKET (the key length rounded up to a power of two) is an unused launch argument: it keys
+# the autotuner, so short and long sequences get their own tile sizes without retuning per length.
+_KEY = ["BD", "VP", "COMPACT", "BINARY", "T_BUCKET"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +188,11 @@ def _fwd_tile(acc, m_i, l_i, R, b_q, b_qe, k, v, dep, bnd, dense, bh, b, n0,
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
-@triton.jit(do_not_specialize=["Tq", "Tk"])
+@triton.jit(do_not_specialize=["Tq", "Tk", "T_BUCKET"])
 def pushdown_attention_fwd_kernel(
     q, k, v, e, dep, bnd, dense, o, lse,
     s_eh, s_ev, s_ed,
-    H, Tq, Tk, D, V, scale,
+    H, Tq, Tk, D, V, scale, T_BUCKET,
     COMPACT: tl.constexpr, BINARY: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
     BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -327,10 +329,10 @@ def _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, q
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
-@triton.jit(do_not_specialize=["Tq", "Tk"])
+@triton.jit(do_not_specialize=["Tq", "Tk", "T_BUCKET"])
 def pushdown_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, qe, bnd, dep, dense, dk, dv,
-    H, Tq, Tk, D, V, scale,
+    H, Tq, Tk, D, V, scale, T_BUCKET,
     COMPACT: tl.constexpr, BINARY: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
     BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -425,11 +427,11 @@ def _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, den
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
-@triton.jit(do_not_specialize=["Tq", "Tk"])
+@triton.jit(do_not_specialize=["Tq", "Tk", "T_BUCKET"])
 def pushdown_attention_bwd_dq_kernel(
     q, k, v, e, do, lse, delta, qe, dep, bnd, dense, dq, de_part,
     s_eh, s_ev, s_ed,
-    H, Tq, Tk, D, V, scale,
+    H, Tq, Tk, D, V, scale, T_BUCKET,
     COMPACT: tl.constexpr, BINARY: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
     BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -542,7 +544,7 @@ def pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale: float, b
     pushdown_attention_fwd_kernel[grid](
         q, k, v, emb, depth, boundary, dense, out, lse,
         emb.stride(0), emb.stride(1), emb.stride(2),
-        H, Tq, Tk, D, V, float(scale), **meta,
+        H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta,
     )
     return out, lse
 
@@ -567,14 +569,14 @@ def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, s
     grid_kv = lambda META: (triton.cdiv(Tk, META["BN"]), B * H)  # noqa: E731
     pushdown_attention_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, qe, boundary, depth, dense, dk, dv,
-        H, Tq, Tk, D, V, float(scale), **meta,
+        H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta,
     )
     n_mblk = triton.cdiv(Tq, _DQ_BM)
     de_part = torch.empty((B, n_mblk, H, V, D), device=q.device, dtype=torch.float32)
     pushdown_attention_bwd_dq_kernel[(n_mblk, B * H)](
         q, k, v, emb, do, lse, delta, qe, depth, boundary, dense, dq, de_part,
         emb.stride(0), emb.stride(1), emb.stride(2),
-        H, Tq, Tk, D, V, float(scale), BM=_DQ_BM, **meta,
+        H, Tq, Tk, D, V, float(scale), _pow2(Tk), BM=_DQ_BM, **meta,
     )
     # deterministic reduction of the per-program partials
     demb[:, :V] = de_part.sum(dim=(0, 1))

@@ -523,3 +523,31 @@ def test_custom_op_opcheck_and_compile():
     eager = f(A)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(A)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("passes", ["fused", "atomic", "cublas"])
+@pytest.mark.parametrize("method", ["accurate", "torch_lowrank"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_passes_modes(passes, method, dtype, monkeypatch):
+    """FASTMODELS_RSVD_PASSES picks how the triton backend runs its passes over A; every mode
+    meets the accuracy contract and sees the same Omega (same seed: nearly the same factors)."""
+    monkeypatch.setenv("FASTMODELS_RSVD_PASSES", passes)
+    m, n = pick((40, 70), (512, 1380))
+    k = max(1, min(m, n) // 10)
+    A = spectrum_matrix("mp", m, n).to(DEVICE, dtype)
+    res = randomized_svd(A, k, method=method, seed=5, backend="triton")
+    check_svd_shapes(res, A.shape, k, torch.float32)
+    assert residual_ratio(A, *res, k).max().item() <= (1.01 if method == "accurate" else 1.1)
+    assert orth_defect(res.U) <= 1e-5 and orth_defect(res.V) <= 1e-5
+    monkeypatch.setenv("FASTMODELS_RSVD_PASSES", "fused")
+    ref = randomized_svd(A, k, method=method, seed=5, backend="triton")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # bf16 operands: W and Z rounded differently
+    assert torch.allclose(res.S, ref.S, rtol=tol, atol=0)
+
+
+@pytest.mark.triton
+def test_passes_mode_bad_value(monkeypatch):
+    monkeypatch.setenv("FASTMODELS_RSVD_PASSES", "magic")
+    with pytest.raises(ValueError, match="FASTMODELS_RSVD_PASSES"):
+        randomized_svd(torch.randn(20, 30).to(DEVICE), 2, backend="triton")

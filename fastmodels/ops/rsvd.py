@@ -165,6 +165,33 @@ def _panel_rows(b: int, cols: int) -> int:
     return max(1, (1 << 27) // max(1, b * cols))  # ~512 MB of fp32 temporaries per panel
 
 
+PASSES = ("fused", "atomic", "cublas")
+
+
+def _passes_mode() -> str:
+    """How the kernel backends run the sketch and power passes (FASTMODELS_RSVD_PASSES):
+    "fused" (default): the Triton sketch (Omega generated in-kernel) and the fused deterministic
+    power pass; "atomic": the fused power pass with fp32 atomics (last bits vary run to run);
+    "cublas": two cuBLAS batched GEMMs per pass in A's dtype with fp32 outputs, Omega materialized."""
+    import os
+
+    mode = os.environ.get("FASTMODELS_RSVD_PASSES", "fused")
+    if mode not in PASSES:
+        raise ValueError(f"FASTMODELS_RSVD_PASSES: expected one of {PASSES}, got {mode!r}")
+    return mode
+
+
+def _bmm_f32(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """X @ Y with fp32 output; X's dtype for the operands (fp32 accumulation in cuBLAS)."""
+    Y = Y.to(X.dtype)
+    if X.dtype == torch.float32:
+        return torch.bmm(X, Y)
+    try:
+        return torch.bmm(X, Y, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):  # a torch or device without bmm.dtype
+        return torch.bmm(X, Y).to(torch.float32)
+
+
 class _KernelOps:
     """Products with a contiguous [b, m, n] ``A`` through the Triton kernels (fp32 results)."""
 
@@ -173,12 +200,20 @@ class _KernelOps:
 
         self.kernels = kernels
         self.A = A
+        self.mode = _passes_mode()
 
     def sketch(self, l: int, seed: int, transpose: bool = False):
+        if self.mode == "cublas":
+            b, m, n = self.A.shape
+            omega = self.kernels.sketch_omega(b, m if transpose else n, l, seed, self.A.device)
+            return _bmm_f32(self.A.mT if transpose else self.A, omega)
         return self.kernels.sketch_matmul(self.A, l, seed, transpose=transpose)
 
     def power(self, Q):
-        return self.kernels.power_pass(self.A, Q.to(torch.float32).contiguous())
+        if self.mode == "cublas":  # A (A^T Q), W = A^T Q rounded to A's dtype as in the fused pass
+            return _bmm_f32(self.A, _bmm_f32(self.A.mT, Q))
+        deterministic = self.mode == "fused"
+        return self.kernels.power_pass(self.A, Q.to(torch.float32).contiguous(), deterministic=deterministic)
 
     def mul_t(self, Q):  # A^T Q in fp32, A read once in row panels upcast one at a time
         A, Q = self.A, Q.to(torch.float32)

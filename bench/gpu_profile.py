@@ -1,0 +1,102 @@
+"""Where one call's GPU time goes: a kernel-time breakdown (torch.profiler) next to the wall time.
+
+    python -m fastmodels.bench.gpu_profile [pushdown_attention randomized_svd ...]
+
+For each profiled call it prints the kernels by GPU time per call and appends one JSON line to
+``<results>/profile.jsonl`` (the ``FASTMODELS_BENCH_RESULTS`` folder): wall ms per call
+(synchronized), the sum of kernel times per call, their ratio (well below 1: the call waits on the
+host, launches or synchronizations) and the top kernels. It guides optimization; the benchmark
+rows (harness.py) are the results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from fastmodels.bench.harness import RESULTS_DIR, environment
+
+
+def breakdown(op: str, name: str, fn: Callable[[], Any], reps: int = 3, top: int = 12) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / reps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = []
+    for e in prof.key_averages():
+        self_us = getattr(e, "self_device_time_total", None)
+        if self_us is None:
+            self_us = getattr(e, "self_cuda_time_total", 0)
+        if self_us > 0:
+            kernels.append((self_us / reps / 1e3, e.count / reps, e.key))
+    kernels.sort(reverse=True)
+    gpu_ms = sum(k[0] for k in kernels)
+    row = {
+        "kind": "profile", "op": op, "case": name, "wall_ms": wall_ms, "kernel_ms": gpu_ms,
+        "busy_fraction": gpu_ms / wall_ms if wall_ms else None,
+        "top_kernels": [{"ms": round(ms, 4), "calls": calls, "name": key[:120]} for ms, calls, key in kernels[:top]],
+        **environment("cuda"),
+    }
+    print(f"\n### {op} / {name}: wall {wall_ms:.3f} ms per call, kernels {gpu_ms:.3f} ms ({row['busy_fraction']:.0%} busy)")
+    for ms, calls, key in kernels[:top]:
+        print(f"  {ms:9.3f} ms  x{calls:<5g} {key[:110]}")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS_DIR / "profile.jsonl", "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+    return row
+
+
+def profile_pushdown() -> None:
+    from fastmodels.bench import bench_pushdown as bp
+
+    for T, D in ((512, 64), (4096, 64)):
+        x = bp._setup(4, 16, T, D, 50, torch.bfloat16, "cuda")()
+        breakdown("pushdown_attention", f"fwd+bwd bf16 B4 H16 T{T} D{D} V50 (triton)", lambda: bp._ours(x))
+        breakdown("pushdown_attention", f"fwd+bwd bf16 B4 H16 T{T} D{D} (sdpa flash)", lambda: bp._sdpa_flash(x))
+        del x
+
+
+def profile_rsvd() -> None:
+    from fastmodels.bench import bench_rsvd as br
+    from fastmodels.ops import randomized_svd
+
+    A = br._mp_spikes_bf16(28, 4096, 11008, "cuda")
+    for k in (64,):
+        breakdown("randomized_svd", f"28x4096x11008 bf16 r{k} accurate (default)", lambda: randomized_svd(A, k, seed=0))
+        breakdown("randomized_svd", f"28x4096x11008 bf16 r{k} torch_lowrank", lambda: randomized_svd(A, k, method="torch_lowrank", seed=0))
+        breakdown("randomized_svd", f"28x4096x11008 bf16 r{k} torch.svd_lowrank looped", lambda: br._svd_lowrank_looped({"A": A, "k": k}))
+
+
+PROFILES = {"pushdown_attention": profile_pushdown, "randomized_svd": profile_rsvd}
+
+
+def main(argv: list[str]) -> int:
+    if not torch.cuda.is_available():
+        print("gpu_profile: no CUDA device visible", file=sys.stderr)
+        return 2
+    failed = 0
+    for op in argv or list(PROFILES):
+        try:
+            PROFILES[op]()
+        except Exception as exc:  # noqa: BLE001 - one failing profile must not hide the others
+            failed += 1
+            print(f"gpu_profile: {op} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        torch.cuda.empty_cache()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
