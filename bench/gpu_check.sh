@@ -67,7 +67,10 @@ done
 if [ "${GPU_CHECK_PROFILE:-1}" != "0" ]; then
   echo "=== kernel-time breakdowns (limit 50 s) $(elapsed) ==="
   prof_ops=$(for op in $OPS; do case $op in pushdown_attention|randomized_svd) echo -n "$op ";; esac; done)
-  [ -n "$prof_ops" ] && timeout 50 "$PY" -m fastmodels.bench.gpu_profile $prof_ops 2>&1 | tee "$RESULTS/profile.log" | grep -v "^\s*$" | head -80
+  if [ -n "$prof_ops" ]; then
+    timeout 50 "$PY" -m fastmodels.bench.gpu_profile $prof_ops > "$RESULTS/profile.log" 2>&1
+    echo "exit $? $(elapsed)"; grep -v "^\s*$" "$RESULTS/profile.log"
+  fi
 fi
 
 if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
