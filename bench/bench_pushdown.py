@@ -55,7 +55,8 @@ def _setup(B, H, T, D, V, dtype, device, threads=None):
         if threads is not None:
             torch.set_num_threads(threads)  # this case's worker process only
         rng = random.Random(0)
-        tape = StackTape.from_trees([_random_tree(rng, T) for _ in range(B)], device=device)
+        trees = [_random_tree(rng, T) for _ in range(B)]
+        tape = StackTape.from_trees(trees, device=device)
         g = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype).requires_grad_(True) for _ in range(3))
         E = (0.5 * torch.randn(V, D, generator=g)).to(device=device, dtype=dtype).requires_grad_(True)
@@ -67,6 +68,10 @@ def _setup(B, H, T, D, V, dtype, device, threads=None):
         if T <= 1024:
             out = pushdown_attention(*leaves, tape, backend="reference")
             inputs["ref"] = (out.detach(), *torch.autograd.grad(out, leaves, do.to(ref_dtype)))
+        else:  # the gather reference is O(T^2) memory: check batch 0, heads 0-3 (not dE, a sum over all)
+            sub = [t[:1, :4].detach().requires_grad_(True) for t in leaves[:3]]
+            out = pushdown_attention(*sub, leaves[3], StackTape.from_trees(trees[:1], device=device), backend="reference")
+            inputs["ref_sub"] = (out.detach(), *torch.autograd.grad(out, sub, do[:1, :4].to(ref_dtype)))
         leaves = [x.detach().to(ref_dtype).requires_grad_(True) for x in (q, k, v)]
         out = F.scaled_dot_product_attention(*leaves, is_causal=True)
         inputs["ref_sdpa"] = (out.detach(), *torch.autograd.grad(out, leaves, do.to(ref_dtype)))
@@ -168,6 +173,8 @@ def _error(x, result):
     component on its own (err_out, err_dq, ...)."""
     kind, got = result
     ref = x.get("ref") if kind == "pushdown" else x["ref_sdpa"]
+    if ref is None and kind == "pushdown" and "ref_sub" in x:
+        ref, got = x["ref_sub"], [g[:1, :4] for g in got[:4]]
     if ref is None:
         return float("nan")
     names = ("out", "dq", "dk", "dv", "dE")
@@ -207,8 +214,8 @@ def cases(device: str, quick: bool) -> list[Case]:
     for T in (512, 1024, 2048, 4096):
         for D in (64, 128):
             impls = {"fastmodels": _ours, "sdpa_flash": _sdpa_flash}
-            targets = {"time_ratio:sdpa_flash": 1 / 1.3}
-            notes = ["bf16 fwd+bwd; error vs float32 reference (T <= 1024)"]
+            targets = {"time_ratio:sdpa_flash": 1 / 1.3, "max_rms_rel_err": 2e-2}
+            notes = ["bf16 fwd+bwd; error vs a float32 reference (T > 1024: batch 0, heads 0-3, no dE)"]
             if (T, D) in ((1024, 64), (2048, 128)):
                 impls["flex_attention"] = _flex
                 targets["time_ratio:flex_attention"] = 5.0

@@ -26,6 +26,7 @@ import datetime as _dt
 import gc
 import importlib
 import json
+import math
 import os
 import pkgutil
 import platform
@@ -327,6 +328,8 @@ def run_case(case: Case, *, measure_memory: bool = True, cpu_budget_s: float = 2
         row = next((r for r in rows if r["impl"] == impl), None) if impl else primary
         got = None if row is None else row.get(kind)
         # None: not measured in this run (e.g. memory in the demo, a peer that failed).
+        if isinstance(got, float) and math.isnan(got):
+            got = None  # e.g. no reference at this size
         ok = None if got is None else bool(got >= value if kind in ("time_ratio", "mem_ratio") else got <= value)
         primary.setdefault("targets", {})[target] = {"want": value, "got": got, "met": ok}
     for row in rows:

@@ -218,6 +218,60 @@ def test_bwd_compact_formula(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Every GPU tile configuration, at a length with many tiles per program
+# ---------------------------------------------------------------------------------------------
+
+
+def _tile_configs():
+    import triton
+
+    out = [("fwd", triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)) for bm, bn, w, st in kernels.FWD_TILES]
+    out += [("dkdv", triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)) for bm, bn, w, st in kernels.DKDV_TILES]
+    out += [("dq", triton.Config({"BN": bn}, num_warps=w, num_stages=2)) for bn, w in kernels.DQ_TILES]
+    return out
+
+
+_KERNEL_OF = {"fwd": "pushdown_attention_fwd_kernel", "dkdv": "pushdown_attention_bwd_dkdv_kernel", "dq": "pushdown_attention_bwd_dq_kernel"}
+
+
+@pytest.mark.parametrize("which,config", _tile_configs(), ids=lambda c: c if isinstance(c, str) else "-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}")
+def test_every_tile_config(which, config, device, monkeypatch):
+    """Each autotune configuration on its own (the autotuner picks per shape and machine, so a
+    wrong one could hide behind the others): bf16 at T = 512, D = 64 on a GPU (the shape whose
+    autotuned dq pass was wrong on an H200), fp32 at T = 200 under the interpreter. The dq pass
+    uses its GPU row-block size (64) in both."""
+    kernel = getattr(kernels, _KERNEL_OF[which])
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernels, "_DQ_BM", 64)
+    gpu = device == "cuda"
+    T, D, V, dtype = (512, 64, 50, torch.bfloat16) if gpu else (200, 16, 50, torch.float32)
+    depth, boundary, S = random_tape([T, T - 77], T, seed=11)
+    q, k, v, emb = make_inputs(2, 2, T, T, D, V, dtype, device, shared_emb=True)
+    idx = depth_index(S, V, False)
+    scale = D**-0.5
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, depth.to(device), boundary.to(device), None, scale, False)
+    do = torch.randn_like(out)
+    grads = kernels.pushdown_attention_bwd(do, q, k, v, emb, depth.to(device), boundary.to(device), None, out, lse, scale, False)
+    ref_out, _, ref_grads = run_ref(q, k, v, emb, idx, scale, do)
+    if dtype == torch.float32:
+        for name, got, ref in zip(("out", "dq", "dk", "dv", "demb"), (out, *grads), (ref_out, *ref_grads)):
+            assert_rms_close(got, ref, 1e-5, name)
+        return
+    lp = [t.detach().clone().requires_grad_(True) for t in (q, k, v, emb.to(dtype))]
+    lp_out, _ = reference(*lp, idx.to(device), scale)
+    lp_out.backward(do)
+    for name, got, ref, pt in zip(("out", "dq", "dk", "dv", "demb"), (out, *grads), (ref_out, *ref_grads), (lp_out, *[t.grad for t in lp])):
+        try:
+            lowp_error_budget(got, ref, pt, floor=1e-3)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+        # PyTorch's own all-bf16 dE can be off by ~10% (sums with cancellation), so the budget
+        # alone would let a broken histogram through: bf16 kernels reach ~3e-3 here.
+        assert_rms_close(got, ref, 2e-2, name)
+
+
+# ---------------------------------------------------------------------------------------------
 # Low precision: error vs float64 within 2x of PyTorch's own error in the same dtype
 # ---------------------------------------------------------------------------------------------
 
