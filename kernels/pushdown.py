@@ -558,15 +558,16 @@ def pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale: float, b
     return out, lse
 
 
-def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: float, binary: bool):
-    """Backward: returns (dq, dk, dv) in the input dtype and demb [H, V, D] fp32."""
+def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: float, binary: bool, *, shared_table: bool = False):
+    """Backward: returns (dq, dk, dv) in the input dtype and demb [H, V, D] fp32 ([V, D], summed
+    over heads, with ``shared_table``: the gradient of a [V, D] table that ``emb`` expands)."""
     B, H, Tq, Tk, D, V, depth, boundary, dense, meta = _common(q, k, emb, depth, boundary, dense, binary)
     q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    demb = torch.zeros((H, emb.shape[1], D), device=q.device, dtype=torch.float32)
+    demb_shape = (emb.shape[1], D) if shared_table else (H, emb.shape[1], D)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), demb
+        return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(demb_shape, device=q.device, dtype=torch.float32)
     VP, BD = meta["VP"], meta["BD"]
     delta = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     qe = torch.empty((B, H, Tq, VP), device=q.device, dtype=torch.float32)
@@ -587,6 +588,10 @@ def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, s
         emb.stride(0), emb.stride(1), emb.stride(2),
         H, Tq, Tk, D, V, float(scale), _pow2(Tk), BM=_DQ_BM, **meta,
     )
-    # deterministic reduction of the per-program partials
-    demb[:, :V] = de_part.sum(dim=(0, 1))
+    # deterministic reduction of the per-program partials (one kernel unless binary mode pads V)
+    part_sum = de_part.sum(dim=(0, 1, 2) if shared_table else (0, 1))
+    if V == emb.shape[1]:
+        return dq, dk, dv, part_sum
+    demb = torch.zeros(demb_shape, device=q.device, dtype=torch.float32)
+    demb[..., :V, :] = part_sum
     return dq, dk, dv, demb

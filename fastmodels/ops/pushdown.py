@@ -280,6 +280,32 @@ def _triton_tape(depth, boundary, dense):
     )
 
 
+def _fwd_impl(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool, backend: str):
+    """(out, lse) on the chosen backend; ``emb`` is the table as given ([V, D] or [H, V, D])."""
+    E = _per_head(emb, q.shape[1])  # a view: the kernels take any strides
+    if backend == "triton":
+        from fastmodels.kernels.pushdown import pushdown_attention_fwd
+
+        depth, boundary, dense = _triton_tape(depth, boundary, dense)
+        return pushdown_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), E, depth, boundary, dense, scale, binary)
+    return _blocked_fwd(q, k, v, E, depth, boundary, dense, scale, binary)
+
+
+def _bwd_impl(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: float, binary: bool, backend: str):
+    """(dq, dk, dv, demb); demb has ``emb``'s shape (summed over heads for a shared table) in
+    float32 (float64 for float64 inputs)."""
+    E = _per_head(emb, q.shape[1])
+    shared = emb.dim() == 2
+    if backend == "triton":
+        from fastmodels.kernels.pushdown import pushdown_attention_bwd
+
+        depth, boundary, dense = _triton_tape(depth, boundary, dense)
+        c = lambda x: x.contiguous()  # noqa: E731
+        return pushdown_attention_bwd(c(do), c(q), c(k), c(v), E, depth, boundary, dense, c(out), c(lse), scale, binary, shared_table=shared)
+    dq, dk, dv, demb = _blocked_bwd(do, q, k, v, E, depth, boundary, dense, out, lse, scale, binary)
+    return dq, dk, dv, (demb.sum(0) if shared else demb)
+
+
 @torch.library.custom_op("fastmodels::pushdown_attention_fwd", mutates_args=())
 def _fwd_op(
     q: torch.Tensor,
@@ -293,12 +319,7 @@ def _fwd_op(
     binary: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from fastmodels.kernels.pushdown import pushdown_attention_fwd
-
-        depth, boundary, dense = _triton_tape(depth, boundary, dense)
-        return pushdown_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), emb.contiguous(), depth, boundary, dense, scale, binary)
-    return _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale, binary)
+    return _fwd_impl(q, k, v, emb, depth, boundary, dense, scale, binary, backend)
 
 
 @_fwd_op.register_fake
@@ -323,13 +344,7 @@ def _bwd_op(
     binary: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from fastmodels.kernels.pushdown import pushdown_attention_bwd
-
-        depth, boundary, dense = _triton_tape(depth, boundary, dense)
-        c = lambda x: x.contiguous()  # noqa: E731
-        return pushdown_attention_bwd(c(do), c(q), c(k), c(v), c(emb), depth, boundary, dense, c(out), c(lse), scale, binary)
-    return _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale, binary)
+    return _bwd_impl(do, q, k, v, emb, depth, boundary, dense, out, lse, scale, binary, backend)
 
 
 @_bwd_op.register_fake
@@ -352,6 +367,26 @@ def _backward(ctx, dout, dlse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPushdown(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls: a custom op's dispatch
+    costs ~0.1-0.2 ms of host time per call, as much as the kernels themselves at T <= 1024.
+    torch.compile traces the custom ops instead (see pushdown_attention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, emb, depth, boundary, dense, scale, binary, backend):
+        out, lse = _fwd_impl(q, k, v, emb, depth, boundary, dense, scale, binary, backend)
+        ctx.save_for_backward(q, k, v, emb, depth, boundary, dense, out, lse)
+        ctx.scale, ctx.binary, ctx.backend = scale, binary, backend
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, emb, depth, boundary, dense, out, lse = ctx.saved_tensors
+        dq, dk, dv, demb = _bwd_impl(dout, q, k, v, emb, depth, boundary, dense, out, lse, ctx.scale, ctx.binary, ctx.backend)
+        return dq, dk, dv, demb.to(emb.dtype), None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +474,7 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
             from fastmodels.pushdown.tape import dense_from_compact
 
             dense, depth, boundary = dense_from_compact(depth, boundary, Tq).to(torch.int32), None, None
-    emb = _per_head(depth_emb, H)
-    out, _ = _fwd_op(q, k, v, emb, depth, boundary, dense, scale, binary, chosen)
-    return out
+    if _is_compiling():
+        out, _ = _fwd_op(q, k, v, depth_emb, depth, boundary, dense, scale, binary, chosen)
+        return out
+    return _EagerPushdown.apply(q, k, v, depth_emb, depth, boundary, dense, scale, binary, chosen)
