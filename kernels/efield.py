@@ -16,17 +16,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import gpu_configs
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if _INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 16}, num_warps=1)]
 else:
-    _CONFIGS = [
+    _CONFIGS = gpu_configs([
         triton.Config({"BLOCK_M": 16}, num_warps=2),
         triton.Config({"BLOCK_M": 32}, num_warps=2),
         triton.Config({"BLOCK_M": 32}, num_warps=4),
         triton.Config({"BLOCK_M": 64}, num_warps=4),
-    ]
+    ])
 
 
 @triton.jit

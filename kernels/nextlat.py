@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import gpu_configs
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Under the interpreter: small blocks so that tiny test shapes still exercise multi-tile loops,
@@ -52,7 +54,7 @@ def _configs(gpu):
     """A single config under the interpreter, else the (<= 4) GPU configs ``gpu``."""
     if _INTERPRET:
         return [triton.Config(dict(_INTERP_BLOCKS), num_warps=1, num_stages=1)]
-    return [triton.Config(dict(BM=bm, BV=bv, BD=bd), num_warps=w, num_stages=s) for bm, bv, bd, w, s in gpu]
+    return gpu_configs([triton.Config(dict(BM=bm, BV=bv, BD=bd), num_warps=w, num_stages=s) for bm, bv, bd, w, s in gpu])
 
 
 # GPU configs were timed on an H200 (Triton 3.6) at N=8192, D=768, V=50257, bf16; the winners

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import AUTOTUNE
+
 __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -61,7 +63,7 @@ _DQ_BM = 16 if INTERPRET else 64
 
 
 # FASTMODELS_AUTOTUNE=0: first GPU config only (quick compile checks)
-_AUTOTUNE = os.environ.get("FASTMODELS_AUTOTUNE", "1") != "0"
+_AUTOTUNE = AUTOTUNE
 
 
 def _configs(pairs):

@@ -42,12 +42,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning as tuning
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def _pick(gpu_configs, interp_config):
     """A small autotune grid on GPU, one config under the interpreter (no do_bench there)."""
-    return [interp_config] if _INTERPRET else gpu_configs
+    return [interp_config] if _INTERPRET else tuning.gpu_configs(gpu_configs)
 
 
 # ----------------------------------------------------------------------------------------------
