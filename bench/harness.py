@@ -131,11 +131,12 @@ def _event_times(fn: Callable[[], Any], reps: int) -> list[float]:
 
 def time_cuda(fn: Callable[[], Any], *, warmup_ms: float = 25, rep_ms: float = 100, slow_ms: float = 50) -> tuple[float, float, float]:
     """(median, p20, p80) in ms. Calls slower than ``slow_ms`` (looped peers, big factorizations)
-    are timed over 5 calls with CUDA events: do_bench would spend ~10 calls on them."""
+    are timed over 6 calls with CUDA events (3 above 20 x ``slow_ms``): do_bench would spend ~10
+    calls on them."""
     first = _event_times(fn, 1)[0]
     if first > slow_ms:
-        times = sorted(_event_times(fn, 5))
-        return statistics.median(times), times[1], times[3]
+        times = sorted(_event_times(fn, 5 if first < 20 * slow_ms else 2) + [first])
+        return statistics.median(times), times[len(times) // 5], times[-1 - len(times) // 5]
     try:
         from triton.testing import do_bench
 
