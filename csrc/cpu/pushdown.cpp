@@ -61,7 +61,7 @@ void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
         for (int64_t bi = 0; bi < k.B * k.m; ++bi) {
             const int64_t b = bi / k.m, i = bi % k.m;
             const int64_t n = k.t0 + i + 1;  // visible keys
@@ -94,7 +94,7 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
 #pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
         for (int64_t bi = 0; bi < k.B * k.m; ++bi) {
             const int64_t b = bi / k.m, i = bi % k.m;
             const int64_t n = k.t0 + i + 1;

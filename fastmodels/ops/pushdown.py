@@ -153,11 +153,13 @@ def _block_dense(dense, r0: int, r1: int, kend: int):
 
 
 def _threads() -> int:
-    """Threads of the C++ pass: one. Measured on the 2-core CI machine (busy with other jobs): a
-    second thread team for this pass (OpenMP or std::thread) between ATen's own parallel GEMMs made
-    whole forward+backward calls 4-15x slower than running the pass on the calling thread, while
-    the pass is only ~20% of the single-thread time."""
-    return 1
+    """Threads of the C++ pass: torch's intra-op thread count. On the 2-core dev machine, idle,
+    T=1024 fwd+bwd: 67.8 ms with one thread, 47.8 ms with two (SDPA: 36-37 ms). With two other
+    busy processes on the 2 cores: 226-229 ms with one thread, 193-258 ms with two (SDPA 82-112
+    ms): contention hurts the blocked form (ATen GEMMs and this pass alternate, each a parallel
+    region per query block) more than SDPA's single fused kernel, with or without a second thread
+    here. The pass hands out rows dynamically, so a descheduled thread delays only its chunk."""
+    return max(1, torch.get_num_threads())
 
 
 def _buffer_view(buf: torch.Tensor, *shape: int) -> torch.Tensor:
