@@ -15,6 +15,7 @@ record its out-of-memory). Targets: <= 1.3x flash time, >= 5x faster than FlexAt
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 
@@ -87,6 +88,19 @@ def _grads(out, x, wrt):
 def _ours(x):
     out = pushdown_attention(x["q"], x["k"], x["v"], x["E"], x["tape"])
     return ("pushdown", _grads(out, x, "qkvE"))
+
+
+def _ours_hist_loop(x):
+    """Ours with the dq pass's depth histogram as the per-value loop (FASTMODELS_PUSHDOWN_HIST)."""
+    old = os.environ.get("FASTMODELS_PUSHDOWN_HIST")
+    os.environ["FASTMODELS_PUSHDOWN_HIST"] = "loop"
+    try:
+        return _ours(x)
+    finally:
+        if old is None:
+            del os.environ["FASTMODELS_PUSHDOWN_HIST"]
+        else:
+            os.environ["FASTMODELS_PUSHDOWN_HIST"] = old
 
 
 def _reference(x):
@@ -220,6 +234,9 @@ def cases(device: str, quick: bool) -> list[Case]:
                 impls["flex_attention"] = _flex
                 targets["time_ratio:flex_attention"] = 5.0
                 notes.append("FlexAttention (torch.compile, score_mod with captured QE, depth grad included) only at 2 shapes to keep compile time inside the GPU budget")
+            if (T, D) in ((1024, 128), (4096, 64)):
+                impls["fastmodels (hist=loop)"] = _ours_hist_loop
+                notes.append("'hist=loop': the dq pass's depth histogram as the per-value loop instead of tensor-core dots")
             if T in (512, 4096):
                 impls["materialized"] = _materialized
                 notes.append("materialized form only at T=512 (timing) and T=4096 (expected OOM)")

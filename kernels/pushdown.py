@@ -409,10 +409,40 @@ def _histogram(hist, ds, idx, valid, BINARY: tl.constexpr, VP: tl.constexpr):
 
 
 @triton.jit
+def _histogram_full(hist, ds, d_k, sm_k, R_old, V, VP: tl.constexpr):
+    """The depth histogram of a full compact tile with two tensor-core dots instead of a loop over
+    depth values. With sm[j] = min c over the tile's keys j..end and R[t] the running minimum to the
+    right of the tile, S(t, j) = d_j - sm_j where sm_j < R_t (case A: independent of t) and
+    S(t, j) = d_j - R_t otherwise (case B: a per-row shift of d_j). So
+      hist_A = ds_A @ onehot(clamp(d - sm)),
+      Y = ds_B @ onehot(d - dmin), hist_B[t, v] = Y[t, v + R_t - dmin],
+    with the clamp buckets (v = 0 and v = V - 1) collecting Y's prefix and suffix sums. Needs
+    max(d) - dmin < VP over the tile and V >= 2 (the caller checks). The one-hot operands are
+    exact; tf32x3 keeps ds at fp32 accuracy."""
+    o_v = tl.arange(0, VP)
+    case_a = sm_k[None, :] < R_old[:, None]
+    a = tl.minimum(tl.maximum(d_k - sm_k, 0), V - 1)
+    x_a = tl.where(case_a, ds, 0.0)
+    hist += tl.dot(x_a, (a[:, None] == o_v[None, :]).to(tl.float32), input_precision="tf32x3")
+    dmin = tl.min(d_k, axis=0)
+    y = tl.dot(ds - x_a, ((d_k - dmin)[:, None] == o_v[None, :]).to(tl.float32), input_precision="tf32x3")
+    shift = R_old - dmin  # [BM]; case-B entry (t, j) lands on v = (d_j - dmin) - shift_t
+    u = o_v[None, :] + shift[:, None]
+    inner = (o_v[None, :] > 0) & (o_v[None, :] < V - 1) & (u >= 0) & (u < VP)
+    hist += tl.where(inner, tl.gather(y, tl.minimum(tl.maximum(u, 0), VP - 1), axis=1), 0.0)
+    low = tl.sum(tl.where(o_v[None, :] <= shift[:, None], y, 0.0), axis=1)  # S <= 0 -> v = 0
+    high = tl.sum(tl.where(o_v[None, :] >= shift[:, None] + V - 1, y, 0.0), axis=1)  # S >= V-1
+    hist += tl.where(o_v[None, :] == 0, low[:, None], 0.0)
+    hist += tl.where(o_v[None, :] == V - 1, high[:, None], 0.0)
+    return hist
+
+
+@triton.jit
 def _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, dense, bh, b, n0,
              o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
              COMPACT: tl.constexpr, BINARY: tl.constexpr, MASKED: tl.constexpr,
-             BN: tl.constexpr, VP: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr):
+             BN: tl.constexpr, VP: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
+             HIST_DOTS: tl.constexpr):
     o_n = n0 + BN - 1 - tl.arange(0, BN)  # reversed key order
     m_n = o_n < Tk
     p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
@@ -421,7 +451,16 @@ def _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, den
     b_v = tl.load(v + p_kv, mask=m_kv, other=0.0)
 
     qk = tl.dot(_mm(b_q, k, FP32_DOT), tl.trans(_mm(b_k, k, FP32_DOT)), input_precision=PREC)
-    S, R = _tape_tile_qstat(dep, bnd, dense, b, o_m, o_t, o_n, m_m, m_n, R, Tq, Tk, COMPACT, MASKED)
+    if HIST_DOTS and COMPACT and not MASKED and not BINARY:
+        # full tile: S from its two parts (see _histogram_full), which the histogram reuses
+        c_k = tl.load(bnd + b * Tk + o_n, mask=m_n, other=_BIG)
+        d_k = tl.load(dep + b * Tk + o_n, mask=m_n, other=0)
+        sm_k = tl.associative_scan(c_k, 0, _min_combine)
+        R_old = R
+        S = d_k[None, :] - tl.minimum(sm_k[None, :], R_old[:, None])
+        R = tl.minimum(R, tl.min(c_k, axis=0))
+    else:
+        S, R = _tape_tile_qstat(dep, bnd, dense, b, o_m, o_t, o_n, m_m, m_n, R, Tq, Tk, COMPACT, MASKED)
     idx = _depth_index(S, V, BINARY)
     s = (qk + _gather_bias(b_qe, idx, BINARY, VP)) * qk_scale
     p = tl.exp2(s - b_lse[:, None])
@@ -433,7 +472,13 @@ def _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, den
     dp = tl.dot(_mm(b_do, k, FP32_DOT), tl.trans(_mm(b_v, k, FP32_DOT)), input_precision=PREC)
     ds = p * (dp - b_delta[:, None])
     b_dq += tl.dot(_mm(ds, k, FP32_DOT), _mm(b_k, k, FP32_DOT), input_precision=PREC)
-    hist = _histogram(hist, ds, idx, valid, BINARY, VP)
+    if HIST_DOTS and COMPACT and not MASKED and not BINARY:
+        if (tl.max(d_k, axis=0) - tl.min(d_k, axis=0) < VP) & (V >= 2):
+            hist = _histogram_full(hist, ds, d_k, sm_k, R_old, V, VP)
+        else:
+            hist = _histogram(hist, ds, idx, valid, BINARY, VP)
+    else:
+        hist = _histogram(hist, ds, idx, valid, BINARY, VP)
     return b_dq, hist, R
 
 
@@ -444,7 +489,7 @@ def pushdown_attention_bwd_dq_kernel(
     s_eh, s_ev, s_ed,
     H, Tq, Tk, D, V, scale, T_BUCKET,
     COMPACT: tl.constexpr, BINARY: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
-    BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HIST_DOTS: tl.constexpr,
 ):
     """Query-stationary: dq and the depth histogram of this program's rows (no atomics).
     dq = scale * (dS k + Hist E); this block's share of dE, scale * Hist^T q, goes to its own slot
@@ -481,12 +526,12 @@ def pushdown_attention_bwd_dq_kernel(
         n0 = (n_tiles - 1 - it) * BN
         b_dq, hist, R = _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, dense,
                                  bh, b, n0, o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
-                                 COMPACT, BINARY, True, BN, VP, FP32_DOT, PREC)
+                                 COMPACT, BINARY, True, BN, VP, FP32_DOT, PREC, HIST_DOTS)
     for it in range(0, n_full):
         n0 = (n_full - 1 - it) * BN
         b_dq, hist, R = _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, dense,
                                  bh, b, n0, o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
-                                 COMPACT, BINARY, False, BN, VP, FP32_DOT, PREC)
+                                 COMPACT, BINARY, False, BN, VP, FP32_DOT, PREC, HIST_DOTS)
 
     b_e = tl.load(e + h * s_eh + o_v[:, None] * s_ev + o_d[None, :] * s_ed,
                   mask=m_v[:, None] & m_d[None, :], other=0.0)
@@ -501,6 +546,16 @@ def pushdown_attention_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------------------------
+
+
+def _hist_dots() -> bool:
+    """FASTMODELS_PUSHDOWN_HIST: "dots" (default) builds the dq pass's depth histogram of full
+    compact tiles with tensor-core dots (_histogram_full), "loop" with the per-value loop. Read at
+    every call so a benchmark can compare the two in one process."""
+    mode = os.environ.get("FASTMODELS_PUSHDOWN_HIST", "dots")
+    if mode not in ("dots", "loop"):
+        raise ValueError(f"FASTMODELS_PUSHDOWN_HIST: expected 'dots' or 'loop', got {mode!r}")
+    return mode == "dots"
 
 
 def _pow2(n: int) -> int:
@@ -588,7 +643,7 @@ def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, s
     pushdown_attention_bwd_dq_kernel[(n_mblk, B * H)](
         q, k, v, emb, do, lse, delta, qe, depth, boundary, dense, dq, de_part,
         emb.stride(0), emb.stride(1), emb.stride(2),
-        H, Tq, Tk, D, V, float(scale), _pow2(Tk), BM=_DQ_BM, **meta,
+        H, Tq, Tk, D, V, float(scale), _pow2(Tk), BM=_DQ_BM, HIST_DOTS=_hist_dots(), **meta,
     )
     # deterministic reduction of the per-program partials (one kernel unless binary mode pads V)
     part_sum = de_part.sum(dim=(0, 1, 2) if shared_table else (0, 1))

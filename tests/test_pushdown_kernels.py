@@ -271,6 +271,28 @@ def test_every_tile_config(which, config, device, monkeypatch):
         assert_rms_close(got, ref, 2e-2, name)
 
 
+@pytest.mark.parametrize("mode", ["dots", "loop"])
+@pytest.mark.parametrize("V", [2, 5, 50])
+def test_histogram_forms(mode, V, device, monkeypatch):
+    """The dq pass's depth histogram of full compact tiles, as tensor-core dots (default) or as the
+    per-value loop (FASTMODELS_PUSHDOWN_HIST): both match the reference, with small V so that the
+    clamp bucket V - 1 collects many entries, on a length with many full tiles."""
+    monkeypatch.setenv("FASTMODELS_PUSHDOWN_HIST", mode)
+    T = 160 if device == "cpu" else 700
+    depth, boundary, S = random_tape([T, T - 50], T, seed=5)
+    q, k, v, emb = make_inputs(2, 2, T, T, 16, V, torch.float32, device, shared_emb=True)
+    check_bwd(q, k, v, emb, depth.to(device), boundary.to(device), None, depth_index(S, V, False), 0.25, False, 1e-5)
+
+
+def test_histogram_mode_bad_value(device, monkeypatch):
+    monkeypatch.setenv("FASTMODELS_PUSHDOWN_HIST", "magic")
+    depth, boundary, S = random_tape([8], 8, seed=1)
+    q, k, v, emb = make_inputs(1, 1, 8, 8, 16, 3, torch.float32, device)
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, depth.to(device), boundary.to(device), None, 0.25, False)
+    with pytest.raises(ValueError, match="FASTMODELS_PUSHDOWN_HIST"):
+        kernels.pushdown_attention_bwd(torch.randn_like(out), q, k, v, emb, depth.to(device), boundary.to(device), None, out, lse, 0.25, False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Low precision: error vs float64 within 2x of PyTorch's own error in the same dtype
 # ---------------------------------------------------------------------------------------------
