@@ -15,14 +15,13 @@ record its out-of-memory). Targets: <= 1.3x flash time, >= 5x faster than FlexAt
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from fastmodels.bench.harness import Case, register_cases
+from fastmodels.bench.harness import Case, register_cases, with_env
 from fastmodels.ops import pushdown_attention
 from fastmodels.ops.pushdown import pushdown_attention_materialized
 from fastmodels.pushdown import StackTape
@@ -90,17 +89,8 @@ def _ours(x):
     return ("pushdown", _grads(out, x, "qkvE"))
 
 
-def _ours_hist_loop(x):
-    """Ours with the dq pass's depth histogram as the per-value loop (FASTMODELS_PUSHDOWN_HIST)."""
-    old = os.environ.get("FASTMODELS_PUSHDOWN_HIST")
-    os.environ["FASTMODELS_PUSHDOWN_HIST"] = "loop"
-    try:
-        return _ours(x)
-    finally:
-        if old is None:
-            del os.environ["FASTMODELS_PUSHDOWN_HIST"]
-        else:
-            os.environ["FASTMODELS_PUSHDOWN_HIST"] = old
+# Ours with the dq pass's depth histogram as the per-value loop (FASTMODELS_PUSHDOWN_HIST).
+_ours_hist_loop = with_env("FASTMODELS_PUSHDOWN_HIST", "loop", _ours)
 
 
 def _reference(x):

@@ -18,11 +18,10 @@ bandwidth measured in the case setup) goes into the note.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from fastmodels.bench.harness import Case, register_cases
+from fastmodels.bench.harness import Case, register_cases, with_env
 from fastmodels.ops import randomized_svd
 
 
@@ -170,19 +169,7 @@ def _mp_spikes_bf16(b: int, m: int, n: int, device: str) -> torch.Tensor:
 
 def _with_passes(mode: str, fn):
     """fn under FASTMODELS_RSVD_PASSES=mode (how the triton backend runs its passes over A)."""
-
-    def run(x):
-        old = os.environ.get("FASTMODELS_RSVD_PASSES")
-        os.environ["FASTMODELS_RSVD_PASSES"] = mode
-        try:
-            return fn(x)
-        finally:
-            if old is None:
-                del os.environ["FASTMODELS_RSVD_PASSES"]
-            else:
-                os.environ["FASTMODELS_RSVD_PASSES"] = old
-
-    return run
+    return with_env("FASTMODELS_RSVD_PASSES", mode, fn)
 
 
 @register_cases("randomized_svd")

@@ -67,6 +67,24 @@ class Case:
         return f"{self.op}/{self.name}"
 
 
+def with_env(name: str, value: str, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """``fn`` run with environment variable ``name`` set to ``value`` (restored afterwards): an
+    implementation variant chosen by a runtime switch, timed in the same case as the default."""
+
+    def run(x: dict) -> Any:
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(x)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+
+    return run
+
+
 _REGISTRY: dict[str, list[Callable[[str, bool], list[Case]]]] = {}
 
 
