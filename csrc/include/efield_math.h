@@ -28,13 +28,25 @@ FM_HD float image_sign_y(int k) { return k < 2 ? 1.0f : -1.0f; }
 FM_HD float image_shift_x(int k, float W) { return k == 1 ? 2.0f * W : 0.0f; }
 FM_HD float image_shift_y(int k, float H) { return k == 3 ? 2.0f * H : 0.0f; }
 
-// |d| from r2 = |d|^2 >= 0. On the GPU the hardware sqrt. On the CPU, g++ without
+// Quotient a / b (b is a positive rho^3 or a clamped denominator, far inside 2^-126..2^126). On the GPU the
+// hardware reciprocal (__fdividef, 2 ulp): the build has no --use_fast_math, and IEEE division
+// with its slow-path check made the CUDA kernel 1.6x slower (0.403 vs 0.245 ms on an H200).
+FM_HD float fm_div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fdividef(a, b);
+#else
+    return a / b;
+#endif
+}
+
+// |d| from r2 = |d|^2 >= 0. On the GPU |d| = r2 rsqrt(r2) with the hardware rsqrt (2 ulp; 0 -> 0),
+// not the IEEE sqrtf that a build without --use_fast_math emits. On the CPU, g++ without
 // -fno-math-errno (the build's flags are shared by every op) keeps sqrtf's errno branch, which
 // stops the loops over receptors from vectorizing; there: rsqrt from the classic bit-level guess
 // and three Newton steps (relative error ~1e-7, the fp32 rounding), plain arithmetic. 0 -> 0.
 FM_HD float fm_norm(float r2) {
 #if defined(__CUDA_ARCH__)
-    return sqrtf(r2);
+    return r2 > 0.0f ? r2 * rsqrtf(r2) : 0.0f;
 #else
     uint32_t bits;
     memcpy(&bits, &r2, sizeof bits);
@@ -52,7 +64,7 @@ FM_HD float fm_norm(float r2) {
 // 1 / rho^3 with rho = |d| + eps (r2 = |d|^2).
 FM_HD float inv_rho3(float r2, float eps) {
     const float rho = fm_norm(r2) + eps;
-    return 1.0f / (rho * rho * rho);
+    return fm_div(1.0f, rho * rho * rho);  // rho >= eps (1e-3 by default)
 }
 
 // n . (q d / rho^3): the signal of a point pole at a receptor with skin normal n.
@@ -80,7 +92,7 @@ FM_HD float dipole_signal(float dx, float dy, float nx, float ny, float px, floa
     const float np = nx * px + ny * py;
     float den = r2 * rho * rho * rho;
     den = den > 1e-30f ? den : 1e-30f;  // a select, not fmaxf: it vectorizes without -ffast-math
-    return (3.0f * pd * nd - np * r2) / den;
+    return fm_div(3.0f * pd * nd - np * r2, den);
 }
 
 }  // namespace efield
