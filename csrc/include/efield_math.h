@@ -30,7 +30,8 @@ FM_HD float image_shift_y(int k, float H) { return k == 3 ? 2.0f * H : 0.0f; }
 
 // Quotient a / b (b is a positive rho^3 or a clamped denominator, far inside 2^-126..2^126). On the GPU the
 // hardware reciprocal (__fdividef, 2 ulp): the build has no --use_fast_math, and IEEE division
-// with its slow-path check made the CUDA kernel 1.6x slower (0.403 vs 0.245 ms on an H200).
+// with its slow-path check is the likely reason the kernel got 1.6x slower than its fast-math
+// revision (0.403 vs 0.245 ms on an H200; to be re-measured).
 FM_HD float fm_div(float a, float b) {
 #if defined(__CUDA_ARCH__)
     return __fdividef(a, b);
