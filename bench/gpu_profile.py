@@ -21,19 +21,23 @@ import torch
 from fastmodels.bench.harness import RESULTS_DIR, environment
 
 
-_NOT_KERNELS = {"Activity Buffer Request", "Buffer Flush"}
-
-
-def breakdown(op: str, name: str, fn: Callable[[], Any], reps: int = 3, top: int = 12) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+def _wall_ms(fn, reps: int = 3) -> float:
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
         fn()
     torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) / reps * 1e3
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+_NOT_KERNELS = {"Activity Buffer Request", "Buffer Flush"}
+
+
+def breakdown(op: str, name: str, fn: Callable[[], Any], reps: int = 3, top: int = 12) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    wall_ms = _wall_ms(fn, reps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
@@ -86,16 +90,6 @@ def profile_rsvd() -> None:
         breakdown("randomized_svd", f"28x4096x11008 bf16 r{k} accurate (default)", lambda: randomized_svd(A, k, seed=0))
         breakdown("randomized_svd", f"28x4096x11008 bf16 r{k} torch_lowrank", lambda: randomized_svd(A, k, method="torch_lowrank", seed=0))
         breakdown("randomized_svd", f"28x4096x11008 bf16 r{k} torch.svd_lowrank looped", lambda: br._svd_lowrank_looped({"A": A, "k": k}))
-
-
-def _wall_ms(fn, reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps * 1e3
 
 
 def profile_small_svd() -> None:

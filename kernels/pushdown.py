@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import AUTOTUNE
+from ._tuning import gpu_configs
 
 __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
 
@@ -62,33 +62,30 @@ _LN2 = tl.constexpr(0.6931471805599453)
 _DQ_BM = 16 if INTERPRET else 64
 
 
-# FASTMODELS_AUTOTUNE=0: first GPU config only (quick compile checks)
-_AUTOTUNE = AUTOTUNE
-
-
 def _configs(pairs):
-    """Autotune grid: one small config under the interpreter, a few on GPU."""
+    """Autotune grid: one small config under the interpreter, the GPU grid otherwise (its first
+    entry alone with FASTMODELS_AUTOTUNE=0)."""
     if INTERPRET:
         return [triton.Config({"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
-    pairs = pairs if _AUTOTUNE else pairs[:1]
-    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
+    return gpu_configs([triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs])
 
 
 # GPU tile grids: (BM, BN, num_warps, num_stages); (BN, num_warps) for the dq pass.
 FWD_TILES = ((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2))
 DKDV_TILES = ((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 2))
-# The dq pass keeps BN = 32 only: on an H200 (triton 3.6, 2026-11-26) the autotuned dq pass gave
-# 6% dq and 15% dE errors at T >= 512, D = 64 (bench/results/cuda.jsonl) while the BN = 32 / 4-warp
-# configuration the GPU tests ran was right; BN = 64 is right under the interpreter, so the fault
-# is in compiled code. tests/test_pushdown_kernels.py::test_every_tile_config checks each tile
-# configuration at a benchmark-like length on a GPU.
+# The dq pass keeps its BN = 32 / 4-warp tile only: on an H200 (triton 3.6, 2026-11-26) the
+# autotuned dq pass (grid BN in {32, 64}, 4 or 8 warps) gave 6% dq and 15% dE errors at T = 512
+# (D = 64 and 128) and T = 1024 (D = 64) (bench/results/cuda.jsonl), while this tile, the one the
+# GPU tests ran, was right; every grid tile is right under the interpreter, so the fault is in
+# compiled code. tests/test_pushdown_kernels.py::test_every_tile_config checks each tile at a
+# benchmark-like length on a GPU.
 DQ_TILES = ((32, 4),)
 _FWD_CONFIGS = _configs(FWD_TILES)
 _DKDV_CONFIGS = _configs(DKDV_TILES)
 _DQ_CONFIGS = (
     [triton.Config({"BN": 16}, num_warps=1, num_stages=1)]
     if INTERPRET
-    else [triton.Config({"BN": bn}, num_warps=w, num_stages=2) for bn, w in DQ_TILES[: len(DQ_TILES) if _AUTOTUNE else 1]]
+    else gpu_configs([triton.Config({"BN": bn}, num_warps=w, num_stages=2) for bn, w in DQ_TILES])
 )
 # T_BUCKET (the key length rounded up to a power of two) is an unused launch argument: it keys
 # the autotuner, so short and long sequences get their own tile sizes without retuning per length.

@@ -354,18 +354,26 @@ def _bwd_fake(do, q, k, v, emb, depth, boundary, dense, out, lse, scale, binary,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(emb.shape, dtype=_lse_dtype(q.dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, emb, depth, boundary, dense, scale, binary, backend = inputs
-    out, lse = output
+def _save(ctx, q, k, v, emb, depth, boundary, dense, out, lse, scale, binary, backend):
     ctx.save_for_backward(q, k, v, emb, depth, boundary, dense, out, lse)
     ctx.scale, ctx.binary, ctx.backend = scale, binary, backend
-    ctx.emb_dtype = emb.dtype
+
+
+def _saved_backward(ctx, dout, bwd):
+    """Gradients of (q, k, v, emb) from what _save kept, through ``bwd`` (the custom op under
+    torch.compile, the implementation in eager mode), then None for the 6 non-tensor inputs."""
+    q, k, v, emb, depth, boundary, dense, out, lse = ctx.saved_tensors
+    dq, dk, dv, demb = bwd(dout, q, k, v, emb, depth, boundary, dense, out, lse, ctx.scale, ctx.binary, ctx.backend)
+    return dq, dk, dv, demb.to(emb.dtype), None, None, None, None, None, None
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, emb, depth, boundary, dense, scale, binary, backend = inputs
+    _save(ctx, q, k, v, emb, depth, boundary, dense, *output, scale, binary, backend)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, emb, depth, boundary, dense, out, lse = ctx.saved_tensors
-    dq, dk, dv, demb = _bwd_op(dout, q, k, v, emb, depth, boundary, dense, out, lse, ctx.scale, ctx.binary, ctx.backend)
-    return dq, dk, dv, demb.to(ctx.emb_dtype), None, None, None, None, None, None
+    return _saved_backward(ctx, dout, _bwd_op)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -379,16 +387,13 @@ class _EagerPushdown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, emb, depth, boundary, dense, scale, binary, backend):
         out, lse = _fwd_impl(q, k, v, emb, depth, boundary, dense, scale, binary, backend)
-        ctx.save_for_backward(q, k, v, emb, depth, boundary, dense, out, lse)
-        ctx.scale, ctx.binary, ctx.backend = scale, binary, backend
+        _save(ctx, q, k, v, emb, depth, boundary, dense, out, lse, scale, binary, backend)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, emb, depth, boundary, dense, out, lse = ctx.saved_tensors
-        dq, dk, dv, demb = _bwd_impl(dout, q, k, v, emb, depth, boundary, dense, out, lse, ctx.scale, ctx.binary, ctx.backend)
-        return dq, dk, dv, demb.to(emb.dtype), None, None, None, None, None, None
+        return _saved_backward(ctx, dout, _bwd_impl)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ read in their own precision with fp32 accumulation; the same torch orthonormaliz
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -173,8 +174,6 @@ def _passes_mode() -> str:
     "fused" (default): the Triton sketch (Omega generated in-kernel) and the fused deterministic
     power pass; "atomic": the fused power pass with fp32 atomics (last bits vary run to run);
     "cublas": two cuBLAS batched GEMMs per pass in A's dtype with fp32 outputs, Omega materialized."""
-    import os
-
     mode = os.environ.get("FASTMODELS_RSVD_PASSES", "fused")
     if mode not in PASSES:
         raise ValueError(f"FASTMODELS_RSVD_PASSES: expected one of {PASSES}, got {mode!r}")
