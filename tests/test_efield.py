@@ -1,6 +1,10 @@
 """electric_image: physics checks of the reference, every backend vs the float64 reference, errors."""
 
+import ctypes
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from helpers import DEVICE, assert_rms_close, backend_device, op_backends, pick
 import fastmodels.ops  # noqa: F401 - registers the op
 from fastmodels.efish import field_scale, receptor_ring, to_volts_per_metre
 from fastmodels.ops import electric_image
+from fastmodels.ops.efield import _pack_inputs
 
 ref = dict(backend="reference")
 
@@ -271,6 +276,61 @@ def test_gpu_backends_at_benchmark_shape(backend):
     a, c = electric_image(*args, arena=arena, backend=backend)
     ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
     assert_rms_close(a, ra, 1e-4, "active")
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA kernel's own source, run on the CPU (tests/cuda_emulation/)
+# ------------------------------------------------------------------------------------------------
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cuda_efield_emulation(tmp_path_factory):
+    """csrc/cuda/efield.cu compiled as C++ against the threaded block emulation, loaded with ctypes."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    lib = tmp_path_factory.mktemp("emu") / "efield_emulation.so"
+    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{_ROOT / 'csrc' / 'include'}",
+           str(_ROOT / "tests" / "cuda_emulation" / "efield_emulation.cpp"), "-o", str(lib)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    dll = ctypes.CDLL(str(lib))
+    dll.fm_efield_emulate.restype = None
+    dll.fm_efield_emulate.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 4 + [ctypes.c_float] * 3 + [ctypes.c_int]
+    return dll
+
+
+EMULATED = [  # (B, N, M, R, walls, threads): one and several compaction rounds and receptor rounds, 1-2 warps
+    (2, 3, 17, 12, True, 32),
+    (2, 4, 40, 40, True, 32),
+    (1, 2, 70, 9, False, 64),
+    (2, 1, 0, 5, True, 32),
+    (1, 3, 100, 70, True, 64),
+]
+
+
+@pytest.mark.parametrize("case", EMULATED, ids=lambda c: "B{}N{}M{}R{}{}T{}".format(c[0], c[1], c[2], c[3], "w" if c[4] else "", c[5]))
+@pytest.mark.parametrize("per_emitter", [True, False])
+def test_cuda_kernel_source_under_emulation(cuda_efield_emulation, case, per_emitter):
+    """The CUDA kernel (per-block staging, in-order compaction of live objects across warps and
+    rounds, relative source layout, receptor striding) vs the float64 reference; the outputs and
+    the block's shared memory start as NaN, so anything unwritten or read before written fails."""
+    B, N, M, R, walls, threads = case
+    args, arena = scene(B, N, M, R, walls=walls, near=True, seed=7 * M + R)
+    ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
+    x = _pack_inputs(*args, arena)
+    active = torch.full((B, N, R), float("nan"))
+    comm = torch.full((B, N, N, R), float("nan")) if per_emitter else None
+    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    cuda_efield_emulation.fm_efield_emulate(
+        ptr(x["fish_pos"]), ptr(x["heading"]), ptr(x["eod"]), ptr(x["obj_pos"]), ptr(x["strength"]),
+        ptr(x["rec_pos"]), ptr(x["rec_nrm"]), ptr(x["arena"]), ptr(active), ptr(comm),
+        B, N, M, R, 1.0, 1e-3, 1.0, threads)
+    assert_rms_close(active, ra, 1e-4, "active")
+    if per_emitter:
+        assert_rms_close(comm, rc, 1e-4, "comm")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ struct Scratch {
     std::vector<float> img_x, img_y, img_ox, img_oy, img_q;  // 8N image poles (gamma folded into q)
     std::vector<float> dip_x, dip_y, dip_px, dip_py;  // K induced dipoles, then their 4K images
     // Per fish: receptor offsets and normals in the world frame, accumulators.
-    std::vector<float> ox, oy, nx, ny, acc, tmp;
+    std::vector<float> ox, oy, nx, ny, n3x, n3y, acc, tmp;  // n3 = 3 n (see dipole_signal)
 };
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -88,9 +88,11 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
     }
     const int64_t n_dip = static_cast<int64_t>(s.dip_x.size());
     // --- receptors of every fish ------------------------------------------------------------
-    s.ox.resize(R); s.oy.resize(R); s.nx.resize(R); s.ny.resize(R); s.acc.resize(R); s.tmp.resize(R);
+    s.ox.resize(R); s.oy.resize(R); s.nx.resize(R); s.ny.resize(R); s.n3x.resize(R); s.n3y.resize(R);
+    s.acc.resize(R); s.tmp.resize(R);
     float* __restrict ox = s.ox.data(); float* __restrict oy = s.oy.data();
     float* __restrict nx = s.nx.data(); float* __restrict ny = s.ny.data();
+    float* __restrict n3x = s.n3x.data(); float* __restrict n3y = s.n3y.data();
     float* __restrict acc = s.acc.data(); float* __restrict tmp = s.tmp.data();
     for (int64_t i = 0; i < N; ++i) {
         const float c = std::cos(heading[i]), sn = std::sin(heading[i]);
@@ -99,6 +101,7 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
             const float px = rec_pos[2 * r], py = rec_pos[2 * r + 1], qx = rec_nrm[2 * r], qy = rec_nrm[2 * r + 1];
             ox[r] = c * px - sn * py; oy[r] = sn * px + c * py;
             nx[r] = c * qx - sn * qy; ny[r] = sn * qx + c * qy;
+            n3x[r] = 3.0f * nx[r]; n3y[r] = 3.0f * ny[r];
             acc[r] = 0.0f;
         }
         // Direct poles of each fish j: the communication signal, and part of `active` for j != i.
@@ -129,7 +132,7 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
         for (int64_t k = 0; k < n_dip; ++k) {
             const float ax = xi - s.dip_x[k], ay = yi - s.dip_y[k], px = s.dip_px[k], py = s.dip_py[k];
 #pragma omp simd
-            for (int64_t r = 0; r < R; ++r) acc[r] += dipole_signal(ax + ox[r], ay + oy[r], nx[r], ny[r], px, py, eps);
+            for (int64_t r = 0; r < R; ++r) acc[r] += dipole_signal(ax + ox[r], ay + oy[r], nx[r], ny[r], n3x[r], n3y[r], px, py, eps);
         }
         for (int64_t r = 0; r < R; ++r) active[i * R + r] = acc[r];
     }

@@ -6,6 +6,12 @@
 // Every function takes the displacement d = receptor - source already formed: callers compute it
 // as (fish position - source) + receptor offset, which keeps large arena coordinates out of the
 // fp32 rounding of the small receptor offsets.
+//
+// Instruction budget (these run ~200 times per receptor per step, so the GPU kernels are bound by
+// instruction issue, not memory): a pole costs 11 fp32 instructions and a dipole 17, plus one
+// square root and one reciprocal each, both single hardware instructions on the GPU (MUFU.SQRT,
+// MUFU.RCP; 2^-23-level relative error, flush-to-zero below 1e-38, far from any distance or
+// denominator that occurs here).
 #pragma once
 
 #include <math.h>
@@ -28,26 +34,29 @@ FM_HD float image_sign_y(int k) { return k < 2 ? 1.0f : -1.0f; }
 FM_HD float image_shift_x(int k, float W) { return k == 1 ? 2.0f * W : 0.0f; }
 FM_HD float image_shift_y(int k, float H) { return k == 3 ? 2.0f * H : 0.0f; }
 
-// Quotient a / b (b is a positive rho^3 or a clamped denominator, far inside 2^-126..2^126). On the GPU the
-// hardware reciprocal (__fdividef, 2 ulp): the build has no --use_fast_math, and IEEE division
-// with its slow-path check is the likely reason the kernel got 1.6x slower than its fast-math
-// revision (0.403 vs 0.245 ms on an H200; to be re-measured).
-FM_HD float fm_div(float a, float b) {
+// 1 / x for a positive x (a rho^3 or a dipole denominator). On the GPU the hardware reciprocal
+// (rcp.approx.ftz: one MUFU.RCP, against the ~4 extra instructions of __fdividef's range checks
+// and the slow path of an IEEE division; the build has no --use_fast_math).
+FM_HD float fm_rcp(float x) {
 #if defined(__CUDA_ARCH__)
-    return __fdividef(a, b);
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
 #else
-    return a / b;
+    return 1.0f / x;
 #endif
 }
 
-// |d| from r2 = |d|^2 >= 0. On the GPU |d| = r2 rsqrt(r2) with the hardware rsqrt (2 ulp; 0 -> 0),
-// not the IEEE sqrtf that a build without --use_fast_math emits. On the CPU, g++ without
+// |d| from r2 = |d|^2 >= 0 (0 -> 0). On the GPU one MUFU.SQRT (sqrt.approx.ftz); IEEE sqrtf, or
+// rsqrtf without ftz, adds a denormal-scaling sequence of ~6 instructions. On the CPU, g++ without
 // -fno-math-errno (the build's flags are shared by every op) keeps sqrtf's errno branch, which
 // stops the loops over receptors from vectorizing; there: rsqrt from the classic bit-level guess
-// and three Newton steps (relative error ~1e-7, the fp32 rounding), plain arithmetic. 0 -> 0.
+// and three Newton steps (relative error ~1e-7, the fp32 rounding), plain arithmetic.
 FM_HD float fm_norm(float r2) {
 #if defined(__CUDA_ARCH__)
-    return r2 > 0.0f ? r2 * rsqrtf(r2) : 0.0f;
+    float r;
+    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(r2));
+    return r;
 #else
     uint32_t bits;
     memcpy(&bits, &r2, sizeof bits);
@@ -65,7 +74,7 @@ FM_HD float fm_norm(float r2) {
 // 1 / rho^3 with rho = |d| + eps (r2 = |d|^2).
 FM_HD float inv_rho3(float r2, float eps) {
     const float rho = fm_norm(r2) + eps;
-    return fm_div(1.0f, rho * rho * rho);  // rho >= eps (1e-3 by default)
+    return fm_rcp(rho * rho * rho);  // rho >= eps (1e-3 by default)
 }
 
 // n . (q d / rho^3): the signal of a point pole at a receptor with skin normal n.
@@ -82,18 +91,20 @@ FM_HD void pole_field_add(float dx, float dy, float q, float eps, float& ex, flo
     ey += w * dy;
 }
 
-// n . (3 (P.d) d / |d|^2 - P) / rho^3: the signal of a dipole P at a receptor with normal n.
-// Written with one division, (3 (P.d)(n.d) - (n.P) |d|^2) / (|d|^2 rho^3); the denominator is
-// clamped away from 0 so a receptor exactly at a dipole's centre reads 0 instead of NaN.
-FM_HD float dipole_signal(float dx, float dy, float nx, float ny, float px, float py, float eps) {
+// n . (3 (P.d) d / |d|^2 - P) / rho^3: the signal of a dipole P at a receptor with normal n, given
+// also n3 = 3 n (a per-receptor constant, so the factor 3 costs nothing here). Written with one
+// reciprocal, ((P.d)(n3.d) - (n.P) |d|^2) / (|d|^2 rho^3 + 1e-30): the 1e-30 (not a clamp: one
+// fused multiply-add) makes a receptor exactly at a dipole's centre read 0 instead of NaN and
+// changes nothing else that matters (relative change < 1e-8 for |d| >= 1e-6 cm at eps = 1e-3).
+FM_HD float dipole_signal(float dx, float dy, float nx, float ny, float n3x, float n3y, float px, float py,
+                          float eps) {
     const float r2 = dx * dx + dy * dy;
     const float rho = fm_norm(r2) + eps;
     const float pd = px * dx + py * dy;
-    const float nd = nx * dx + ny * dy;
+    const float nd3 = n3x * dx + n3y * dy;
     const float np = nx * px + ny * py;
-    float den = r2 * rho * rho * rho;
-    den = den > 1e-30f ? den : 1e-30f;  // a select, not fmaxf: it vectorizes without -ffast-math
-    return fm_div(3.0f * pd * nd - np * r2, den);
+    const float den = r2 * (rho * rho * rho) + 1e-30f;
+    return (pd * nd3 - np * r2) * fm_rcp(den);
 }
 
 }  // namespace efield

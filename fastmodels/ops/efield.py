@@ -165,11 +165,13 @@ def _run_cuda(x, active, comm, pole_separation, eps, image_strength):
         lib.fm_efield_fwd.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 4 + [ctypes.c_float] * 3 + [ctypes.c_void_p]
         lib.fm_efield_error_string.restype = ctypes.c_char_p
         lib.fm_efield_error_string.argtypes = [ctypes.c_int]
+        lib.fm_efield_shared_bytes.restype = ctypes.c_size_t
+        lib.fm_efield_shared_bytes.argtypes = [ctypes.c_int, ctypes.c_int]
         _CUDA_LIB = lib
     B, N, _ = x["fish_pos"].shape
     M = x["obj_pos"].shape[1]
     R = x["rec_pos"].shape[0]
-    smem = 16 * (5 * M + 10 * N) + 40 * N  # one environment's sources in shared memory (see efield.cu)
+    smem = _CUDA_LIB.fm_efield_shared_bytes(N, M)  # what one (environment, fish) block stages (efield.cu)
     limit = torch.cuda.get_device_properties(active.device).shared_memory_per_block_optin
     if smem > limit:
         raise ValueError(f"electric_image (cuda): N={N}, M={M} need {smem} B of shared memory per environment, more "
