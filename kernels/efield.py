@@ -1,11 +1,13 @@
 """Electric images in Triton (fp32): one program per (environment, fish), receptors across lanes.
 
 Same math as csrc/include/efield_math.h (the C++ and CUDA backends): pole signal
-n . q d / rho^3 and dipole signal (3 (P.d)(n.d) - (n.P)|d|^2) / (|d|^2 rho^3), rho = |d| + eps;
+n . q d / rho^3 and dipole signal ((P.d)(n3.d) - (n.P)|d|^2) / (|d|^2 rho^3 + 1e-30) with
+n3 = 3 n, rho = |d| + eps, one hardware reciprocal (rcp.approx.ftz) per source on the GPU;
 displacements formed as (fish i - source anchor) - source offset + receptor offset so large arena
 coordinates never round the small offsets. The induced dipoles P_m = chi a^3 E_eod(c_m) are
 recomputed by every fish's program (2N M pole evaluations, negligible next to the R (N + M) x 5
-source-receptor pairs).
+source-receptor pairs). Dipole signals of each [R, BLOCK_M] tile (and its four wall images) are
+summed elementwise into one [R, BLOCK_M] accumulator, reduced over objects once at the end.
 """
 
 from __future__ import annotations
@@ -32,22 +34,34 @@ else:
 
 
 @triton.jit
-def _inv_rho3(r2, eps):
+def _rcp(x, FAST: tl.constexpr):
+    """1 / x for positive x: one MUFU.RCP on the GPU (rcp.approx.ftz, ~1 ulp) instead of the range
+    checks of a full-precision division; plain division under the interpreter."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _inv_rho3(r2, eps, FAST: tl.constexpr):
     rho = tl.sqrt(r2) + eps
-    return 1.0 / (rho * rho * rho)
+    return _rcp(rho * rho * rho, FAST)
 
 
 @triton.jit
-def _pole_signal(dx, dy, nx, ny, q, eps):
-    return q * (nx * dx + ny * dy) * _inv_rho3(dx * dx + dy * dy, eps)
+def _pole_signal(dx, dy, nx, ny, q, eps, FAST: tl.constexpr):
+    return q * (nx * dx + ny * dy) * _inv_rho3(dx * dx + dy * dy, eps, FAST)
 
 
 @triton.jit
-def _dipole_signal(dx, dy, nx, ny, px, py, eps):
+def _dipole_signal(dx, dy, nx, ny, n3x, n3y, px, py, eps, FAST: tl.constexpr):
+    """((P.d)(n3.d) - (n.P)|d|^2) / (|d|^2 rho^3 + 1e-30) with n3 = 3 n: efield_math.h's form."""
     r2 = dx * dx + dy * dy
     rho = tl.sqrt(r2) + eps
-    den = tl.maximum(r2 * rho * rho * rho, 1e-30)
-    return (3.0 * (px * dx + py * dy) * (nx * dx + ny * dy) - (nx * px + ny * py) * r2) / den
+    den = r2 * (rho * rho * rho) + 1e-30
+    return ((px * dx + py * dy) * (n3x * dx + n3y * dy) - (nx * px + ny * py) * r2) * _rcp(den, FAST)
 
 
 @triton.jit
@@ -77,13 +91,14 @@ def _image(k: tl.constexpr, W, H):
 @triton.jit
 def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena, active, comm,
                       N, M, R, half, eps, gamma,
-                      HAS_WALLS: tl.constexpr, HAS_COMM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+                      HAS_WALLS: tl.constexpr, HAS_COMM: tl.constexpr, FAST: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // N
     i = pid - b * N
     o_r = tl.arange(0, BLOCK_R)
     m_r = o_r < R
-    # receptor offsets and normals of fish i in the world frame
+    # receptor offsets and normals of fish i in the world frame; n3 = 3 n (see _dipole_signal)
     th = tl.load(heading + pid).to(tl.float32)
     c = tl.cos(th)
     s = tl.sin(th)
@@ -95,6 +110,8 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nr
     oy = s * b_rx + c * b_ry
     nx = c * b_qx - s * b_qy
     ny = s * b_qx + c * b_qy
+    n3x = (3.0 * nx)[:, None]
+    n3y = (3.0 * ny)[:, None]
     xi = tl.load(fish_pos + 2 * pid).to(tl.float32)
     yi = tl.load(fish_pos + 2 * pid + 1).to(tl.float32)
     if HAS_WALLS:
@@ -110,8 +127,8 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nr
         xj, yj, ej, ux, uy = _fish(fish_pos, heading, eod, b * N + j, half)
         dx = xi - xj
         dy = yi - yj
-        v = _pole_signal((dx - ux) + ox, (dy - uy) + oy, nx, ny, ej, eps) + \
-            _pole_signal((dx + ux) + ox, (dy + uy) + oy, nx, ny, -ej, eps)
+        v = _pole_signal((dx - ux) + ox, (dy - uy) + oy, nx, ny, ej, eps, FAST) + \
+            _pole_signal((dx + ux) + ox, (dy + uy) + oy, nx, ny, -ej, eps, FAST)
         v = tl.where(j == i, 0.0, v)
         acc += v
         if HAS_COMM:
@@ -121,10 +138,12 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nr
                 sx, sy, tx, ty = _image(k, W, H)
                 ix = xi - (sx * xj + tx)
                 iy = yi - (sy * yj + ty)
-                acc += _pole_signal((ix - sx * ux) + ox, (iy - sy * uy) + oy, nx, ny, gamma * ej, eps)
-                acc += _pole_signal((ix + sx * ux) + ox, (iy + sy * uy) + oy, nx, ny, -gamma * ej, eps)
+                acc += _pole_signal((ix - sx * ux) + ox, (iy - sy * uy) + oy, nx, ny, gamma * ej, eps, FAST)
+                acc += _pole_signal((ix + sx * ux) + ox, (iy + sy * uy) + oy, nx, ny, -gamma * ej, eps, FAST)
 
-    # induced dipoles, a block of objects at a time: [BLOCK_R, BLOCK_M] tiles summed over objects
+    # induced dipoles, a block of objects at a time, summed elementwise into a [BLOCK_R, BLOCK_M]
+    # accumulator (one reduction over objects at the end, not one per block and image)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < M
@@ -140,21 +159,21 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nr
                 sg = 1.0 - 2.0 * p
                 dx = (b_cx - xj) - sg * ux
                 dy = (b_cy - yj) - sg * uy
-                w = sg * ej * _inv_rho3(dx * dx + dy * dy, eps)
+                w = sg * ej * _inv_rho3(dx * dx + dy * dy, eps, FAST)
                 ex += w * dx
                 ey += w * dy
-        b_px = b_st * ex
-        b_py = b_st * ey
-        dx = (xi - b_cx)[None, :] + ox[:, None]
-        dy = (yi - b_cy)[None, :] + oy[:, None]
-        acc += tl.sum(_dipole_signal(dx, dy, nx[:, None], ny[:, None], b_px[None, :], b_py[None, :], eps), axis=1)
+        b_px = (b_st * ex)[None, :]
+        b_py = (b_st * ey)[None, :]
+        acc2 += _dipole_signal((xi - b_cx)[None, :] + ox[:, None], (yi - b_cy)[None, :] + oy[:, None],
+                               nx[:, None], ny[:, None], n3x, n3y, b_px, b_py, eps, FAST)
         if HAS_WALLS:
             for k in tl.static_range(4):
                 sx, sy, tx, ty = _image(k, W, H)
-                dx = (xi - (sx * b_cx + tx))[None, :] + ox[:, None]
-                dy = (yi - (sy * b_cy + ty))[None, :] + oy[:, None]
-                acc += tl.sum(_dipole_signal(dx, dy, nx[:, None], ny[:, None], (gamma * sx * b_px)[None, :],
-                                             (gamma * sy * b_py)[None, :], eps), axis=1)
+                acc2 += _dipole_signal((xi - (sx * b_cx + tx))[None, :] + ox[:, None],
+                                       (yi - (sy * b_cy + ty))[None, :] + oy[:, None],
+                                       nx[:, None], ny[:, None], n3x, n3y, (gamma * sx) * b_px, (gamma * sy) * b_py,
+                                       eps, FAST)
+    acc += tl.sum(acc2, axis=1)
     tl.store(active + pid * R + o_r, acc, mask=m_r)
 
 
@@ -172,5 +191,5 @@ def efield_fwd(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, aren
     efield_fwd_kernel[(B * N,)](
         fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena if has_walls else fish_pos, active,
         comm if has_comm else active, N, M, R, 0.5 * float(pole_separation), float(eps), float(image_strength),
-        HAS_WALLS=has_walls, HAS_COMM=has_comm, BLOCK_R=triton.next_power_of_2(R),
+        HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=triton.next_power_of_2(R),
     )
