@@ -4,8 +4,10 @@ CPU (B=256, N=4, R=64, M=32, walls): the C++ backend vs a NumPy float64 loop ove
 fish in the authors' style (bench/efield_numpy_baseline.py) and vs the PyTorch reference on the same
 fp32 inputs. GPU (B=4096, same scene): the CUDA and Triton backends vs the PyTorch reference.
 
-FLOPs are counted per source-receptor pair as the kernels execute them (sqrt and division count 1):
-16 per pole (the fish's own 2 direct poles are skipped, its images are not) and 25 per dipole, so
+FLOPs are a fixed work model, counted per source-receptor pair as the first kernels executed them
+(sqrt and division count 1), kept so that rows stay comparable: 16 per pole (the fish's own 2 direct
+poles are skipped, its images are not) and 25 per dipole (the current kernels issue 13 and 19
+instructions there, FMAs and MUFU operations counted once; docs/efield.md), so
 one step costs B N R (16 (2 (N - 1) + 8 N) + 25 * 5 M) FLOPs with walls. env-steps/s =
 B / median time; the GPU target "median_ms" <= B / 2e7 s encodes >= 2e7 env-steps/s.
 Peaks used for the fraction of peak in docs/efield.md: this CPU (2 Zen 4 cores, 2.6 GHz, 2 x 256-bit
