@@ -1,6 +1,7 @@
 """Kernels of the randomized SVD: the in-kernel Gaussian sketch, the fused power pass (Triton), and
 the batched one-sided Jacobi SVD of the small factor (reference port and CUDA kernel)."""
 
+import ctypes
 import math
 import shutil
 import subprocess
@@ -326,6 +327,69 @@ def test_jacobi_max_sweeps_bounds_work():
     # one sweep is not converged (the test would be vacuous otherwise) but is still a valid factorization
     assert (S1.double() - S_ref).abs().max() > 1e-4
     assert_rms_close(U1 @ torch.diag_embed(S1) @ V1.mT, B, 2e-6)
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def jacobi_emulation(tmp_path_factory):
+    """csrc/cuda/jacobi_svd.cu compiled as C++ against the threaded block emulation (tests/cuda_emulation/)."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    lib = tmp_path_factory.mktemp("emu") / "jacobi_svd_emulation.so"
+    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+           str(_ROOT / "tests" / "cuda_emulation" / "jacobi_svd_emulation.cpp"), "-o", str(lib)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    fn = ctypes.CDLL(str(lib)).fm_jacobi_svd_emulate
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
+
+    def run_kernel(B, use_shared, max_sweeps=15):
+        b, r, c = B.shape
+        k, L = min(r, c), max(r, c)
+        nan = float("nan")
+        U, S, V = torch.full((b, r, k), nan), torch.full((b, k), nan), torch.full((b, c, k), nan)
+        work = torch.full((b, k * L + k * k + k), nan, dtype=torch.float64)
+        fn(B.data_ptr(), U.data_ptr(), S.data_ptr(), V.data_ptr(), work.data_ptr(), b, r, c, 1e-8, max_sweeps,
+           int(use_shared))
+        return U, S, V
+
+    return run_kernel
+
+
+# Small shapes: the emulation runs 256 OS threads per block with a barrier per tournament round.
+EMULATED_JACOBI = [(3, 7, 5), (2, 5, 9), (1, 6, 1), (1, 1, 6), (1, 1, 1), (1, 21, 14), (1, 12, 19)]
+
+
+@pytest.mark.parametrize("use_shared", [1, 0], ids=["shared", "workspace"])
+@pytest.mark.parametrize("b,r,c", EMULATED_JACOBI, ids=[f"{b}x{r}x{c}" for b, r, c in EMULATED_JACOBI])
+def test_jacobi_cuda_source_under_emulation(jacobi_emulation, b, r, c, use_shared):
+    """The CUDA kernel's own source (tournament rounds across 8 warps, warp-shuffle reductions,
+    the shared-memory and the global-workspace layouts, sort and sign normalization) vs LAPACK and
+    vs its PyTorch port; every output and the workspace start as NaN."""
+    g = torch.Generator().manual_seed(b * 100 + r * 10 + c)
+    B = torch.randn(b, r, c, generator=g)
+    U, S, V = jacobi_emulation(B, use_shared)
+    _check_svd(B, U, S, V)
+    Ur, Sr, Vr = _jacobi().jacobi_svd(B, "reference")
+    torch.testing.assert_close(S, Sr, rtol=0, atol=1e-6 * Sr.abs().max().item())
+
+
+def test_jacobi_cuda_source_under_emulation_rank_deficient_and_zero(jacobi_emulation):
+    B = torch.randn(1, 10, 3, generator=torch.Generator().manual_seed(3)) @ torch.randn(1, 3, 8)
+    U, S, V = jacobi_emulation(B.contiguous(), 1)
+    _check_svd(B, U, S, V)
+    assert (S[:, 3:] <= 1e-5 * S[:, :1]).all()
+    for r, c in ((5, 4), (4, 6)):
+        B = torch.zeros(1, r, c)
+        U, S, V = jacobi_emulation(B, 0)
+        assert torch.equal(S, torch.zeros(1, min(r, c)))
+        _check_svd(B, U, S, V)
+        short = V if r >= c else U
+        assert torch.equal(short, torch.eye(min(r, c)).expand_as(short))
 
 
 def test_jacobi_bad_input():

@@ -20,9 +20,9 @@
 // cudaError_t as int (0 = success); fm_efield_shared_bytes gives the shared memory one block needs.
 // Loaded with ctypes by fastmodels/ops/efield.py.
 //
-// With FM_EFIELD_EMULATION defined, only the kernel is compiled, as plain C++ against the threaded
+// With FM_CUDA_EMULATION defined, only the kernel is compiled, as plain C++ against the threaded
 // block emulation of tests/cuda_emulation/ (CI runs its logic on the CPU that way).
-#ifndef FM_EFIELD_EMULATION
+#ifndef FM_CUDA_EMULATION
 #include <cuda_runtime.h>
 #define FM_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
@@ -188,7 +188,7 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
 
 }  // namespace
 
-#ifndef FM_EFIELD_EMULATION
+#ifndef FM_CUDA_EMULATION
 extern "C" size_t fm_efield_shared_bytes(int N, int M) { return shared_bytes(N, M); }
 
 extern "C" int fm_efield_fwd(const float* fish_pos, const float* heading, const float* eod, const float* obj_pos,

@@ -9,8 +9,14 @@
 //
 // G, Vacc and S live in dynamic shared memory when they fit (opt-in limit, 227 KB on Hopper), else
 // in the caller's fp64 global workspace `work` ([batch][k*L + k*k + k]).
+//
+// With FM_CUDA_EMULATION defined, only the kernel is compiled, as plain C++ against the threaded
+// block emulation of tests/cuda_emulation/ (CI runs this source on the CPU that way).
 
+#ifndef FM_CUDA_EMULATION
 #include <cuda_runtime.h>
+#define FM_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 #include <climits>
 #include <cstddef>
@@ -39,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) jacobi_svd_kernel(const float* __res
                                                               float* __restrict__ S, float* __restrict__ V,
                                                               double* __restrict__ work, int r, int c, double tol,
                                                               int max_sweeps, int use_shared) {
-  extern __shared__ double smem[];
+  FM_DYNAMIC_SHARED(double, smem);
   __shared__ int s_rotated;
 
   const int tid = threadIdx.x;
@@ -173,6 +179,7 @@ __global__ void __launch_bounds__(kThreads) jacobi_svd_kernel(const float* __res
 
 }  // namespace
 
+#ifndef FM_CUDA_EMULATION
 // B [batch, r, c], U [batch, r, k], S [batch, k], V [batch, c, k] (fp32, contiguous, device
 // pointers), work: fp64 [batch, k*L + k*k + k] with k = min(r, c), L = max(r, c).
 // Returns 0 or a cudaError_t code.
@@ -198,3 +205,4 @@ extern "C" int fastmodels_jacobi_svd_f32(const float* B, float* U, float* S, flo
                                                                          use_shared);
   return (int)cudaGetLastError();
 }
+#endif

@@ -153,7 +153,7 @@ def _jacobi_cuda(B: torch.Tensor, tol: float | None, max_sweeps: int):
         raise ValueError(f"backend='cuda' needs B on a CUDA device, got {B.device}")
     B = B.contiguous()
     b, r, c = B.shape
-    k = min(r, c)
+    k, L = min(r, c), max(r, c)
     tol = DEFAULT_TOL if tol is None else float(tol)
     U = torch.empty((b, r, k), device=B.device, dtype=torch.float32)
     S = torch.empty((b, k), device=B.device, dtype=torch.float32)
