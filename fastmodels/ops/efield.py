@@ -76,7 +76,6 @@ def electric_image_reference(fish_pos, fish_heading, eod, obj_pos, obj_radius, o
                              image_strength=1.0, per_emitter=True):
     """Pure-PyTorch electric image (see :func:`electric_image`); computes in the inputs' dtype."""
     B, N, _ = fish_pos.shape
-    R = receptor_pos.shape[0]
     half = 0.5 * pole_separation
     cos, sin = fish_heading.cos(), fish_heading.sin()
     u = torch.stack((cos, sin), -1)  # [B, N, 2]

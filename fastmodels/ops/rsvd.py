@@ -25,9 +25,8 @@ read in their own precision with fp32 accumulation; the same torch orthonormaliz
 
 from __future__ import annotations
 
-import math
 import os
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
