@@ -79,7 +79,7 @@ if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
   # One autotune config per pushdown kernel: the tests check results, the benchmarks tune.
   # SIGINT at the limit: pytest stops and still reports the failures so far
-  FASTMODELS_AUTOTUNE=0 timeout -s INT -k 15 "$T_TESTS" "$PY" -m pytest -v -n 8 -p no:cacheprovider -m "(triton or gpu) and not slow" \
+  FASTMODELS_AUTOTUNE=0 timeout -s INT -k 15 "$T_TESTS" "$PY" -m pytest -v -rfE -n 8 -p no:cacheprovider -m "(triton or gpu) and not slow" \
     "${per_test[@]}" --ignore tests/test_triton_compile.py --junitxml="$RESULTS/gpu_tests.xml" ${GPU_CHECK_TEST_FILES:-tests} \
     > "$RESULTS/gpu_tests.log" 2>&1
   test_rc=$?
@@ -94,13 +94,17 @@ try:
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     for k in ("tests", "failures", "errors", "skipped", "time"):
         row[k] = float(suite.get(k, 0)) if k == "time" else int(suite.get(k, 0))
-    row["failed_tests"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                           if c.find("failure") is not None or c.find("error") is not None][:50]
+    failed = [(f"{c.get('classname')}::{c.get('name')}", c.find("failure") if c.find("failure") is not None else c.find("error"))
+              for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+    row["failed_tests"] = [name for name, _ in failed][:50]
+    row["failure_messages"] = {name: (el.get("message") or "")[:300] for name, el in failed[:50]}
 except (OSError, ET.ParseError) as exc:  # cut off by its limit: count the per-test lines instead
     log = open(f"{results}/gpu_tests.log").read()
     for word in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
         row[word.lower() + "_before_cutoff"] = len(re.findall(rf"\] {word} ", log))
     row["failed_tests"] = re.findall(r"\] (?:FAILED|ERROR) (\S+)", log)[:50]
+    # -rfE: the short summary that pytest still prints after SIGINT ("FAILED node - message")
+    row["failure_messages"] = {m[0]: m[1][:300] for m in re.findall(r"^(?:FAILED|ERROR) (\S+) - (.*)$", log, re.M)[:50]}
     row["note"] = f"no junit xml (cut off by the time limit: {rc == 124}): {exc}"
 with open(f"{results}/gpu_tests.jsonl", "a") as f:
     f.write(json.dumps(row, sort_keys=True) + "\n")
