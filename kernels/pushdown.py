@@ -406,7 +406,20 @@ def _histogram(hist, ds, idx, valid, BINARY: tl.constexpr, VP: tl.constexpr):
 
 
 @triton.jit
-def _histogram_full(hist, ds, d_k, sm_k, R_old, V, VP: tl.constexpr):
+def _onehot_dot(x, onehot, ref, FP32_DOT: tl.constexpr):
+    """x [BM, BN] @ onehot [BN, VP] (a bool matrix, exact in any dtype), fp32 result. fp32 inputs:
+    tf32x3 (fp32 accuracy for x). fp16/bf16 inputs: one native tensor-core dot with x rounded to
+    the input dtype, as the dq dot (ds @ k) rounds ds: 1 MMA instead of tf32x3's 3 (at half the
+    rate of bf16), and no hi/lo operand splits in registers."""
+    if FP32_DOT:
+        y = tl.dot(x, onehot.to(tl.float32), input_precision="tf32x3")
+    else:
+        y = tl.dot(x.to(ref.dtype.element_ty), onehot.to(ref.dtype.element_ty))
+    return y
+
+
+@triton.jit
+def _histogram_full(hist, ds, d_k, sm_k, R_old, V, ref, VP: tl.constexpr, FP32_DOT: tl.constexpr):
     """The depth histogram of a full compact tile with two tensor-core dots instead of a loop over
     depth values. With sm[j] = min c over the tile's keys j..end and R[t] the running minimum to the
     right of the tile, S(t, j) = d_j - sm_j where sm_j < R_t (case A: independent of t) and
@@ -415,14 +428,14 @@ def _histogram_full(hist, ds, d_k, sm_k, R_old, V, VP: tl.constexpr):
       Y = ds_B @ onehot(d - dmin), hist_B[t, v] = Y[t, v + R_t - dmin],
     with the clamp buckets (v = 0 and v = V - 1) collecting Y's prefix and suffix sums. Needs
     max(d) - dmin < VP over the tile and V >= 2 (the caller checks). The one-hot operands are
-    exact; tf32x3 keeps ds at fp32 accuracy."""
+    exact in any dtype; ds enters the dots as the dq dot takes it (_onehot_dot)."""
     o_v = tl.arange(0, VP)
     case_a = sm_k[None, :] < R_old[:, None]
     a = tl.minimum(tl.maximum(d_k - sm_k, 0), V - 1)
     x_a = tl.where(case_a, ds, 0.0)
-    hist += tl.dot(x_a, (a[:, None] == o_v[None, :]).to(tl.float32), input_precision="tf32x3")
+    hist += _onehot_dot(x_a, a[:, None] == o_v[None, :], ref, FP32_DOT)
     dmin = tl.min(d_k, axis=0)
-    y = tl.dot(ds - x_a, ((d_k - dmin)[:, None] == o_v[None, :]).to(tl.float32), input_precision="tf32x3")
+    y = _onehot_dot(ds - x_a, (d_k - dmin)[:, None] == o_v[None, :], ref, FP32_DOT)
     shift = R_old - dmin  # [BM]; case-B entry (t, j) lands on v = (d_j - dmin) - shift_t
     u = o_v[None, :] + shift[:, None]
     inner = (o_v[None, :] > 0) & (o_v[None, :] < V - 1) & (u >= 0) & (u < VP)
@@ -471,7 +484,7 @@ def _dq_tile(b_dq, hist, R, b_q, b_do, b_lse, b_delta, b_qe, k, v, dep, bnd, den
     b_dq += tl.dot(_mm(ds, k, FP32_DOT), _mm(b_k, k, FP32_DOT), input_precision=PREC)
     if HIST_DOTS and COMPACT and not MASKED and not BINARY:
         if (tl.max(d_k, axis=0) - tl.min(d_k, axis=0) < VP) & (V >= 2):
-            hist = _histogram_full(hist, ds, d_k, sm_k, R_old, V, VP)
+            hist = _histogram_full(hist, ds, d_k, sm_k, R_old, V, k, VP, FP32_DOT)
         else:
             hist = _histogram(hist, ds, idx, valid, BINARY, VP)
     else:
