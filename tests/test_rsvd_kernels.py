@@ -205,6 +205,29 @@ def test_power_pass_edge_cases_and_errors(device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Rayleigh-Ritz products of the kernel backends: low-precision A times an fp32 basis
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 2.0**-17), (torch.float16, 2.0**-20)], ids=["bf16", "fp16"])
+def test_hi_lo_product_is_fp32_accurate(dtype, bound):
+    """_bmm_hi_lo(X, Q): X (bf16/fp16, exact) times an fp32 Q to ~2^-16 (bf16) / 2^-22 (fp16)
+    relative, where one low-precision GEMM with Q rounded would be off by 2^-9 / 2^-12."""
+    from fastmodels.ops.rsvd import _bmm_f32, _bmm_hi_lo
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 37, 70, generator=g).to(dtype).to(DEVICE)
+    Q = torch.linalg.qr(torch.randn(3, 70, 13, generator=g, dtype=torch.float64)).Q.float().to(DEVICE)
+    exact = X.double() @ Q.double()
+    Z = _bmm_hi_lo(X, Q)
+    assert Z.dtype == torch.float32 and Z.shape == (3, 37, 13)
+    err = ((Z.double() - exact).norm() / exact.norm()).item()
+    assert err < bound, err
+    rounded = ((_bmm_f32(X, Q).double() - exact).norm() / exact.norm()).item()  # Q rounded to X's dtype
+    assert rounded > 16 * err
+
+
+# ----------------------------------------------------------------------------------------------
 # jacobi_svd: reference port of the CUDA sweeps (CPU), the CUDA kernel (GPU), its compilation
 # ----------------------------------------------------------------------------------------------
 

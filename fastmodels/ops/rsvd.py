@@ -161,10 +161,6 @@ class _TorchOps:
         return self.mul(self.mul_t(Q))
 
 
-def _panel_rows(b: int, cols: int) -> int:
-    return max(1, (1 << 27) // max(1, b * cols))  # ~512 MB of fp32 temporaries per panel
-
-
 PASSES = ("fused", "atomic", "cublas")
 
 
@@ -186,8 +182,21 @@ def _bmm_f32(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         return torch.bmm(X, Y)
     try:
         return torch.bmm(X, Y, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):  # a torch or device without bmm.dtype
-        return torch.bmm(X, Y).to(torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):  # a torch or device (CPU) without bmm.dtype
+        # the same products (exact in fp32) and fp32 sums, not a low-precision output rounded up
+        return torch.bmm(X.to(torch.float32), Y.to(torch.float32))
+
+
+def _bmm_hi_lo(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """X @ Q for a bf16/fp16 ``X`` and an fp32 ``Q``, fp32 result to ~2^-16 relative (bf16):
+    Q = hi + lo + O(2^-16 |Q|) with hi and lo in X's dtype, and one low-precision GEMM over the
+    columns [hi | lo] (fp32 accumulation), so X is read once at tensor-core speed instead of being
+    upcast to fp32 for an fp32 GEMM (CUDA cores)."""
+    hi = Q.to(X.dtype)
+    lo = (Q - hi.to(torch.float32)).to(X.dtype)
+    l = Q.shape[-1]
+    Z = _bmm_f32(X, torch.cat([hi, lo], dim=-1))
+    return Z[..., :l] + Z[..., l:]
 
 
 class _KernelOps:
@@ -213,27 +222,13 @@ class _KernelOps:
         deterministic = self.mode == "fused"
         return self.kernels.power_pass(self.A, Q.to(torch.float32).contiguous(), deterministic=deterministic)
 
-    def mul_t(self, Q):  # A^T Q in fp32, A read once in row panels upcast one at a time
+    def mul_t(self, Q):  # A^T Q in fp32 (Rayleigh-Ritz): fp32 GEMM, or the hi/lo split for bf16/fp16
         A, Q = self.A, Q.to(torch.float32)
-        b, m, n = A.shape
-        if A.dtype == torch.float32:
-            return A.mT @ Q
-        out = torch.zeros(b, n, Q.shape[-1], dtype=torch.float32, device=A.device)
-        step = _panel_rows(b, n)
-        for i in range(0, m, step):
-            out += A[:, i : i + step].to(torch.float32).mT @ Q[:, i : i + step]
-        return out
+        return A.mT @ Q if A.dtype == torch.float32 else _bmm_hi_lo(A.mT, Q)
 
-    def mul(self, Q):  # A Q in fp32, A read once in column panels
+    def mul(self, Q):  # A Q in fp32
         A, Q = self.A, Q.to(torch.float32)
-        b, m, n = A.shape
-        if A.dtype == torch.float32:
-            return A @ Q
-        out = torch.zeros(b, m, Q.shape[-1], dtype=torch.float32, device=A.device)
-        step = _panel_rows(b, m)
-        for j in range(0, n, step):
-            out += A[:, :, j : j + step].to(torch.float32) @ Q[:, j : j + step]
-        return out
+        return A @ Q if A.dtype == torch.float32 else _bmm_hi_lo(A, Q)
 
 
 # ---------------------------------------------------------------------------------------------
