@@ -22,6 +22,7 @@ Op modules register cases with ``@register_cases("op_name")`` on a function
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import importlib
@@ -30,6 +31,7 @@ import math
 import os
 import pkgutil
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -293,11 +295,14 @@ def environment(device: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_case(case: Case, *, measure_memory: bool = True, cpu_budget_s: float = 2.0) -> list[dict]:
-    """Run every implementation of ``case`` on the same inputs; return one row per implementation."""
+def run_case(case: Case, *, measure_memory: bool = True, cpu_budget_s: float = 2.0, rows: list | None = None) -> list[dict]:
+    """Run every implementation of ``case`` on the same inputs; return one row per implementation.
+
+    ``rows``: a list to fill as implementations finish, so a caller that is stopped part-way (the
+    GPU check's time limits) can still write what was measured (see ``finish_rows``)."""
     torch.manual_seed(0)
     inputs = case.setup()
-    rows = []
+    rows = [] if rows is None else rows
     for label, impl in case.impls.items():
         row: dict[str, Any] = {"op": case.op, "case": case.name, "impl": label, "primary": not rows}
         fn = lambda: impl(inputs)  # noqa: E731
@@ -335,6 +340,14 @@ def run_case(case: Case, *, measure_memory: bool = True, cpu_budget_s: float = 2
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rows.append(row)
         gc.collect()
+    return finish_rows(case, rows)
+
+
+def finish_rows(case: Case, rows: list[dict]) -> list[dict]:
+    """Ratios to the primary, the case's targets and note, on the rows measured (all of them, or
+    the first few when a run was cut off)."""
+    if not rows:
+        return rows
     primary = rows[0]
     for row in rows:
         if "median_ms" in row and "median_ms" in primary:
@@ -388,6 +401,16 @@ def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write
             iterator = bar
         except ImportError:
             pass
+    def emit(case_rows: list[dict]) -> None:
+        for row in case_rows:
+            row.update(env)
+        rows.extend(case_rows)
+        if write:
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            with open(RESULTS_DIR / f"{device}.jsonl", "a") as f:
+                for row in case_rows:
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
+
     for case in iterator:
         if bar is not None:
             bar.set_postfix_str(case.key[:48])
@@ -395,19 +418,36 @@ def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write
             index = [c.key for c in collect_cases(device, [case.op], quick)].index(case.key)
             case_rows = _run_case_subprocess(device, case.op, index, quick, cpu_budget_s)
         else:
-            case_rows = run_case(case)
-        for row in case_rows:
-            row.update(env)
-        rows.extend(case_rows)
+            case_rows = []
+            with _flush_on_sigterm(case, case_rows, emit):
+                run_case(case, rows=case_rows)
+        emit(case_rows)
         if bar is None and progress:  # one line per finished case for logs
             done = ", ".join(f"{r['impl']} {r['median_ms']:.3f} ms" if "median_ms" in r else f"{r['impl']} {r.get('error', '?')[:60]}" for r in case_rows)
             print(f"[bench] {case.key}: {done}", file=sys.stderr, flush=True)
-        if write:
-            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            with open(RESULTS_DIR / f"{device}.jsonl", "a") as f:
-                for row in case_rows:
-                    f.write(json.dumps(row, sort_keys=True) + "\n")
     return rows
+
+
+@contextlib.contextmanager
+def _flush_on_sigterm(case: Case, case_rows: list[dict], emit: Callable[[list[dict]], None]):
+    """While ``case`` runs: on SIGTERM (``timeout``, the GPU check's per-op limits), write the
+    implementations it has finished, marked as cut off, then exit with 124."""
+    def handler(signum, frame):
+        done = [dict(r) for r in case_rows]
+        if done:
+            finish_rows(case, done)
+            skipped = [label for label in case.impls if label not in {r["impl"] for r in done}]
+            for row in done:
+                row["cut_off"] = f"SIGTERM after {len(done)} of {len(case.impls)} implementations; not run: {skipped}"
+            emit(done)
+        print(f"[bench] {case.key}: cut off (SIGTERM) after {len(done)} of {len(case.impls)} implementations", file=sys.stderr, flush=True)
+        sys.exit(124)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------

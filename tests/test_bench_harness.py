@@ -1,7 +1,10 @@
 """The benchmark harness times, measures peak memory and records ratios and targets."""
 
 import json
+import os
+import signal
 
+import pytest
 import torch
 
 from fastmodels.bench import harness
@@ -49,6 +52,28 @@ def test_failures_are_recorded_not_raised():
     rows = harness.run_case(case, cpu_budget_s=0.05)
     assert "ZeroDivisionError" in rows[1]["error"]
     assert "FAILED" in harness.format_table(rows)
+
+
+def test_sigterm_writes_the_implementations_already_measured():
+    """A case stopped by SIGTERM (the GPU check's per-op time limit) still writes the rows it has,
+    with ratios and targets computed on them and a cut_off note, then exits with 124."""
+    case = _case()
+    case.impls = {"ours": case.impls["ours"], "peer": case.impls["peer"], "never": lambda inp: 0}
+    case_rows = [{"op": "_toy", "case": "sum", "impl": "ours", "primary": True, "median_ms": 2.0},
+                 {"op": "_toy", "case": "sum", "impl": "peer", "primary": False, "median_ms": 6.0}]
+    emitted = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        with harness._flush_on_sigterm(case, case_rows, emitted.extend):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+    assert stop.value.code == 124
+    assert [r["impl"] for r in emitted] == ["ours", "peer"]
+    assert emitted[1]["time_ratio"] == 3.0
+    assert "not run: ['never']" in emitted[0]["cut_off"]
+    assert "rms_rel_err" in emitted[0]["targets"]
+    assert signal.getsignal(signal.SIGTERM) == before  # restored after the case
 
 
 def test_environment_fields():
