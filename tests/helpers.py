@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +80,19 @@ def poisoned_allocators():
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
+
+
+def load_cuda_emulation(source: str, out_dir) -> ctypes.CDLL:
+    """tests/cuda_emulation/<source> (a CUDA kernel's own .cu included into C++ against the
+    threaded block emulation) built with g++ into ``out_dir`` and loaded with ctypes; skips the
+    calling test where g++ is missing."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    root = Path(__file__).resolve().parent.parent
+    lib = Path(out_dir) / (Path(source).stem + ".so")
+    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{root / 'csrc' / 'include'}",
+           str(root / "tests" / "cuda_emulation" / source), "-o", str(lib)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return ctypes.CDLL(str(lib))

@@ -2,13 +2,10 @@
 
 import ctypes
 import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEVICE, assert_rms_close, backend_device, op_backends, pick
+from helpers import DEVICE, assert_rms_close, backend_device, load_cuda_emulation, op_backends, pick
 
 import fastmodels.ops  # noqa: F401 - registers the op
 from fastmodels.efish import field_scale, receptor_ring, to_volts_per_metre
@@ -282,21 +279,10 @@ def test_gpu_backends_at_benchmark_shape(backend):
 # The CUDA kernel's own source, run on the CPU (tests/cuda_emulation/)
 # ------------------------------------------------------------------------------------------------
 
-_ROOT = Path(__file__).resolve().parent.parent
-
-
 @pytest.fixture(scope="module")
 def cuda_efield_emulation(tmp_path_factory):
     """csrc/cuda/efield.cu compiled as C++ against the threaded block emulation, loaded with ctypes."""
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found")
-    lib = tmp_path_factory.mktemp("emu") / "efield_emulation.so"
-    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{_ROOT / 'csrc' / 'include'}",
-           str(_ROOT / "tests" / "cuda_emulation" / "efield_emulation.cpp"), "-o", str(lib)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    dll = ctypes.CDLL(str(lib))
+    dll = load_cuda_emulation("efield_emulation.cpp", tmp_path_factory.mktemp("emu"))
     dll.fm_efield_emulate.restype = None
     dll.fm_efield_emulate.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 4 + [ctypes.c_float] * 3 + [ctypes.c_int]
     return dll

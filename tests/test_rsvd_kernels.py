@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DEVICE, assert_rms_close
+from helpers import DEVICE, assert_rms_close, load_cuda_emulation
 
 triton_only = pytest.mark.triton
 
@@ -352,21 +352,10 @@ def test_jacobi_max_sweeps_bounds_work():
     assert_rms_close(U1 @ torch.diag_embed(S1) @ V1.mT, B, 2e-6)
 
 
-_ROOT = Path(__file__).resolve().parent.parent
-
-
 @pytest.fixture(scope="module")
 def jacobi_emulation(tmp_path_factory):
     """csrc/cuda/jacobi_svd.cu compiled as C++ against the threaded block emulation (tests/cuda_emulation/)."""
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found")
-    lib = tmp_path_factory.mktemp("emu") / "jacobi_svd_emulation.so"
-    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-           str(_ROOT / "tests" / "cuda_emulation" / "jacobi_svd_emulation.cpp"), "-o", str(lib)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    fn = ctypes.CDLL(str(lib)).fm_jacobi_svd_emulate
+    fn = load_cuda_emulation("jacobi_svd_emulation.cpp", tmp_path_factory.mktemp("emu")).fm_jacobi_svd_emulate
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
 
