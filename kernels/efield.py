@@ -17,6 +17,7 @@ import os
 import triton
 import triton.language as tl
 
+from ._host import next_power_of_2
 from ._tuning import gpu_configs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -190,5 +191,5 @@ def efield_fwd(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, aren
     efield_fwd_kernel[(B * N,)](
         fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena if has_walls else fish_pos, active,
         comm if has_comm else active, N, M, R, 0.5 * float(pole_separation), float(eps), float(image_strength),
-        HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=triton.next_power_of_2(R),
+        HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=next_power_of_2(R),
     )

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from ._tuning import gpu_configs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -343,16 +344,16 @@ def _v_chunk(rows: int, V: int, device: torch.device) -> tuple[int, int]:
         chunk = _INTERP_V_CHUNK
     else:
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-        row_blocks = triton.cdiv(max(rows, 1), 64)
-        splits = max(1, min(triton.cdiv(2 * n_sm, row_blocks), triton.cdiv(V, 2048)))
-        chunk = triton.cdiv(triton.cdiv(V, splits), _GPU_V_CHUNK_MULTIPLE) * _GPU_V_CHUNK_MULTIPLE
-    return chunk, triton.cdiv(V, chunk)
+        row_blocks = cdiv(max(rows, 1), 64)
+        splits = max(1, min(cdiv(2 * n_sm, row_blocks), cdiv(V, 2048)))
+        chunk = cdiv(cdiv(V, splits), _GPU_V_CHUNK_MULTIPLE) * _GPU_V_CHUNK_MULTIPLE
+    return chunk, cdiv(V, chunk)
 
 
 def _bdo(D: int) -> int:
     """Width of the D slice owned by one program of the deterministic backward kernels."""
     cap = 32 if _INTERPRET else 256
-    return min(cap, max(16, triton.next_power_of_2(D)))
+    return min(cap, max(16, next_power_of_2(D)))
 
 
 def _merge_lse(parts: torch.Tensor) -> torch.Tensor:
@@ -378,7 +379,7 @@ def lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index:
         chunk, splits = _v_chunk(N, V, dev)
         lse_part = torch.empty(splits, N, device=dev, dtype=torch.float32)
         zy_part = torch.empty(splits, N, device=dev, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(N, meta["BM"]), splits)  # noqa: E731
+        grid = lambda meta: (cdiv(N, meta["BM"]), splits)  # noqa: E731
         nextlat_ce_fwd_kernel[grid](hidden, weight, b_arg, targets, lse_part, zy_part,
                                     N, D, V, chunk, ignore_index, HAS_BIAS=has_bias, DOT_F32=dot_f32)
         lse.copy_(_merge_lse(lse_part))
@@ -390,7 +391,7 @@ def lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index:
         chunk, splits = _v_chunk(M, V, dev)
         lseq_part = torch.empty(splits, M, device=dev, dtype=torch.float32)
         cross_part = torch.empty(splits, M, device=dev, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(M, meta["BM"]), splits)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BM"]), splits)  # noqa: E731
         nextlat_kl_fwd_kernel[grid](pred, hidden, teacher_index, weight, b_arg, lse, lseq_part, cross_part,
                                     M, D, V, chunk, HAS_BIAS=has_bias, DOT_F32=dot_f32)
         lse_pred.copy_(_merge_lse(lseq_part))
@@ -418,16 +419,16 @@ def lce_kl_bwd(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, 
 
     if deterministic:
         bdo = _bdo(D)
-        n_dslices = triton.cdiv(D, bdo)
+        n_dslices = cdiv(D, bdo)
         dhidden = torch.empty_like(hidden)
         dweight = torch.empty_like(weight)
         dbias = torch.empty_like(bias) if has_bias else None
         if N > 0:
-            grid = lambda meta: (triton.cdiv(N, meta["BM"]), n_dslices)  # noqa: E731
+            grid = lambda meta: (cdiv(N, meta["BM"]), n_dslices)  # noqa: E731
             nextlat_bwd_rows_kernel[grid](hidden, hidden, t_arg, weight, b_arg, targets, g, lse, lse, dhidden,
                                           N, D, V, ignore_index, KL=False, HAS_BIAS=has_bias, DOT_F32=dot_f32,
                                           BDO=bdo)
-            grid = lambda meta: (triton.cdiv(V, meta["BV"]), n_dslices)  # noqa: E731
+            grid = lambda meta: (cdiv(V, meta["BV"]), n_dslices)  # noqa: E731
             nextlat_bwd_dw_kernel[grid](hidden, weight, b_arg, targets, g, lse, dweight,
                                         dbias if has_bias else dweight,
                                         N, D, V, ignore_index, HAS_BIAS=has_bias, DOT_F32=dot_f32, BDO=bdo)
@@ -437,7 +438,7 @@ def lce_kl_bwd(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, 
                 dbias.zero_()
         if M > 0:
             dpred = torch.empty_like(pred)
-            grid = lambda meta: (triton.cdiv(M, meta["BM"]), n_dslices)  # noqa: E731
+            grid = lambda meta: (cdiv(M, meta["BM"]), n_dslices)  # noqa: E731
             nextlat_bwd_rows_kernel[grid](pred, hidden, teacher_index, weight, b_arg, targets, w_kl, lse_pred, lse,
                                           dpred, M, D, V, ignore_index, KL=True, HAS_BIAS=has_bias,
                                           DOT_F32=dot_f32, BDO=bdo)
@@ -451,13 +452,13 @@ def lce_kl_bwd(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, 
     dweight32 = torch.zeros(V, D, device=dev, dtype=f32)
     dbias32 = torch.zeros(V, device=dev, dtype=f32) if has_bias else dweight32
     if N > 0:
-        grid = lambda meta: (triton.cdiv(N, meta["BM"]), triton.cdiv(V, meta["BV"]))  # noqa: E731
+        grid = lambda meta: (cdiv(N, meta["BM"]), cdiv(V, meta["BV"]))  # noqa: E731
         nextlat_bwd_atomic_kernel[grid](hidden, hidden, t_arg, weight, b_arg, targets, g, lse, lse,
                                         dhidden32, dweight32, dbias32, N, D, V, ignore_index,
                                         KL=False, HAS_BIAS=has_bias, DOT_F32=dot_f32)
     if M > 0:
         dpred32 = torch.zeros(M, D, device=dev, dtype=f32)
-        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(V, meta["BV"]))  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BM"]), cdiv(V, meta["BV"]))  # noqa: E731
         nextlat_bwd_atomic_kernel[grid](pred, hidden, teacher_index, weight, b_arg, targets, w_kl, lse_pred, lse,
                                         dpred32, dpred32, dpred32, M, D, V, ignore_index,
                                         KL=True, HAS_BIAS=has_bias, DOT_F32=dot_f32)

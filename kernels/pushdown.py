@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from ._tuning import gpu_configs
 
 __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
@@ -569,7 +570,7 @@ def _hist_dots() -> bool:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
+    return max(16, next_power_of_2(int(n)))
 
 
 def _common(q, k, emb, depth, boundary, dense, binary):
@@ -616,7 +617,7 @@ def pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale: float, b
     lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    grid = lambda META: (triton.cdiv(Tq, META["BM"]), B * H)  # noqa: E731
+    grid = lambda META: (cdiv(Tq, META["BM"]), B * H)  # noqa: E731
     pushdown_attention_fwd_kernel[grid](
         q, k, v, emb, depth, boundary, dense, out, lse,
         emb.stride(0), emb.stride(1), emb.stride(2),
@@ -639,16 +640,16 @@ def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, s
     delta = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     qe = torch.empty((B, H, Tq, VP), device=q.device, dtype=torch.float32)
     pre_bm = 16 if INTERPRET else 64
-    pushdown_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_bm), B * H)](
+    pushdown_attention_bwd_preprocess_kernel[(cdiv(Tq, pre_bm), B * H)](
         q, out, do, emb, delta, qe, emb.stride(0), emb.stride(1), emb.stride(2), H, Tq, D, V,
         FP32_DOT=meta["FP32_DOT"], PREC=meta["PREC"], BD=BD, VP=VP, BM=pre_bm,
     )
-    grid_kv = lambda META: (triton.cdiv(Tk, META["BN"]), B * H)  # noqa: E731
+    grid_kv = lambda META: (cdiv(Tk, META["BN"]), B * H)  # noqa: E731
     pushdown_attention_bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, qe, boundary, depth, dense, dk, dv,
         H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta,
     )
-    n_mblk = triton.cdiv(Tq, _DQ_BM)
+    n_mblk = cdiv(Tq, _DQ_BM)
     de_part = torch.empty((B, n_mblk, H, V, D), device=q.device, dtype=torch.float32)
     pushdown_attention_bwd_dq_kernel[(n_mblk, B * H)](
         q, k, v, emb, do, lse, delta, qe, depth, boundary, dense, dq, de_part,

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from . import _tuning as tuning
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
@@ -213,7 +214,7 @@ def _check_a(A: torch.Tensor, name: str = "A") -> None:
 
 def _block_l(L: int) -> int:
     """Width of a column tile of the sketch: l padded to a power of two >= 16, at most 128."""
-    return min(max(16, triton.next_power_of_2(L)), 128)
+    return min(max(16, next_power_of_2(L)), 128)
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -236,7 +237,7 @@ def sketch_omega(b: int, rows: int, l: int, seed: int, device) -> torch.Tensor:
     if out.numel() == 0:
         return out
     BR, BL = 16, _block_l(l)
-    grid = (b, triton.cdiv(rows, BR), triton.cdiv(l, BL))
+    grid = (b, cdiv(rows, BR), cdiv(l, BL))
     sketch_omega_kernel[grid](out, seed, rows, l, BR=BR, BL=BL)
     return out
 
@@ -262,7 +263,7 @@ def sketch_matmul(A: torch.Tensor, l: int, seed: int, transpose: bool = False) -
     if K == 0:
         return Y.zero_()
     BL = _block_l(l)
-    grid = lambda meta: (b, triton.cdiv(M, meta["BM"]), triton.cdiv(l, BL))  # noqa: E731
+    grid = lambda meta: (b, cdiv(M, meta["BM"]), cdiv(l, BL))  # noqa: E731
     sketch_matmul_kernel[grid](A, Y, seed, M, K, l, m * n, stride_am, stride_ak, DOT_FP32=_dot_fp32(A.dtype), BL=BL)
     return Y
 
@@ -272,7 +273,7 @@ def _num_splits(b: int, panels: int, l_tiles: int, device: torch.device) -> int:
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # interpreter: exercise several splits and several panels per split
-    return max(1, min(panels, triton.cdiv(target, b * l_tiles)))
+    return max(1, min(panels, cdiv(target, b * l_tiles)))
 
 
 def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, num_splits: int | None = None) -> torch.Tensor:
@@ -302,13 +303,13 @@ def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, 
         BN = 16
     else:
         BN = 128 if BL <= 64 else 64
-    panels = triton.cdiv(n, BN)
-    l_tiles = triton.cdiv(L, BL)
+    panels = cdiv(n, BN)
+    l_tiles = cdiv(L, BL)
     if deterministic:
         S = num_splits if num_splits is not None else _num_splits(b, panels, l_tiles, A.device)
         S = max(1, min(int(S), panels))
-        per_split = triton.cdiv(panels, S)
-        S = triton.cdiv(panels, per_split)  # no empty split
+        per_split = cdiv(panels, S)
+        S = cdiv(panels, per_split)  # no empty split
         part = torch.empty((S, b, m, L), device=A.device, dtype=torch.float32)
     else:
         S, per_split = panels, 1

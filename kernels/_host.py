@@ -1,0 +1,20 @@
+"""Integer helpers for the host-side launchers.
+
+``triton.cdiv`` and ``triton.next_power_of_2`` are ConstexprFunction objects (usable inside
+@triton.jit code): a call from Python costs ~2 us, and the launchers make a dozen per op call (grid
+lambdas included), a visible share of the host time of a short call. These are the same functions
+in plain Python (``next_power_of_2(0) == 0`` as in Triton).
+"""
+
+from __future__ import annotations
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2)."""
+    n = int(n)
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
