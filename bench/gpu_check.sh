@@ -8,10 +8,13 @@
 #   FASTMODELS_COMMIT=$(git rev-parse --short=12 HEAD) bash bench/gpu_check.sh [results_dir]
 #
 # Benchmarks come first because they are what the issues' targets are measured by; each op runs
-# under its own time limit and every finished case is appended at once, so a slow op loses only
-# its own remaining cases. The tests that follow are the ones a CPU cannot run (Triton and CUDA
-# backends, marked triton or gpu), with per-test lines (-v) so that a run cut off by its limit still
-# says what passed and what failed.
+# under its own time limit (the ops closest to their targets first) and every finished case is
+# appended at once; a case cut off by its limit still writes the implementations it finished
+# (marked cut_off), so a slow op loses only what it did not reach. The tests that follow are the
+# ones a CPU cannot run (Triton and CUDA backends, marked triton or gpu), in two phases: first the
+# CUDA C++ backends and the kernels changed since the last GPU run (PRIORITY below, 55% of the
+# limit), then the rest; per-test lines (-v) and pytest's failure summary (-rfE) mean a run cut off
+# by its limit still says what passed and what failed, and why.
 #
 # Knobs: GPU_CHECK_OPS (space-separated ops, default all, in priority order), GPU_CHECK_PROFILE=0
 # (no kernel-time breakdown), GPU_CHECK_TESTS=0 (no tests), GPU_CHECK_TEST_FILES (pytest node ids,
@@ -32,7 +35,7 @@ export FASTMODELS_CACHE_DIR="${FASTMODELS_CACHE_DIR:-/tmp/fastmodels-cache}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 T_TESTS="${GPU_CHECK_TEST_TIMEOUT:-80}"
-OPS="${GPU_CHECK_OPS:-pushdown_attention linear_cross_entropy_kl randomized_svd electric_image}"
+OPS="${GPU_CHECK_OPS:-electric_image linear_cross_entropy_kl randomized_svd pushdown_attention}"
 declare -A T_OP=([pushdown_attention]=160 [linear_cross_entropy_kl]=75 [randomized_svd]=120 [electric_image]=40)
 for kv in ${GPU_CHECK_LIMITS:-}; do T_OP[${kv%%=*}]=${kv#*=}; done
 start=$(date +%s)
@@ -74,42 +77,71 @@ if [ "${GPU_CHECK_PROFILE:-1}" != "0" ]; then
 fi
 
 if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
-  echo "=== GPU tests: triton and gpu markers (limit ${T_TESTS} s) $(elapsed) ==="
+  # Two phases, so the tests that only a GPU can check come before the time runs out: first the
+  # CUDA C++ backends (marker gpu), the Triton kernels rewritten since the last GPU run and the
+  # tests that failed there; then every other Triton/GPU test in what remains of the limit.
+  PRIORITY=(tests/test_efield.py tests/test_rsvd.py
+            tests/test_rsvd_kernels.py::test_jacobi_cuda_matches_reference tests/test_rsvd_kernels.py::test_jacobi_cuda_special_inputs
+            tests/test_pushdown_kernels.py::test_every_tile_config
+            tests/test_nextlat.py::test_all_ignored_and_all_zero_weights tests/test_nextlat.py::test_deterministic_flag)
+  rest=(tests --ignore tests/test_triton_compile.py --ignore tests/test_efield.py --ignore tests/test_rsvd.py)
+  for node in "${PRIORITY[@]:2}"; do rest+=(--deselect "$node"); done
+  if [ -n "${GPU_CHECK_TEST_FILES:-}" ]; then
+    phases=(all); declare -A SEL=([all]="$GPU_CHECK_TEST_FILES"); declare -A LIM=([all]=$T_TESTS)
+  else
+    phases=(priority rest); declare -A SEL=([priority]="${PRIORITY[*]}" [rest]="${rest[*]}")
+    declare -A LIM=([priority]=$(( T_TESTS * 55 / 100 )) [rest]=$(( T_TESTS - T_TESTS * 55 / 100 )))
+  fi
   per_test=()  # one slow test must not eat the whole budget
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
-  # One autotune config per pushdown kernel: the tests check results, the benchmarks tune.
-  # SIGINT at the limit: pytest stops and still reports the failures so far
-  FASTMODELS_AUTOTUNE=0 timeout -s INT -k 15 "$T_TESTS" "$PY" -m pytest -v -rfE -n 8 -p no:cacheprovider -m "(triton or gpu) and not slow" \
-    "${per_test[@]}" --ignore tests/test_triton_compile.py --junitxml="$RESULTS/gpu_tests.xml" ${GPU_CHECK_TEST_FILES:-tests} \
-    > "$RESULTS/gpu_tests.log" 2>&1
-  test_rc=$?
-  grep -E "FAILED|ERROR|passed|failed" "$RESULTS/gpu_tests.log" | grep -v " PASSED " | tail -40
-  "$PY" - "$RESULTS" "$test_rc" <<'PYEOF'
+  rcs=""
+  for phase in "${phases[@]}"; do
+    echo "=== GPU tests, $phase: triton and gpu markers (limit ${LIM[$phase]} s) $(elapsed) ==="
+    # One autotune config per kernel: the tests check results, the benchmarks tune.
+    # SIGINT at the limit: pytest stops and still reports the failures so far
+    # shellcheck disable=SC2086 # SEL holds several space-separated pytest arguments
+    FASTMODELS_AUTOTUNE=0 timeout -s INT -k 15 "${LIM[$phase]}" "$PY" -m pytest -v -rfE -n 8 -p no:cacheprovider -m "(triton or gpu) and not slow" \
+      "${per_test[@]}" --ignore tests/test_triton_compile.py --junitxml="$RESULTS/gpu_tests_$phase.xml" ${SEL[$phase]} \
+      > "$RESULTS/gpu_tests_$phase.log" 2>&1
+    rc=$?
+    rcs="$rcs $phase=$rc"
+    grep -E "FAILED|ERROR|passed|failed" "$RESULTS/gpu_tests_$phase.log" | grep -v " PASSED " | tail -30
+  done
+  "$PY" - "$RESULTS" "${phases[*]}" "$rcs" <<'PYEOF'
 import json, re, sys, xml.etree.ElementTree as ET
 from fastmodels.bench.harness import environment
-results, rc = sys.argv[1], int(sys.argv[2])
-row = {"kind": "gpu_tests", "exit_code": rc, "selection": "-m '(triton or gpu) and not slow'", **environment("cuda")}
-try:
-    suite = ET.parse(f"{results}/gpu_tests.xml").getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    for k in ("tests", "failures", "errors", "skipped", "time"):
-        row[k] = float(suite.get(k, 0)) if k == "time" else int(suite.get(k, 0))
-    failed = [(f"{c.get('classname')}::{c.get('name')}", c.find("failure") if c.find("failure") is not None else c.find("error"))
-              for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
-    row["failed_tests"] = [name for name, _ in failed][:50]
-    row["failure_messages"] = {name: (el.get("message") or "")[:300] for name, el in failed[:50]}
-except (OSError, ET.ParseError) as exc:  # cut off by its limit: count the per-test lines instead
-    log = open(f"{results}/gpu_tests.log").read()
-    for word in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
-        row[word.lower() + "_before_cutoff"] = len(re.findall(rf"\] {word} ", log))
-    row["failed_tests"] = re.findall(r"\] (?:FAILED|ERROR) (\S+)", log)[:50]
-    # -rfE: the short summary that pytest still prints after SIGINT ("FAILED node - message")
-    row["failure_messages"] = {m[0]: m[1][:300] for m in re.findall(r"^(?:FAILED|ERROR) (\S+) - (.*)$", log, re.M)[:50]}
-    row["note"] = f"no junit xml (cut off by the time limit: {rc == 124}): {exc}"
+results, phases, rcs = sys.argv[1], sys.argv[2].split(), dict(kv.split("=") for kv in sys.argv[3].split())
+row = {"kind": "gpu_tests", "selection": "-m '(triton or gpu) and not slow'", "phases": {}, **environment("cuda")}
+failed_all, messages = [], {}
+for phase in phases:
+    rc = int(rcs[phase])
+    ph = {"exit_code": rc}
+    try:
+        suite = ET.parse(f"{results}/gpu_tests_{phase}.xml").getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        for k in ("tests", "failures", "errors", "skipped", "time"):
+            ph[k] = float(suite.get(k, 0)) if k == "time" else int(suite.get(k, 0))
+        failed = [(f"{c.get('classname')}::{c.get('name')}", c.find("failure") if c.find("failure") is not None else c.find("error"))
+                  for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+        failed_all += [name for name, _ in failed]
+        messages.update({name: (el.get("message") or "")[:300] for name, el in failed[:50]})
+    except (OSError, ET.ParseError) as exc:  # cut off by its limit: count the per-test lines instead
+        log = open(f"{results}/gpu_tests_{phase}.log").read()
+        for word in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
+            ph[word.lower() + "_before_cutoff"] = len(re.findall(rf"\] {word} ", log))
+        failed_all += re.findall(r"\] (?:FAILED|ERROR) (\S+)", log)
+        # -rfE: the short summary that pytest still prints after SIGINT ("FAILED node - message")
+        messages.update({m[0]: m[1][:300] for m in re.findall(r"^(?:FAILED|ERROR) (\S+) - (.*)$", log, re.M)})
+        ph["note"] = f"no junit xml (cut off by the time limit: {rc == 124}): {exc}"
+    row["phases"][phase] = ph
+row["failed_tests"] = sorted(set(failed_all))[:50]
+row["failure_messages"] = messages
+row["exit_code"] = max(int(v) for v in rcs.values())
 with open(f"{results}/gpu_tests.jsonl", "a") as f:
     f.write(json.dumps(row, sort_keys=True) + "\n")
-print(json.dumps({k: v for k, v in row.items() if k in ("tests", "failures", "errors", "skipped", "time", "exit_code") or k.endswith("cutoff")}))
+print(json.dumps({"phases": row["phases"], "failed_tests": row["failed_tests"]}))
 PYEOF
+  cat "$RESULTS"/gpu_tests_*.log > "$RESULTS/gpu_tests.log"; rm -f "$RESULTS"/gpu_tests_*.log
 fi
-rm -f "$RESULTS/gpu_tests.xml"  # the device tool returns at most 8 files
+rm -f "$RESULTS"/gpu_tests_*.xml  # the device tool returns at most 8 files
 echo "gpu_check finished in $(( $(date +%s) - start )) s; results in $RESULTS"
