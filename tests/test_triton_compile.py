@@ -12,7 +12,7 @@ runs the whole GPU pipeline -- frontend, TTIR, TTGIR, LLVM, PTX and ptxas -- for
    by a recorder, so ``kernel[grid](*args, **kwargs)`` is captured instead of launched. No signature
    is written by hand: Triton's own argument binder (the one ``JITFunction.run`` uses) turns the
    captured arguments into the signature, constexprs and pointer-alignment attributes a real launch
-   would compile with. Only the launcher calls (shapes, dtypes, flags) below are chosen here.
+   would compile with. Only the launcher calls (shapes, dtypes, flags; in fastmodels.bench.aot) are chosen by hand.
 2. Each captured launch is compiled with the GPU autotune configs of its kernel (the kernel modules
    build their GPU config lists when TRITON_INTERPRET is unset, which is how this pass runs).
 
@@ -36,182 +36,22 @@ or ptxas is missing, and under TRITON_INTERPRET=1 (the kernel modules then hold 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import os
 import re
-import time
 
 import pytest
 import torch
 
+from fastmodels.bench import aot
+
 _FULL = os.environ.get("FASTMODELS_AOT_FULL", "0") == "1"
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_SKIP = aot.unavailable()
 
 
-def _unavailable() -> str | None:
-    """Why sm_90 compilation cannot run here, or None."""
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
-        return "TRITON_INTERPRET=1: the kernel modules built their interpreter configs (run in the reference pass)"
-    try:
-        import triton  # noqa: F401
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import get_ptxas
-        from triton.compiler import make_backend  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"triton with its NVIDIA backend is not available ({type(exc).__name__}: {exc})"
-    try:
-        path = get_ptxas(90).path
-    except Exception as exc:  # noqa: BLE001
-        return f"ptxas not found ({exc})"
-    if not path or not os.access(path, os.X_OK):
-        return f"ptxas not executable: {path!r}"
-    return None
-
-
-_SKIP = _unavailable()
-
-
-# ----------------------------------------------------------------------------------------------
-# Launcher calls (the only hand-chosen part): shapes are small, dtypes/flags cover what the public
-# ops pass to the triton backend (see fastmodels/ops/<op>.py).
-# ----------------------------------------------------------------------------------------------
-
-
-def _efield_launches(K):
-    # fastmodels.ops.efield converts every input to fp32 before the triton launcher.
-    B, N, M, R = 2, 3, 4, 30
-    z = lambda *s: torch.zeros(*s, dtype=torch.float32)  # noqa: E731
-    for walls, comm in itertools.product((False, True), (False, True)):
-        K.efield_fwd(z(B, N, 2), z(B, N), z(B, N), z(B, M, 2), z(B, M), z(R, 2), z(R, 2),
-                     z(4) if walls else None, z(B, N, R), z(B, N, N, R) if comm else None,
-                     pole_separation=0.1, eps=1e-3, image_strength=0.5)
-
-
-def _nextlat_launches(K):
-    # fastmodels.ops.nextlat: hidden/weight/bias/pred in one of fp32/fp16/bf16, int64 indices.
-    N, M, V = 100, 50, 1000
-    for dt, D, has_bias in itertools.product(_DTYPES, (768, 60), (False, True)):
-        hidden, weight = torch.zeros(N, D, dtype=dt), torch.zeros(V, D, dtype=dt)
-        bias = torch.zeros(V, dtype=dt) if has_bias else None
-        targets = torch.zeros(N, dtype=torch.int64)
-        pred, teacher = torch.zeros(M, D, dtype=dt), torch.zeros(M, dtype=torch.int64)
-        _, lse, _, lse_pred = K.lce_kl_fwd(hidden, weight, bias, targets, pred, teacher, -100)
-        for det in (True, False):
-            K.lce_kl_bwd(torch.zeros(N), torch.zeros(M), hidden, weight, bias, targets, pred, teacher,
-                         lse, lse_pred, -100, det)
-
-
-def _pushdown_launches(K):
-    # fastmodels.ops.pushdown: q/k/v/emb in fp32/fp16/bf16, a compact int tape or a dense int8/16/32
-    # tape; D and V as in bench/bench_pushdown.py (D 64 and 128, V 50; binary mode reads 2 rows).
-    B, H, T, V = 2, 2, 40, 50
-    tapes = [("compact", None), ("dense", torch.int8), ("dense", torch.int16), ("dense", torch.int32)]
-    for dt, D, binary, (kind, tape_dt) in itertools.product(_DTYPES, (64, 128), (False, True), tapes):
-        q, k, v, do = (torch.zeros(B, H, T, D, dtype=dt) for _ in range(4))
-        emb = torch.zeros(H, V, D, dtype=dt)
-        if kind == "compact":
-            depth, boundary, dense = torch.zeros(B, T, dtype=torch.int32), torch.zeros(B, T, dtype=torch.int32), None
-        else:
-            depth, boundary, dense = None, None, torch.zeros(B, T, T, dtype=tape_dt)
-        out, lse = K.pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, 0.125, binary)
-        K.pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, 0.125, binary)
-
-
-def _rsvd_launches(K):
-    # fastmodels.ops.rsvd: A in fp32/fp16/bf16; l = k + oversampling, tiles BL = 64 and 128.
-    b, m, n = 2, 50, 300
-    for l in (40, 130):
-        K.sketch_omega(b, n, l, 7, "cpu")
-        for dt in _DTYPES:
-            A = torch.zeros(b, m, n, dtype=dt)
-            for transpose in (False, True):
-                K.sketch_matmul(A, l, 7, transpose=transpose)
-            for det in (True, False):
-                K.power_pass(A, torch.zeros(b, m, l), deterministic=det)
-
-
-_LAUNCHERS = {"efield": _efield_launches, "nextlat": _nextlat_launches,
-              "pushdown": _pushdown_launches, "rsvd": _rsvd_launches}
-
-
-# ----------------------------------------------------------------------------------------------
-# Recording and compiling
-# ----------------------------------------------------------------------------------------------
-
-
-class _Recorder:
-    """Stands in for ``kernel``: ``kernel[grid](*args, **kwargs)`` appends (name, args, kwargs)."""
-
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append((self.name, args, kwargs))
-
-
-def _kernels(module):
-    """{name: Autotuner or JITFunction} of every ``*_kernel`` attribute of a kernel module."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-
-    return {n: o for n, o in vars(module).items() if n.endswith("_kernel") and isinstance(o, (Autotuner, JITFunction))}
-
-
-def _record(module, launcher):
-    log = []
-    saved = _kernels(module)
-    try:
-        for name in saved:
-            setattr(module, name, _Recorder(name, log))
-        with torch.no_grad():
-            launcher(module)
-    finally:
-        for name, obj in saved.items():
-            setattr(module, name, obj)
-    return saved, log
-
-
-_BACKEND = None
-
-
-def _backend():
-    global _BACKEND
-    if _BACKEND is None:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-
-        target = GPUTarget("cuda", 90, 32)
-        _BACKEND = (target, make_backend(target))
-    return _BACKEND
-
-
-def _specialize(jit, args, kwargs):
-    """(options, signature, constexprs, attrs) exactly as JITFunction.run derives them on a GPU."""
-    from triton.runtime.jit import create_function_from_signature
-
-    _, backend = _backend()
-    binder = create_function_from_signature(jit.signature, jit.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    return jit._pack_args(backend, kwargs, bound, specialization, options)
-
-
-def _label(jit, args, kwargs):
-    """Short id of a launch variant: pointer dtypes, then the launcher's constexprs and 1-specialized ints."""
-    _, sig, constexprs, _ = _specialize(jit, args, kwargs)
-    ptrs = []
-    for name, ty in sig.items():
-        if ty.startswith("*") and ty[1:] not in ptrs:
-            ptrs.append(ty[1:])
-    parts = ["+".join(ptrs)]
-    for (i,), val in sorted(constexprs.items()):
-        name = jit.arg_names[i]
-        if name in kwargs:
-            parts.append(f"{name}={int(val) if isinstance(val, bool) else val}")
-        elif name not in kwargs and isinstance(val, int):
-            parts.append(f"{name}=1")  # an int argument equal to 1: Triton specializes it
-    return "-".join(parts)
+# The launcher calls, recording and compiling live in fastmodels.bench.aot (shared with the SASS tool).
+_LAUNCHERS = aot.LAUNCHERS
+_record, _label, _compile = aot.record, aot.label, aot.compile_launch
 
 
 def _features(label):
@@ -296,22 +136,6 @@ def test_every_kernel_is_launched_by_a_recorded_launcher(op):
     assert kernels, f"kernels/{op}.py defines no *_kernel"
     missing = sorted(set(kernels) - set(launched))
     assert not missing, f"kernels never launched by the recorded launcher calls (add a call above): {missing}"
-
-
-def _compile(jit, args, kwargs):
-    """triton.compile for sm_90 with what a GPU launch derives from (args, kwargs); returns
-    (compiled kernel, ptxas log, seconds)."""
-    import triton
-    from triton.compiler import ASTSource
-
-    target, _ = _backend()
-    options, signature, constexprs, attrs = _specialize(jit, args, kwargs)
-    log = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
-    return compiled, log.getvalue(), time.perf_counter() - t0
 
 
 @pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
