@@ -99,6 +99,12 @@ def _rsvd_launches(K):
                 K.sketch_matmul(A, l, 7, transpose=transpose)
             for det in (True, False):
                 K.power_pass(A, torch.zeros(b, m, l), deterministic=det)
+    for dt in DTYPES:  # shapes that are multiples of every tile (the unmasked paths; like 4096 x 11008)
+        A = torch.zeros(b, 128, 256, dtype=dt)
+        for l in (40, 96):
+            K.sketch_matmul(A, l, 7)
+            for det in (True, False):
+                K.power_pass(A, torch.zeros(b, 128, l), deterministic=det)
 
 
 LAUNCHERS = {"efield": _efield_launches, "nextlat": _nextlat_launches,
@@ -121,11 +127,37 @@ class Recorder:
 
 
 def kernels(module):
-    """{name: Autotuner or JITFunction} of every ``*_kernel`` attribute of a kernel module."""
-    from triton.runtime.autotuner import Autotuner
+    """{name: Autotuner, Heuristics or JITFunction} of every ``*_kernel`` attribute of a kernel module."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import JITFunction
 
-    return {n: o for n, o in vars(module).items() if n.endswith("_kernel") and isinstance(o, (Autotuner, JITFunction))}
+    return {n: o for n, o in vars(module).items() if n.endswith("_kernel") and isinstance(o, (Autotuner, Heuristics, JITFunction))}
+
+
+def unwrap(obj):
+    """(JITFunction, autotune configs or [None], Heuristics wrappers outermost first) of a kernel."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    configs = list(obj.configs) if isinstance(obj, Autotuner) else [None]
+    fn = obj.fn if isinstance(obj, Autotuner) else obj
+    heuristics = []
+    while isinstance(fn, Heuristics):
+        heuristics.append(fn)
+        fn = fn.fn
+    return fn, configs, heuristics
+
+
+def launch_kwargs(jit, heuristics, args, kwargs, config=None) -> dict:
+    """The keyword arguments a launch reaches the JITFunction with: the launcher's, the autotune
+    config's, then each @triton.heuristics value computed from all of them (as Heuristics.run does)."""
+    kw = dict(kwargs)
+    if config is not None:
+        kw.update(config.all_kwargs())
+    for h in heuristics:
+        named = {**dict(zip(jit.arg_names, args)), **kw}
+        for name, fn in h.values.items():
+            kw[name] = fn(named)
+    return kw
 
 
 def record(module, launcher):

@@ -111,14 +111,12 @@ def compile_triton(op: str, kernel: str, match: list[str], config: int) -> tuple
         raise RuntimeError(reason)
     module = importlib.import_module(f"fastmodels.kernels.{op}")
     kernels, log = aot.record(module, aot.LAUNCHERS[op])
-    obj = kernels[kernel]
-    tuned = hasattr(obj, "configs")
-    jit = obj.fn if tuned else obj
-    cfg = obj.configs[config].all_kwargs() if tuned else {}
+    jit, configs, heuristics = aot.unwrap(kernels[kernel])
+    cfg = configs[config].all_kwargs() if configs[config] is not None else {}
     for name, args, kwargs in log:
         if name != kernel:
             continue
-        kw = {**kwargs, **cfg}
+        kw = aot.launch_kwargs(jit, heuristics, args, kwargs, configs[config])
         label = aot.label(jit, args, kw)
         if all(m in label for m in match):
             compiled, ptxas, _ = aot.compile_launch(jit, args, kw)

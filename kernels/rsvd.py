@@ -3,12 +3,13 @@
 Two memory-bound passes over the batch of matrices A [b, m, n]:
 
 * ``sketch_matmul``: Y = A @ Omega_i (or A^T @ Omega_i), where Omega_i ~ N(0, 1) is generated inside
-  the kernel with Philox (``tl.randn``) and never stored. Entry (row r, col c) of Omega_i is
-  ``randn(key, r * l + c)`` with the 64-bit Philox key ``key = (seed mod 2**32) + (i << 32)``: a pure
-  function of (seed, matrix index i, row, col), independent of block sizes and autotuning, so
-  ``sketch_omega`` can materialize exactly the same matrix for tests. Cost note: a program regenerates
-  its [BK, BL] tile of Omega for every row block of BM rows (Philox + Box-Muller per element), so
-  the sketch does m / BM * n * BL normal draws per matrix; larger BM configs amortize it.
+  the kernel with Philox (``tl.randn4x``) and never stored. Entries (row r, cols 4g..4g+3) of
+  Omega_i are the four normals of ``randn4x(key, r * ceil(l / 4) + g)`` with the 64-bit Philox key
+  ``key = (seed mod 2**32) + (i << 32)``: a pure function of (seed, matrix index i, row, col),
+  independent of block sizes and autotuning, so ``sketch_omega`` can materialize exactly the same
+  matrix for tests. Cost note: a program regenerates its [BK, BL] tile of Omega for every row block
+  of BM rows, so the sketch does m / BM * n * BL normal draws per matrix (one Philox call and two
+  Box-Muller transforms per 4 of them); larger BM configs amortize it.
 * ``power_pass``: Z = A @ (A^T @ Y) fused over column panels of A. For each panel of BN columns a
   program computes W = A_panel^T @ Y ([BN, l], fp32, registers) and then adds A_panel @ W into Z.
   The second read of A_panel comes right after the first (from L2), so A is read from memory once
@@ -59,11 +60,18 @@ def _pick(gpu_configs, interp_config):
 
 
 @triton.jit
-def _omega_tile(seed, mat, o_r, o_c, L):
-    """Omega_mat[o_r, o_c] ~ N(0, 1): Philox keyed by (seed, matrix index), counter r * L + c (int32)."""
+def _omega_tile(seed, mat, o_r, c0, L, BR: tl.constexpr, BC: tl.constexpr):
+    """Omega_mat[o_r, c0 : c0 + BC] ~ N(0, 1) as a [BR, BC] tile (c0 and BC multiples of 4).
+
+    Philox-4x32 keyed by (seed, matrix index); counter r * ceil(L / 4) + c // 4 gives the four
+    normals of columns 4 (c // 4) .. 4 (c // 4) + 3 (Box-Muller on both pairs of its 4 uniforms:
+    tl.randn would use 2 of the 4 words and one of the 2 normals, 4x the Philox work per value)."""
     key = seed.to(tl.int64) + (mat.to(tl.int64) << 32)
-    offs = o_r.to(tl.int32)[:, None] * L + o_c.to(tl.int32)[None, :]
-    return tl.randn(key, offs)
+    o_g = c0 // 4 + tl.arange(0, BC // 4)
+    offs = o_r.to(tl.int32)[:, None] * ((L + 3) // 4) + o_g.to(tl.int32)[None, :]
+    n0, n1, n2, n3 = tl.randn4x(key, offs)
+    # [BR, BC/4, 2, 2] indexed (group, i, k) -> column 4 group + 2 i + k
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BR, BC])
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -73,7 +81,7 @@ def sketch_omega_kernel(o_ptr, seed, R, L, BR: tl.constexpr, BL: tl.constexpr):
     i_l = tl.program_id(2)
     o_r = i_r * BR + tl.arange(0, BR)
     o_c = i_l * BL + tl.arange(0, BL)
-    b_o = _omega_tile(seed, i_b, o_r, o_c, L)
+    b_o = _omega_tile(seed, i_b, o_r, i_l * BL, L, BR, BL)
     m = (o_r < R)[:, None] & (o_c < L)[None, :]
     p_o = o_ptr + (i_b * R + o_r.to(tl.int64)[:, None]) * L + o_c.to(tl.int64)[None, :]
     tl.store(p_o, b_o, mask=m)
@@ -96,39 +104,74 @@ def sketch_omega_kernel(o_ptr, seed, R, L, BR: tl.constexpr, BL: tl.constexpr):
     ),
     key=["M", "K", "L", "BL", "DOT_FP32"],
 )
+@triton.heuristics({"EVEN_M": lambda args: args["M"] % args["BM"] == 0, "EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit(do_not_specialize=["seed"])  # a seed of 1 must not become a constexpr
 def sketch_matmul_kernel(
     a_ptr, y_ptr, seed, M, K, L,
     stride_ab, stride_am, stride_ak,
-    DOT_FP32: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    DOT_FP32: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    BL: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
-    """Y[i] (M x L) = opA[i] (M x K) @ Omega_i (K x L); opA is A or A^T through the strides."""
+    """Y[i] (M x L) = opA[i] (M x K) @ Omega_i (K x L); opA is A or A^T through the strides.
+    The A tile is addressed by a scalar base that advances by BK columns and loop-invariant int32
+    offsets inside the tile; masks only where M or K is not a multiple of the tile."""
     i_b = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1)
     i_l = tl.program_id(2)
-    o_m = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
+    o_r = tl.arange(0, BM)
+    o_m = i_m * BM + o_r
     o_l = i_l * BL + tl.arange(0, BL)
+    o_kt = tl.arange(0, BK)
     m_m = o_m < M
     m_l = o_l < L
-    p_a = a_ptr + i_b * stride_ab + o_m[:, None] * stride_am
+    a_off = o_r[:, None] * stride_am + o_kt[None, :] * stride_ak
+    a_cur = a_ptr + i_b * stride_ab + (i_m * BM).to(tl.int64) * stride_am
     acc = tl.zeros([BM, BL], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
-        b_a = tl.load(p_a + o_k.to(tl.int64)[None, :] * stride_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_o = _omega_tile(seed, i_b, o_k, o_l, L)
-        b_o = tl.where(m_k[:, None] & m_l[None, :], b_o, 0.0)
+        o_k = k0 + o_kt
+        b_o = _omega_tile(seed, i_b, o_k, i_l * BL, L, BK, BL)
+        if EVEN_M and EVEN_K:
+            b_a = tl.load(a_cur + a_off)
+        elif EVEN_K:
+            b_a = tl.load(a_cur + a_off, mask=m_m[:, None], other=0.0)
+        else:
+            m_k = o_k < K
+            b_a = tl.load(a_cur + a_off, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_o = tl.where(m_k[:, None], b_o, 0.0)  # rows of Omega past K
         if DOT_FP32:
             acc += tl.dot(b_a.to(tl.float32), b_o, input_precision="ieee")
         else:
             acc += tl.dot(b_a, b_o.to(b_a.dtype))
-    p_y = y_ptr + (i_b * M + o_m[:, None]) * L + o_l.to(tl.int64)[None, :]
+        a_cur += BK * stride_ak
+    p_y = y_ptr + (i_b * M + o_m[:, None]) * L + o_l[None, :]
     tl.store(p_y, acc, mask=m_m[:, None] & m_l[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Fused power pass: Z = A @ (A^T @ Y)
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_panel(p_a, rows_left, o_r, m_n, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
+    """The [BM, BN] tile of A at p_a; masks only where the shapes are not multiples of the tile."""
+    if EVEN_M and EVEN_N:
+        b_a = tl.load(p_a)
+    elif EVEN_M:
+        b_a = tl.load(p_a, mask=m_n[None, :], other=0.0)
+    else:
+        b_a = tl.load(p_a, mask=(o_r < rows_left)[:, None] & m_n[None, :], other=0.0)
+    return b_a
+
+
+@triton.jit
+def _rows_mask(rows_left, o_r, m_l, EVEN_M: tl.constexpr):
+    """[BM, BL] mask of a Y / part tile: its columns < L, and its rows < M unless EVEN_M."""
+    if EVEN_M:
+        m = m_l[None, :] & (o_r >= 0)[:, None]
+    else:
+        m = m_l[None, :] & (o_r < rows_left)[:, None]
+    return m
 
 
 @triton.autotune(
@@ -144,56 +187,70 @@ def sketch_matmul_kernel(
     key=["M", "N", "L", "BN", "BL", "DOT_FP32", "USE_ATOMIC"],
     reset_to_zero=["part_ptr"],  # the atomic variant accumulates: benchmark runs must start from zero
 )
+@triton.heuristics({"EVEN_M": lambda args: args["M"] % args["BM"] == 0})
 @triton.jit
 def power_pass_kernel(
     a_ptr, y_ptr, part_ptr, B, M, N, L, PANELS_PER_SPLIT,
-    DOT_FP32: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr,
+    DOT_FP32: tl.constexpr, USE_ATOMIC: tl.constexpr, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr,
+    BN: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr,
 ):
     """part[s, i] (M x L) = sum over the panels P of split s of A[i][:, P] @ (A[i][:, P]^T @ Y[i]).
 
     USE_ATOMIC: part is a zeroed [1, B, M, L] and every program atomically adds its panels into it.
+    The row loops advance tile pointers by BM rows (int32 offsets inside a tile, the 64-bit matrix
+    base added once), and masks are built only for shapes that are not multiples of the tile
+    (EVEN_M, EVEN_N): the loops are then loads, two dots and pointer increments.
     """
     i_s = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
     i_l = tl.program_id(2)
     o_l = i_l * BL + tl.arange(0, BL)
     m_l = o_l < L
+    o_r = tl.arange(0, BM)
+    o_c = tl.arange(0, BN)
+    # loop-invariant int32 offsets inside a tile; the scalar base pointers advance by BM rows
+    a_off = o_r[:, None] * N + o_c[None, :]
+    y_off = o_r[:, None] * L + o_l[None, :]
     a_base = a_ptr + i_b * M * N
-    y_base = y_ptr + i_b * M * L + o_l.to(tl.int64)[None, :]
+    y_base = y_ptr + i_b * M * L
     if USE_ATOMIC:
-        z_base = part_ptr + i_b * M * L + o_l.to(tl.int64)[None, :]
+        z_base = part_ptr + i_b * M * L
     else:
-        z_base = part_ptr + (i_s * B + i_b) * M * L + o_l.to(tl.int64)[None, :]
+        z_base = part_ptr + (i_s * B + i_b) * M * L
     for p in range(0, PANELS_PER_SPLIT):
-        o_n = (i_s * PANELS_PER_SPLIT + p) * BN + tl.arange(0, BN)
-        m_n = o_n < N
-        # W = A_panel^T @ Y  ([BN, BL], fp32 accumulator)
-        b_w = tl.zeros([BN, BL], dtype=tl.float32)
-        for m0 in range(0, M, BM):
-            o_m = (m0 + tl.arange(0, BM)).to(tl.int64)
-            m_m = o_m < M
-            b_a = tl.load(a_base + o_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
-            b_y = tl.load(y_base + o_m[:, None] * L, mask=m_m[:, None] & m_l[None, :], other=0.0)
-            if DOT_FP32:
-                b_w += tl.dot(tl.trans(b_a.to(tl.float32)), b_y, input_precision="ieee")
-            else:
-                b_w += tl.dot(tl.trans(b_a), b_y.to(b_a.dtype))
-        # part[s] += A_panel @ W  (this program owns its slice: plain read-modify-write, first panel overwrites)
-        for m0 in range(0, M, BM):
-            o_m = (m0 + tl.arange(0, BM)).to(tl.int64)
-            m_m = o_m < M
-            b_a = tl.load(a_base + o_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
-            if DOT_FP32:
-                b_z = tl.dot(b_a.to(tl.float32), b_w, input_precision="ieee")
-            else:
-                b_z = tl.dot(b_a, b_w.to(b_a.dtype))
-            p_z = z_base + o_m[:, None] * L
-            m_z = m_m[:, None] & m_l[None, :]
-            if USE_ATOMIC:
-                tl.atomic_add(p_z, b_z, mask=m_z)
-            else:
-                b_z += tl.load(p_z, mask=m_z & (p > 0), other=0.0)
-                tl.store(p_z, b_z, mask=m_z)
+        n0 = (i_s * PANELS_PER_SPLIT + p) * BN
+        if n0 < N:  # the last split may end in panels past N (no empty split, but a partial one)
+            m_n = (n0 + o_c) < N
+            # W = A_panel^T @ Y  ([BN, BL], fp32 accumulator)
+            b_w = tl.zeros([BN, BL], dtype=tl.float32)
+            a_cur = a_base + n0
+            y_cur = y_base
+            for m0 in range(0, M, BM):
+                b_a = _load_panel(a_cur + a_off, M - m0, o_r, m_n, EVEN_M, EVEN_N)
+                b_y = tl.load(y_cur + y_off, mask=_rows_mask(M - m0, o_r, m_l, EVEN_M), other=0.0)
+                if DOT_FP32:
+                    b_w += tl.dot(tl.trans(b_a.to(tl.float32)), b_y, input_precision="ieee")
+                else:
+                    b_w += tl.dot(tl.trans(b_a), b_y.to(b_a.dtype))
+                a_cur += BM * N
+                y_cur += BM * L
+            # part[s] += A_panel @ W  (this program owns its slice: plain read-modify-write, first panel overwrites)
+            a_cur = a_base + n0
+            z_cur = z_base
+            for m0 in range(0, M, BM):
+                b_a = _load_panel(a_cur + a_off, M - m0, o_r, m_n, EVEN_M, EVEN_N)
+                if DOT_FP32:
+                    b_z = tl.dot(b_a.to(tl.float32), b_w, input_precision="ieee")
+                else:
+                    b_z = tl.dot(b_a, b_w.to(b_a.dtype))
+                m_z = _rows_mask(M - m0, o_r, m_l, EVEN_M)
+                if USE_ATOMIC:
+                    tl.atomic_add(z_cur + y_off, b_z, mask=m_z)
+                else:
+                    b_z += tl.load(z_cur + y_off, mask=m_z & (p > 0), other=0.0)
+                    tl.store(z_cur + y_off, b_z, mask=m_z)
+                a_cur += BM * N
+                z_cur += BM * L
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +314,8 @@ def sketch_matmul(A: torch.Tensor, l: int, seed: int, transpose: bool = False) -
     stride_am, stride_ak = (1, n) if transpose else (n, 1)
     if K * l >= 2**31:
         raise ValueError(f"rows of Omega * l must be < 2**31 (Philox counter), got {K} * {l}")
+    if max(m, n) * 128 >= 2**31:
+        raise ValueError(f"A's sides must be shorter than 2**24 (int32 tile offsets), got {m} x {n}")
     Y = torch.empty((b, M, l), device=A.device, dtype=torch.float32)
     if Y.numel() == 0:
         return Y
@@ -298,6 +357,8 @@ def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, 
         return torch.empty((b, m, L), device=A.device, dtype=torch.float32)
     if n == 0:
         return torch.zeros((b, m, L), device=A.device, dtype=torch.float32)
+    if n * 128 >= 2**31:
+        raise ValueError(f"A's rows must be shorter than 2**24 (int32 tile offsets), got n = {n}")
     BL = _block_l(L)
     if _INTERPRET:
         BN = 16
@@ -315,6 +376,7 @@ def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, 
         S, per_split = panels, 1
         part = torch.zeros((1, b, m, L), device=A.device, dtype=torch.float32)
     power_pass_kernel[(S, b, l_tiles)](
-        A, Y, part, b, m, n, L, per_split, DOT_FP32=_dot_fp32(A.dtype), USE_ATOMIC=not deterministic, BN=BN, BL=BL
+        A, Y, part, b, m, n, L, per_split, DOT_FP32=_dot_fp32(A.dtype), USE_ATOMIC=not deterministic,
+        EVEN_N=n % BN == 0, BN=BN, BL=BL,
     )
     return part[0] if part.shape[0] == 1 else part.sum(dim=0)

@@ -133,11 +133,15 @@ def test_sketch_matmul_edge_cases_and_errors(device):
 # ----------------------------------------------------------------------------------------------
 
 POWER_CASES = [
-    # (b, m, n, l)
+    # (b, m, n, l); under the interpreter the tile is 16 x 16, so the last three take the kernel's
+    # unmasked paths (m and n multiples of the tile, m only, n only)
     (1, 5, 37, 3),
     (3, 37, 70, 20),
     (3, 70, 5, 16),
     (1, 70, 37, 33),
+    (2, 32, 48, 20),
+    (1, 32, 37, 5),
+    (1, 37, 32, 5),
 ]
 # RMS-relative error against float64 on the same (rounded) A: fp32 is limited by summation order; for
 # fp16/bf16 the kernel rounds Y and W = A^T Y to A's dtype for tl.dot on GPU (a few unit roundoffs).

@@ -83,15 +83,13 @@ def _cases():
         kernels, log = _record(module, launcher)
         inventory[op] = (sorted(kernels), sorted({name for name, _, _ in log}))
         for name, obj in kernels.items():
-            tuned = hasattr(obj, "configs")  # an Autotuner wrapping a JITFunction
-            jit = obj.fn if tuned else obj
-            configs = list(obj.configs) if tuned else [None]
+            jit, configs, heuristics = aot.unwrap(obj)  # Autotuner -> Heuristics -> JITFunction
             variants = {}
             for kname, args, kwargs in log:
                 if kname != name:
                     continue
                 cfg_kw = configs[0].all_kwargs() if configs[0] is not None else {}
-                label = _label(jit, args, {**kwargs, **cfg_kw})
+                label = _label(jit, args, aot.launch_kwargs(jit, heuristics, args, kwargs, configs[0]))
                 for key in cfg_kw:
                     label = re.sub(rf"-{key}=[^-]*", "", label)
                 variants.setdefault(label, (args, kwargs))
@@ -110,7 +108,7 @@ def _cases():
                 pairs += [(0, ci) for ci in range(len(configs)) if (0, ci) not in pairs]
             for vi, ci in pairs:
                 label, (args, kwargs) = variants[vi]
-                cases.append(pytest.param(name, jit, args, kwargs, configs[ci], id=f"{name}-{label}-cfg{ci}"))
+                cases.append(pytest.param(name, jit, heuristics, args, kwargs, configs[ci], id=f"{name}-{label}-cfg{ci}"))
     return cases, inventory
 
 
@@ -139,11 +137,10 @@ def test_every_kernel_is_launched_by_a_recorded_launcher(op):
 
 
 @pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
-@pytest.mark.parametrize(("name", "jit", "args", "kwargs", "config"), _CASES)
-def test_compiles_for_sm90(name, jit, args, kwargs, config, _fresh_triton_cache, record_property, request):
-    kw = dict(kwargs)
-    if config is not None:
-        kw.update(config.all_kwargs())  # what Autotuner.run merges into the launch
+@pytest.mark.parametrize(("name", "jit", "heuristics", "args", "kwargs", "config"), _CASES)
+def test_compiles_for_sm90(name, jit, heuristics, args, kwargs, config, _fresh_triton_cache, record_property, request):
+    # what Autotuner.run merges into the launch, then what @triton.heuristics adds
+    kw = aot.launch_kwargs(jit, heuristics, args, kwargs, config)
     compiled, ptxas, seconds = _compile(jit, args, kw)
     assert compiled.asm.get("cubin"), "no cubin produced"
     # sm_90 opt-in limit per block (227 KB): a config above it can never launch on an H100/H200
