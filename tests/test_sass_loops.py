@@ -28,7 +28,7 @@ def test_loops_parses_a_listing():
 def test_efield_cuda_dipole_loop_keeps_its_instruction_diet():
     """The unrolled source loops of csrc/cuda/efield.cu: one MUFU.SQRT and one MUFU.RCP per source
     and at most 28 instructions per source, the dipoles included (22 now; IEEE sqrtf/division or rsqrtf without ftz,
-    as in the revision measured on the H200, cost 36.5)."""
+    cost 31.8-50.5 in earlier revisions)."""
     try:
         listing = sass_loops.sass(sass_loops.compile_cuda(str(csrc_dir() / "cuda" / "efield.cu")))
     except FileNotFoundError as exc:
