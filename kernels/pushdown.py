@@ -427,7 +427,8 @@ def _histogram_full(hist, ds, d_k, sm_k, R_old, V, ref, VP: tl.constexpr, FP32_D
     S(t, j) = d_j - R_t otherwise (case B: a per-row shift of d_j). So
       hist_A = ds_A @ onehot(clamp(d - sm)),
       Y = ds_B @ onehot(d - dmin), hist_B[t, v] = Y[t, v + R_t - dmin],
-    with the clamp buckets (v = 0 and v = V - 1) collecting Y's prefix and suffix sums. Needs
+    with the clamp buckets (v = 0 and v = V - 1) summed from the case-B entries with S <= 0 and
+    S >= V - 1. Needs
     max(d) - dmin < VP over the tile and V >= 2 (the caller checks). The one-hot operands are
     exact in any dtype; ds enters the dots as the dq dot takes it (_onehot_dot)."""
     o_v = tl.arange(0, VP)
@@ -436,15 +437,17 @@ def _histogram_full(hist, ds, d_k, sm_k, R_old, V, ref, VP: tl.constexpr, FP32_D
     x_a = tl.where(case_a, ds, 0.0)
     hist += _onehot_dot(x_a, a[:, None] == o_v[None, :], ref, FP32_DOT)
     dmin = tl.min(d_k, axis=0)
-    y = _onehot_dot(ds - x_a, (d_k - dmin)[:, None] == o_v[None, :], ref, FP32_DOT)
+    x_b = ds - x_a
+    y = _onehot_dot(x_b, (d_k - dmin)[:, None] == o_v[None, :], ref, FP32_DOT)
     shift = R_old - dmin  # [BM]; case-B entry (t, j) lands on v = (d_j - dmin) - shift_t
     u = o_v[None, :] + shift[:, None]
     inner = (o_v[None, :] > 0) & (o_v[None, :] < V - 1) & (u >= 0) & (u < VP)
     hist += tl.where(inner, tl.gather(y, tl.minimum(tl.maximum(u, 0), VP - 1), axis=1), 0.0)
-    low = tl.sum(tl.where(o_v[None, :] <= shift[:, None], y, 0.0), axis=1)  # S <= 0 -> v = 0
-    high = tl.sum(tl.where(o_v[None, :] >= shift[:, None] + V - 1, y, 0.0), axis=1)  # S >= V-1
-    hist += tl.where(o_v[None, :] == 0, low[:, None], 0.0)
-    hist += tl.where(o_v[None, :] == V - 1, high[:, None], 0.0)
+    # the clamp buckets straight from the [BM, BN] tile (BN < VP elements per row, fp32 ds)
+    s_b = d_k[None, :] - R_old[:, None]  # S of the case-B entries
+    low = tl.sum(tl.where(s_b <= 0, x_b, 0.0), axis=1)  # S <= 0 -> v = 0
+    high = tl.sum(tl.where(s_b >= V - 1, x_b, 0.0), axis=1)  # S >= V-1 -> v = V-1
+    hist += tl.where(o_v[None, :] == 0, low[:, None], tl.where(o_v[None, :] == V - 1, high[:, None], 0.0))
     return hist
 
 
