@@ -14,7 +14,7 @@
 // The formulas are those of csrc/include/efield_math.h, shared with the C++ CPU kernel. Nothing is
 // ever subtracted from a total field: fish i's own direct poles are just not summed into active.
 // The induced dipoles are recomputed by each of an environment's N blocks (2 N M pole evaluations,
-// about 1% of the block's R (N + M) x 5 source-receptor pairs at the benchmark's shape).
+// about 2% of the block's R (N + M) x 5 source-receptor pairs at the benchmark's shape).
 //
 // Host entry points (extern "C", raw device pointers, fp32, contiguous): fm_efield_fwd returns a
 // cudaError_t as int (0 = success); fm_efield_shared_bytes gives the shared memory one block needs.
