@@ -274,6 +274,20 @@ def _block_l(L: int) -> int:
     return min(max(16, next_power_of_2(L)), 128)
 
 
+def _gpu_panel_width(BL: int) -> int:
+    """Columns of A per panel of the fused power pass on GPU (W = A_panel^T Y is [BN, BL] fp32)."""
+    return 128 if BL <= 64 else 64
+
+
+def partial_traffic_ratio(l: int) -> float:
+    """Bytes of split-K partial sums the deterministic fused power pass moves per byte of (2-byte)
+    A it reads, with the GPU tiles: each BN-column panel reads and writes an [m, BL] fp32 slice
+    (8 m BL bytes) against 2 m BN bytes of A, so 4 BL / BN. Above 1 the fused pass moves more
+    bytes than two plain GEMMs (A read twice) do."""
+    BL = _block_l(l)
+    return 4 * BL / _gpu_panel_width(BL)
+
+
 def _dot_fp32(dtype: torch.dtype) -> bool:
     # fp32 inputs: IEEE fp32 dot. bf16 under the interpreter: upcast (its bf16 arithmetic is wrong).
     return dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16)
@@ -360,10 +374,7 @@ def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, 
     if n * 128 >= 2**31:
         raise ValueError(f"A's rows must be shorter than 2**24 (int32 tile offsets), got n = {n}")
     BL = _block_l(L)
-    if _INTERPRET:
-        BN = 16
-    else:
-        BN = 128 if BL <= 64 else 64
+    BN = 16 if _INTERPRET else _gpu_panel_width(BL)
     panels = cdiv(n, BN)
     l_tiles = cdiv(L, BL)
     if deterministic:

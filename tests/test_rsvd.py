@@ -526,7 +526,7 @@ def test_custom_op_opcheck_and_compile():
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("passes", ["fused", "atomic", "cublas"])
+@pytest.mark.parametrize("passes", ["auto", "fused", "atomic", "cublas"])
 @pytest.mark.parametrize("method", ["accurate", "torch_lowrank"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_passes_modes(passes, method, dtype, monkeypatch):

@@ -18,8 +18,9 @@ Cholesky, with a Householder fallback for the matrices whose Gram is singular or
 not orthonormal (rank-deficient, all-zero or very ill-conditioned blocks), so no input gives NaN.
 
 Backends: ``reference`` (PyTorch; the sketch from a seeded ``torch.Generator``), ``triton``
-(in-kernel Philox sketch and fused ``A (A^T Y)`` passes from ``fastmodels.kernels.rsvd``, operands
-read in their own precision with fp32 accumulation; the same torch orthonormalization) and
+(the Philox sketch and, for narrow sketches, the fused ``A (A^T Y)`` passes of
+``fastmodels.kernels.rsvd``, else cuBLAS GEMMs -- see ``_passes_mode``; operands read in their own
+precision with fp32 accumulation; the same torch orthonormalization) and
 ``cuda`` (the triton passes plus the CUDA batched one-sided Jacobi SVD for the small factor).
 """
 
@@ -161,15 +162,19 @@ class _TorchOps:
         return self.mul(self.mul_t(Q))
 
 
-PASSES = ("fused", "atomic", "cublas")
+PASSES = ("auto", "fused", "atomic", "cublas")
 
 
 def _passes_mode() -> str:
     """How the kernel backends run the sketch and power passes (FASTMODELS_RSVD_PASSES):
-    "fused" (default): the Triton sketch (Omega generated in-kernel) and the fused deterministic
-    power pass; "atomic": the fused power pass with fp32 atomics (last bits vary run to run);
-    "cublas": two cuBLAS batched GEMMs per pass in A's dtype with fp32 outputs, Omega materialized."""
-    mode = os.environ.get("FASTMODELS_RSVD_PASSES", "fused")
+    "fused": the Triton sketch (Omega generated inside the GEMM) and the fused deterministic power
+    pass; "atomic": the fused power pass with fp32 atomics (last bits vary run to run); "cublas":
+    Omega materialized by the Triton Philox kernel, then cuBLAS batched GEMMs in A's dtype with fp32
+    outputs, two per power pass; "auto" (default): the sketch as in "cublas" (the fused sketch
+    regenerates Omega for every row block: 10.6 of a 117 ms call in the H200 profile), and the power
+    pass fused only while its split-K partial sums move no more bytes than A
+    (kernels.rsvd.partial_traffic_ratio(l) <= 1, l <= 32), else as two GEMMs."""
+    mode = os.environ.get("FASTMODELS_RSVD_PASSES", "auto")
     if mode not in PASSES:
         raise ValueError(f"FASTMODELS_RSVD_PASSES: expected one of {PASSES}, got {mode!r}")
     return mode
@@ -210,17 +215,19 @@ class _KernelOps:
         self.mode = _passes_mode()
 
     def sketch(self, l: int, seed: int, transpose: bool = False):
-        if self.mode == "cublas":
+        if self.mode in ("cublas", "auto"):
             b, m, n = self.A.shape
             omega = self.kernels.sketch_omega(b, m if transpose else n, l, seed, self.A.device)
             return _bmm_f32(self.A.mT if transpose else self.A, omega)
         return self.kernels.sketch_matmul(self.A, l, seed, transpose=transpose)
 
     def power(self, Q):
-        if self.mode == "cublas":  # A (A^T Q), W = A^T Q rounded to A's dtype as in the fused pass
+        mode = self.mode
+        if mode == "auto":
+            mode = "fused" if self.kernels.partial_traffic_ratio(Q.shape[-1]) <= 1 else "cublas"
+        if mode == "cublas":  # A (A^T Q), W = A^T Q rounded to A's dtype as in the fused pass
             return _bmm_f32(self.A, _bmm_f32(self.A.mT, Q))
-        deterministic = self.mode == "fused"
-        return self.kernels.power_pass(self.A, Q.to(torch.float32).contiguous(), deterministic=deterministic)
+        return self.kernels.power_pass(self.A, Q.to(torch.float32).contiguous(), deterministic=mode == "fused")
 
     def mul_t(self, Q):  # A^T Q in fp32 (Rayleigh-Ritz): fp32 GEMM, or the hi/lo split for bf16/fp16
         A, Q = self.A, Q.to(torch.float32)
