@@ -267,6 +267,8 @@ def _check_a(A: torch.Tensor, name: str = "A") -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {A.dtype}")
     if not A.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+    if max(A.shape[1], A.shape[2]) * 128 >= 2**31:
+        raise ValueError(f"{name}'s sides must be shorter than 2**24 (int32 tile offsets), got {A.shape[1]} x {A.shape[2]}")
 
 
 def _block_l(L: int) -> int:
@@ -328,8 +330,6 @@ def sketch_matmul(A: torch.Tensor, l: int, seed: int, transpose: bool = False) -
     stride_am, stride_ak = (1, n) if transpose else (n, 1)
     if K * l >= 2**31:
         raise ValueError(f"rows of Omega * l must be < 2**31 (Philox counter), got {K} * {l}")
-    if max(m, n) * 128 >= 2**31:
-        raise ValueError(f"A's sides must be shorter than 2**24 (int32 tile offsets), got {m} x {n}")
     Y = torch.empty((b, M, l), device=A.device, dtype=torch.float32)
     if Y.numel() == 0:
         return Y
@@ -371,8 +371,6 @@ def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, 
         return torch.empty((b, m, L), device=A.device, dtype=torch.float32)
     if n == 0:
         return torch.zeros((b, m, L), device=A.device, dtype=torch.float32)
-    if n * 128 >= 2**31:
-        raise ValueError(f"A's rows must be shorter than 2**24 (int32 tile offsets), got n = {n}")
     BL = _block_l(L)
     BN = 16 if _INTERPRET else _gpu_panel_width(BL)
     panels = cdiv(n, BN)

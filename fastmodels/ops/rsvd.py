@@ -193,10 +193,12 @@ def _bmm_f32(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 
 def _bmm_hi_lo(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """X @ Q for a bf16/fp16 ``X`` and an fp32 ``Q``, fp32 result to ~2^-16 relative (bf16):
-    Q = hi + lo + O(2^-16 |Q|) with hi and lo in X's dtype, and one low-precision GEMM over the
-    columns [hi | lo] (fp32 accumulation), so X is read once at tensor-core speed instead of being
-    upcast to fp32 for an fp32 GEMM (CUDA cores)."""
+    """X @ Q in fp32 for an fp32 ``Q``. fp32 X: a plain fp32 GEMM. bf16/fp16 X: to ~2^-16 relative
+    (bf16), Q = hi + lo + O(2^-16 |Q|) with hi and lo in X's dtype, and one low-precision GEMM over
+    the columns [hi | lo] (fp32 accumulation), so X is read once at tensor-core speed instead of
+    being upcast to fp32 for an fp32 GEMM (CUDA cores)."""
+    if X.dtype == torch.float32:
+        return X @ Q
     hi = Q.to(X.dtype)
     lo = (Q - hi.to(torch.float32)).to(X.dtype)
     l = Q.shape[-1]
@@ -229,13 +231,11 @@ class _KernelOps:
             return _bmm_f32(self.A, _bmm_f32(self.A.mT, Q))
         return self.kernels.power_pass(self.A, Q.to(torch.float32).contiguous(), deterministic=mode == "fused")
 
-    def mul_t(self, Q):  # A^T Q in fp32 (Rayleigh-Ritz): fp32 GEMM, or the hi/lo split for bf16/fp16
-        A, Q = self.A, Q.to(torch.float32)
-        return A.mT @ Q if A.dtype == torch.float32 else _bmm_hi_lo(A.mT, Q)
+    def mul_t(self, Q):  # A^T Q in fp32 (Rayleigh-Ritz)
+        return _bmm_hi_lo(self.A.mT, Q.to(torch.float32))
 
     def mul(self, Q):  # A Q in fp32
-        A, Q = self.A, Q.to(torch.float32)
-        return A @ Q if A.dtype == torch.float32 else _bmm_hi_lo(A, Q)
+        return _bmm_hi_lo(self.A, Q.to(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------
