@@ -53,7 +53,8 @@ def _efield_launches(K):
     B, N, M, R = 2, 3, 4, 64  # R as in the benchmarks (BLOCK_R = 64)
     z = lambda *s: torch.zeros(*s, dtype=torch.float32)  # noqa: E731
     for walls, comm in itertools.product((False, True), (False, True)):
-        K.efield_fwd(z(B, N, 2), z(B, N), z(B, N), z(B, M, 2), z(B, M), z(R, 2), z(R, 2),
+        K.efield_fwd(z(B, N, 2), z(B, N), z(B, N), z(B, M, 2), z(B, M), z(B, M), torch.ones(B, M, dtype=torch.bool),
+                     z(R, 2), z(R, 2),
                      z(4) if walls else None, z(B, N, R), z(B, N, N, R) if comm else None,
                      pole_separation=0.1, eps=1e-3, image_strength=0.5)
 

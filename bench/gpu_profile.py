@@ -4,7 +4,7 @@
 
 For each profiled call it prints the kernels by GPU time per call and appends one JSON line to
 ``<results>/profile.jsonl`` (the ``FASTMODELS_BENCH_RESULTS`` folder): wall ms per call
-(synchronized), the sum of kernel times per call, their ratio (well below 1: the call waits on the
+(synchronized), host ms per call (unsynchronized), the sum of kernel times per call, their ratio (well below 1: the call waits on the
 host, launches or synchronizations) and the top kernels. It guides optimization; the benchmark
 rows (harness.py) are the results.
 """
@@ -31,6 +31,21 @@ def _wall_ms(fn, reps: int = 3) -> float:
     return (time.perf_counter() - start) / reps * 1e3
 
 
+def _host_ms(fn, reps: int = 20) -> float:
+    """Host time per call: the Python and launch work, timed without synchronizing (the GPU runs
+    behind). When it exceeds the kernels' time, the GPU idles between launches and the wall time
+    per call is the host's."""
+    fn()
+    torch.cuda.synchronize()
+    total = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return total / reps * 1e3
+
+
 _NOT_KERNELS = {"Activity Buffer Request", "Buffer Flush"}
 
 
@@ -38,6 +53,7 @@ def breakdown(op: str, name: str, fn: Callable[[], Any], reps: int = 3, top: int
     from torch.profiler import ProfilerActivity, profile
 
     wall_ms = _wall_ms(fn, reps)
+    host_ms = _host_ms(fn)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
@@ -55,12 +71,13 @@ def breakdown(op: str, name: str, fn: Callable[[], Any], reps: int = 3, top: int
     kernels.sort(reverse=True)
     gpu_ms = sum(k[0] for k in kernels)
     row = {
-        "kind": "profile", "op": op, "case": name, "wall_ms": wall_ms, "kernel_ms": gpu_ms,
+        "kind": "profile", "op": op, "case": name, "wall_ms": wall_ms, "host_ms": host_ms, "kernel_ms": gpu_ms,
         "busy_fraction": gpu_ms / wall_ms if wall_ms else None,
         "top_kernels": [{"ms": round(ms, 4), "calls": calls, "name": key[:120]} for ms, calls, key in kernels[:top]],
         **environment("cuda"),
     }
-    print(f"\n### {op} / {name}: wall {wall_ms:.3f} ms per call, kernels {gpu_ms:.3f} ms ({row['busy_fraction']:.0%} busy)")
+    print(f"\n### {op} / {name}: wall {wall_ms:.3f} ms per call, host {host_ms:.3f} ms, kernels {gpu_ms:.3f} ms "
+          f"({row['busy_fraction']:.0%} busy)")
     for ms, calls, key in kernels[:top]:
         print(f"  {ms:9.3f} ms  x{calls:<5g} {key[:110]}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -78,7 +95,16 @@ def profile_pushdown() -> None:
         if T == 4096:
             breakdown("pushdown_attention", f"fwd+bwd bf16 B4 H16 T{T} D{D} V50 (triton, hist=loop)", lambda: bp._ours_hist_loop(x))
         breakdown("pushdown_attention", f"fwd+bwd bf16 B4 H16 T{T} D{D} (sdpa flash)", lambda: bp._sdpa_flash(x))
-        del x
+        x.clear()  # free this length's tensors before the next
+
+
+def profile_efield() -> None:
+    from fastmodels.bench import bench_efield as be
+
+    x = be._scene(4096, 4, 32, 64, "cuda")
+    for backend in ("cuda", "triton"):
+        fn = be._call(backend)
+        breakdown("electric_image", f"B4096_N4_R64_M32_walls ({backend})", lambda: fn(x))
 
 
 def profile_rsvd() -> None:
@@ -123,7 +149,7 @@ def profile_small_svd() -> None:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-PROFILES = {"pushdown_attention": profile_pushdown, "randomized_svd": profile_rsvd, "small_svd": profile_small_svd}
+PROFILES = {"electric_image": profile_efield, "pushdown_attention": profile_pushdown, "randomized_svd": profile_rsvd, "small_svd": profile_small_svd}
 
 
 def main(argv: list[str]) -> int:

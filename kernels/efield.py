@@ -89,7 +89,7 @@ def _image(k: tl.constexpr, W, H):
 
 @triton.autotune(configs=_CONFIGS, key=["N", "M", "R", "HAS_WALLS"])
 @triton.jit
-def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena, active, comm,
+def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena, active, comm,
                       N, M, R, half, eps, gamma,
                       HAS_WALLS: tl.constexpr, HAS_COMM: tl.constexpr, FAST: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -150,7 +150,11 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nr
         p_m = b * M + o_m
         b_cx = tl.load(obj_pos + 2 * p_m, mask=m_m, other=0.0).to(tl.float32)
         b_cy = tl.load(obj_pos + 2 * p_m + 1, mask=m_m, other=0.0).to(tl.float32)
-        b_st = tl.load(strength + p_m, mask=m_m, other=0.0).to(tl.float32)
+        # strength chi a^3 of the live objects (csrc/include/efield_math.h: object_strength)
+        b_a = tl.load(obj_radius + p_m, mask=m_m, other=0.0).to(tl.float32)
+        b_chi = tl.load(obj_contrast + p_m, mask=m_m, other=0.0).to(tl.float32)
+        b_live = tl.load(obj_mask + p_m, mask=m_m, other=0) != 0
+        b_st = tl.where(b_live, b_chi * (b_a * b_a * b_a), 0.0)
         ex = tl.zeros([BLOCK_M], dtype=tl.float32)
         ey = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j in range(0, N):
@@ -177,10 +181,10 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nr
     tl.store(active + pid * R + o_r, acc, mask=m_r)
 
 
-def efield_fwd(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena, active, comm,
-               pole_separation: float, eps: float, image_strength: float) -> None:
-    """Fill ``active`` [B, N, R] and ``comm`` [B, N, N, R] (or None); fp32 contiguous inputs with
-    the objects' strengths chi a^3 (0 where masked) precomputed."""
+def efield_fwd(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena, active,
+               comm, pole_separation: float, eps: float, image_strength: float) -> None:
+    """Fill ``active`` [B, N, R] and ``comm`` [B, N, N, R] (or None); fp32 contiguous inputs, a
+    contiguous bool ``obj_mask``."""
     B, N, _ = fish_pos.shape
     M = obj_pos.shape[1]
     R = rec_pos.shape[0]
@@ -189,7 +193,7 @@ def efield_fwd(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, aren
     has_walls = arena is not None
     has_comm = comm is not None
     efield_fwd_kernel[(B * N,)](
-        fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena if has_walls else fish_pos, active,
+        fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena if has_walls else fish_pos, active,
         comm if has_comm else active, N, M, R, 0.5 * float(pole_separation), float(eps), float(image_strength),
         HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=next_power_of_2(R),
     )

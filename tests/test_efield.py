@@ -284,7 +284,7 @@ def cuda_efield_emulation(tmp_path_factory):
     """csrc/cuda/efield.cu compiled as C++ against the threaded block emulation, loaded with ctypes."""
     dll = load_cuda_emulation("efield_emulation.cpp", tmp_path_factory.mktemp("emu"))
     dll.fm_efield_emulate.restype = None
-    dll.fm_efield_emulate.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 4 + [ctypes.c_float] * 3 + [ctypes.c_int]
+    dll.fm_efield_emulate.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int] * 4 + [ctypes.c_float] * 3 + [ctypes.c_int]
     return dll
 
 
@@ -311,8 +311,8 @@ def test_cuda_kernel_source_under_emulation(cuda_efield_emulation, case, per_emi
     comm = torch.full((B, N, N, R), float("nan")) if per_emitter else None
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     cuda_efield_emulation.fm_efield_emulate(
-        ptr(x["fish_pos"]), ptr(x["heading"]), ptr(x["eod"]), ptr(x["obj_pos"]), ptr(x["strength"]),
-        ptr(x["rec_pos"]), ptr(x["rec_nrm"]), ptr(x["arena"]), ptr(active), ptr(comm),
+        ptr(x["fish_pos"]), ptr(x["heading"]), ptr(x["eod"]), ptr(x["obj_pos"]), ptr(x["radius"]),
+        ptr(x["contrast"]), ptr(x["mask"]), ptr(x["rec_pos"]), ptr(x["rec_nrm"]), ptr(x["arena"]), ptr(active), ptr(comm),
         B, N, M, R, 1.0, 1e-3, 1.0, threads)
     assert_rms_close(active, ra, 1e-4, "active")
     if per_emitter:
@@ -408,3 +408,14 @@ def test_torch_compile_fullgraph():
     ea, ec = step(*args)
     torch.testing.assert_close(a, ea)
     torch.testing.assert_close(c, ec)
+
+
+@pytest.mark.parametrize("backend", ["reference", "default"])
+def test_outputs_carry_no_gradient(backend):
+    """Eager calls bypass the custom op; the outputs still carry no autograd history, whatever the
+    backend (the reference computes with differentiable PyTorch ops)."""
+    args, arena = scene(2, 3, 4, 5)
+    args = [a.requires_grad_(True) if a.is_floating_point() else a for a in args]
+    active, comm = electric_image(*args, arena=arena, backend=None if backend == "default" else backend)
+    assert not active.requires_grad and not comm.requires_grad
+    assert active.grad_fn is None and comm.grad_fn is None

@@ -39,7 +39,7 @@ struct Scratch {
 #endif
 
 FM_CLONES void efield_env(const float* fish_pos, const float* heading, const float* eod, const float* obj_pos,
-                          const float* strength, const float* rec_pos, const float* rec_nrm, const float* arena,
+                          const float* obj_radius, const float* obj_contrast, const uint8_t* obj_mask, const float* rec_pos, const float* rec_nrm, const float* arena,
                           float* active, float* comm, int64_t N, int64_t M, int64_t R, float half, float eps,
                           float gamma, Scratch& s) {
     // --- fish poles: anchor (the fish centre, or its wall image) + small offset (+-l/2 u) --------
@@ -56,13 +56,15 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
     // --- induced dipoles P_m = chi a^3 E_eod(c_m) (direct poles only, no images) -----------------
     s.dip_x.clear(); s.dip_y.clear(); s.dip_px.clear(); s.dip_py.clear();
     for (int64_t m = 0; m < M; ++m) {
-        if (strength[m] == 0.0f) continue;  // masked, or zero radius or contrast
+        if (!obj_mask[m]) continue;
+        const float st = object_strength(obj_radius[m], obj_contrast[m]);
+        if (st == 0.0f) continue;  // zero radius or contrast
         const float cx = obj_pos[2 * m], cy = obj_pos[2 * m + 1];
         float ex = 0.0f, ey = 0.0f;
         for (int64_t k = 0; k < 2 * N; ++k)
             pole_field_add((cx - s.pole_x[k]) - s.pole_ox[k], (cy - s.pole_y[k]) - s.pole_oy[k], s.pole_q[k], eps, ex, ey);
         s.dip_x.push_back(cx); s.dip_y.push_back(cy);
-        s.dip_px.push_back(strength[m] * ex); s.dip_py.push_back(strength[m] * ey);
+        s.dip_px.push_back(st * ex); s.dip_py.push_back(st * ey);
     }
     const int64_t K = static_cast<int64_t>(s.dip_x.size());
     // --- wall images ------------------------------------------------------------------------
@@ -138,8 +140,8 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
     }
 }
 
-void efield_fwd(uintptr_t fish_pos, uintptr_t heading, uintptr_t eod, uintptr_t obj_pos, uintptr_t strength,
-                uintptr_t rec_pos, uintptr_t rec_nrm, uintptr_t arena, uintptr_t active, uintptr_t comm, int64_t B,
+void efield_fwd(uintptr_t fish_pos, uintptr_t heading, uintptr_t eod, uintptr_t obj_pos, uintptr_t obj_radius,
+                uintptr_t obj_contrast, uintptr_t obj_mask, uintptr_t rec_pos, uintptr_t rec_nrm, uintptr_t arena, uintptr_t active, uintptr_t comm, int64_t B,
                 int64_t N, int64_t M, int64_t R, double pole_separation, double eps, double gamma) {
     auto f = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
     const float half = static_cast<float>(0.5 * pole_separation);
@@ -150,7 +152,8 @@ void efield_fwd(uintptr_t fish_pos, uintptr_t heading, uintptr_t eod, uintptr_t 
 #pragma omp for schedule(dynamic, 4)
         for (int64_t b = 0; b < B; ++b) {
             efield_env(f(fish_pos) + b * N * 2, f(heading) + b * N, f(eod) + b * N, f(obj_pos) + b * M * 2,
-                       f(strength) + b * M, f(rec_pos), f(rec_nrm), arena ? f(arena) + b * 2 : nullptr,
+                       f(obj_radius) + b * M, f(obj_contrast) + b * M,
+                       reinterpret_cast<const uint8_t*>(obj_mask) + b * M, f(rec_pos), f(rec_nrm), arena ? f(arena) + b * 2 : nullptr,
                        f(active) + b * N * R, comm ? f(comm) + b * N * N * R : nullptr, N, M, R, half,
                        static_cast<float>(eps), static_cast<float>(gamma), s);
         }
@@ -161,7 +164,7 @@ void efield_fwd(uintptr_t fish_pos, uintptr_t heading, uintptr_t eod, uintptr_t 
 
 void register_efield(pybind11::module_& m) {
     m.def("efield_fwd", &efield_fwd,
-          "Electric images (fp32): efield_fwd(fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena|0, "
+          "Electric images (fp32): efield_fwd(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask (bool), rec_pos, rec_nrm, arena|0, "
           "active, comm|0, B, N, M, R, pole_separation, eps, image_strength); pointers as ints.");
 }
 

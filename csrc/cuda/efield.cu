@@ -2,8 +2,9 @@
 // fish i's receptors.
 //   1. The block stages in shared memory what fish i sees:
 //      - every fish's centre, heading (cos, sin) and EOD amplitude;
-//      - the induced dipoles P_m = chi a^3 E_eod(c_m) of the environment's live objects (strength
-//        chi a^3 != 0: masked objects contribute exactly nothing and are compacted away, in order)
+//      - the induced dipoles P_m = chi a^3 E_eod(c_m) of the environment's live objects (mask set
+//        and strength chi a^3 != 0, formed here: masked objects contribute exactly nothing and are
+//        compacted away, in order)
 //        and, with walls, their four images, each as (fish i's centre - dipole centre, moment);
 //      - with walls, the four images of every EOD pole, as ((fish i's centre - image anchor) -
 //        image offset, charge).
@@ -63,7 +64,8 @@ __host__ __device__ inline size_t shared_bytes(int N, int M) {
 
 __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const float* __restrict__ heading,
                                   const float* __restrict__ eod, const float* __restrict__ obj_pos,
-                                  const float* __restrict__ strength, const float* __restrict__ rec_pos,
+                                  const float* __restrict__ obj_radius, const float* __restrict__ obj_contrast,
+                                  const uint8_t* __restrict__ obj_mask, const float* __restrict__ rec_pos,
                                   const float* __restrict__ rec_nrm, const float* __restrict__ arena,
                                   float* __restrict__ active, float* __restrict__ comm, int N, int M, int R,
                                   float half, float eps, float gamma) {
@@ -97,7 +99,7 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
     int K = 0;
     for (int base = 0; base < M; base += blockDim.x) {
         const int m = base + tid;
-        const float st = m < M ? strength[b * M + m] : 0.0f;
+        const float st = m < M && obj_mask[b * M + m] ? object_strength(obj_radius[b * M + m], obj_contrast[b * M + m]) : 0.0f;
         const bool live = st != 0.0f;
         const unsigned ballot = __ballot_sync(0xffffffffu, live);
         if (lane == 0) counts[warp] = __popc(ballot);
@@ -192,7 +194,8 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
 extern "C" size_t fm_efield_shared_bytes(int N, int M) { return shared_bytes(N, M); }
 
 extern "C" int fm_efield_fwd(const float* fish_pos, const float* heading, const float* eod, const float* obj_pos,
-                             const float* strength, const float* rec_pos, const float* rec_nrm, const float* arena,
+                             const float* obj_radius, const float* obj_contrast, const uint8_t* obj_mask,
+                             const float* rec_pos, const float* rec_nrm, const float* arena,
                              float* active, float* comm, int B, int N, int M, int R, float pole_separation, float eps,
                              float image_strength, cudaStream_t stream) {
     if (B <= 0 || N <= 0 || R <= 0) return 0;
@@ -209,7 +212,7 @@ extern "C" int fm_efield_fwd(const float* fish_pos, const float* heading, const 
     threads = threads > kMaxThreads ? kMaxThreads : threads;
     const int64_t blocks = static_cast<int64_t>(B) * N;
     efield_fwd_kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(
-        fish_pos, heading, eod, obj_pos, strength, rec_pos, rec_nrm, arena, active, comm, N, M, R,
+        fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena, active, comm, N, M, R,
         0.5f * pole_separation, eps, image_strength);
     return static_cast<int>(cudaGetLastError());
 }

@@ -34,6 +34,11 @@ FM_HD float image_sign_y(int k) { return k < 2 ? 1.0f : -1.0f; }
 FM_HD float image_shift_x(int k, float W) { return k == 1 ? 2.0f * W : 0.0f; }
 FM_HD float image_shift_y(int k, float H) { return k == 3 ? 2.0f * H : 0.0f; }
 
+// Strength s = chi a^3 of an object of radius a and contrast chi: its induced dipole is s E. The
+// kernels take radius, contrast and the live mask and form it while staging the objects, so a step
+// needs no separate elementwise kernels; a masked object or s = 0 contributes nothing.
+FM_HD float object_strength(float radius, float contrast) { return contrast * (radius * radius * radius); }
+
 // 1 / x for a positive x (a rho^3 or a dipole denominator). On the GPU the hardware reciprocal
 // (rcp.approx.ftz: one MUFU.RCP, against the ~4 extra instructions of __fdividef's range checks
 // and the slow path of an IEEE division; the build has no --use_fast_math).

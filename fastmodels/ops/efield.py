@@ -122,16 +122,18 @@ def electric_image_reference(fish_pos, fish_heading, eod, obj_pos, obj_radius, o
 # ------------------------------------------------------------------------------------------------
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
 def _pack_inputs(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos,
                  receptor_normal, arena):
-    """fp32 contiguous inputs for the fused kernels; the objects' constants folded into one
-    strength s_m = chi_m a_m^3 (0 where masked)."""
-    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    strength = torch.where(obj_mask, obj_contrast.double() * obj_radius.double() ** 3, 0.0)
+    """fp32 contiguous inputs for the fused kernels (no copy for ones that already are) and a
+    contiguous bool mask; the kernels form each object's strength chi a^3 themselves."""
     return dict(
-        fish_pos=f32(fish_pos), heading=f32(fish_heading), eod=f32(eod), obj_pos=f32(obj_pos),
-        strength=f32(strength), rec_pos=f32(receptor_pos), rec_nrm=f32(receptor_normal),
-        arena=None if arena is None else f32(arena),
+        fish_pos=_f32(fish_pos), heading=_f32(fish_heading), eod=_f32(eod), obj_pos=_f32(obj_pos),
+        radius=_f32(obj_radius), contrast=_f32(obj_contrast), mask=obj_mask.contiguous(),
+        rec_pos=_f32(receptor_pos), rec_nrm=_f32(receptor_normal), arena=None if arena is None else _f32(arena),
     )
 
 
@@ -143,16 +145,17 @@ def _run_cpu(x, active, comm, pole_separation, eps, image_strength):
     R = x["rec_pos"].shape[0]
     _C.efield_fwd(
         x["fish_pos"].data_ptr(), x["heading"].data_ptr(), x["eod"].data_ptr(), x["obj_pos"].data_ptr(),
-        x["strength"].data_ptr(), x["rec_pos"].data_ptr(), x["rec_nrm"].data_ptr(),
-        0 if x["arena"] is None else x["arena"].data_ptr(), active.data_ptr(),
+        x["radius"].data_ptr(), x["contrast"].data_ptr(), x["mask"].data_ptr(), x["rec_pos"].data_ptr(),
+        x["rec_nrm"].data_ptr(), 0 if x["arena"] is None else x["arena"].data_ptr(), active.data_ptr(),
         0 if comm is None else comm.data_ptr(), B, N, M, R, float(pole_separation), float(eps), float(image_strength),
     )
 
 
 _CUDA_LIB = None
+_SMEM_LIMIT: dict[int, int] = {}  # device index -> shared memory a block may opt in to
 
 
-def _run_cuda(x, active, comm, pole_separation, eps, image_strength):
+def _cuda_lib():
     import ctypes
 
     from fastmodels._cuda import load_library
@@ -161,37 +164,45 @@ def _run_cuda(x, active, comm, pole_separation, eps, image_strength):
     if _CUDA_LIB is None:
         lib = load_library("efield", ["efield.cu"])
         lib.fm_efield_fwd.restype = ctypes.c_int
-        lib.fm_efield_fwd.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 4 + [ctypes.c_float] * 3 + [ctypes.c_void_p]
+        lib.fm_efield_fwd.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int] * 4 + [ctypes.c_float] * 3 + [ctypes.c_void_p]
         lib.fm_efield_error_string.restype = ctypes.c_char_p
         lib.fm_efield_error_string.argtypes = [ctypes.c_int]
         lib.fm_efield_shared_bytes.restype = ctypes.c_size_t
         lib.fm_efield_shared_bytes.argtypes = [ctypes.c_int, ctypes.c_int]
         _CUDA_LIB = lib
+    return _CUDA_LIB
+
+
+def _run_cuda(x, active, comm, pole_separation, eps, image_strength):
+    lib = _cuda_lib()
     B, N, _ = x["fish_pos"].shape
     M = x["obj_pos"].shape[1]
     R = x["rec_pos"].shape[0]
-    smem = _CUDA_LIB.fm_efield_shared_bytes(N, M)  # what one (environment, fish) block stages (efield.cu)
-    limit = torch.cuda.get_device_properties(active.device).shared_memory_per_block_optin
-    if smem > limit:
+    dev = active.device.index
+    smem = lib.fm_efield_shared_bytes(N, M)  # what one (environment, fish) block stages (efield.cu)
+    if dev not in _SMEM_LIMIT:
+        _SMEM_LIMIT[dev] = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
+    if smem > _SMEM_LIMIT[dev]:
         raise ValueError(f"electric_image (cuda): N={N}, M={M} need {smem} B of shared memory per environment, more "
-                         f"than this GPU's {limit} B; use backend='triton' (it streams the objects)")
-    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    with torch.cuda.device(active.device):
-        stream = torch.cuda.current_stream().cuda_stream
-        err = _CUDA_LIB.fm_efield_fwd(
-            ptr(x["fish_pos"]), ptr(x["heading"]), ptr(x["eod"]), ptr(x["obj_pos"]), ptr(x["strength"]),
-            ptr(x["rec_pos"]), ptr(x["rec_nrm"]), ptr(x["arena"]), ptr(active), ptr(comm),
-            B, N, M, R, float(pole_separation), float(eps), float(image_strength), ctypes.c_void_p(stream),
-        )
+                         f"than this GPU's {_SMEM_LIMIT[dev]} B; use backend='triton' (it streams the objects)")
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    args = (ptr(x["fish_pos"]), ptr(x["heading"]), ptr(x["eod"]), ptr(x["obj_pos"]), ptr(x["radius"]),
+            ptr(x["contrast"]), ptr(x["mask"]), ptr(x["rec_pos"]), ptr(x["rec_nrm"]), ptr(x["arena"]), ptr(active),
+            ptr(comm), B, N, M, R, float(pole_separation), float(eps), float(image_strength))
+    if dev == torch.cuda.current_device():
+        err = lib.fm_efield_fwd(*args, torch.cuda.current_stream(dev).cuda_stream)
+    else:  # the launch goes to the current device: make it the tensors'
+        with torch.cuda.device(dev):
+            err = lib.fm_efield_fwd(*args, torch.cuda.current_stream(dev).cuda_stream)
     if err != 0:
-        raise RuntimeError(f"electric_image (cuda): kernel launch failed: {_CUDA_LIB.fm_efield_error_string(err).decode()}")
+        raise RuntimeError(f"electric_image (cuda): kernel launch failed: {lib.fm_efield_error_string(err).decode()}")
 
 
 def _run_triton(x, active, comm, pole_separation, eps, image_strength):
     from fastmodels.kernels.efield import efield_fwd
 
-    efield_fwd(x["fish_pos"], x["heading"], x["eod"], x["obj_pos"], x["strength"], x["rec_pos"], x["rec_nrm"],
-               x["arena"], active, comm, pole_separation, eps, image_strength)
+    efield_fwd(x["fish_pos"], x["heading"], x["eod"], x["obj_pos"], x["radius"], x["contrast"], x["mask"],
+               x["rec_pos"], x["rec_nrm"], x["arena"], active, comm, pole_separation, eps, image_strength)
 
 
 _FUSED = {"cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
@@ -220,18 +231,24 @@ def _forward(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmodels::electric_image", mutates_args=())
-def _electric_image_op(fish_pos: torch.Tensor, fish_heading: torch.Tensor, eod: torch.Tensor, obj_pos: torch.Tensor,
-                       obj_radius: torch.Tensor, obj_contrast: torch.Tensor, obj_mask: torch.Tensor,
-                       receptor_pos: torch.Tensor, receptor_normal: torch.Tensor, arena: torch.Tensor | None,
-                       pole_separation: float, eps: float, image_strength: float, per_emitter: bool,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _electric_image_impl(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos,
+                        receptor_normal, arena, pole_separation, eps, image_strength, per_emitter, backend):
     chosen = select_backend(OP, backend or None, fish_pos.device)
     active, comm = _forward(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos,
                             receptor_normal, arena, pole_separation, eps, image_strength, per_emitter, chosen)
     if comm is None:  # a custom op returns a fixed number of tensors: an empty one stands for None
         comm = fish_pos.new_empty(0)
     return active.contiguous(), comm.contiguous()
+
+
+@torch.library.custom_op("fastmodels::electric_image", mutates_args=())
+def _electric_image_op(fish_pos: torch.Tensor, fish_heading: torch.Tensor, eod: torch.Tensor, obj_pos: torch.Tensor,
+                       obj_radius: torch.Tensor, obj_contrast: torch.Tensor, obj_mask: torch.Tensor,
+                       receptor_pos: torch.Tensor, receptor_normal: torch.Tensor, arena: torch.Tensor | None,
+                       pole_separation: float, eps: float, image_strength: float, per_emitter: bool,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _electric_image_impl(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos,
+                                receptor_normal, arena, pole_separation, eps, image_strength, per_emitter, backend)
 
 
 @_electric_image_op.register_fake
@@ -352,7 +369,14 @@ def electric_image(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contras
         raise TypeError(f"backend: expected a str or None, got {type(backend).__name__}")
     if check_values and not torch.compiler.is_compiling():
         _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, receptor_pos, receptor_normal, arena)
-    active, comm = _electric_image_op(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask,
-                                      receptor_pos, receptor_normal, arena, pole_separation, eps, image_strength,
-                                      per_emitter, backend or "")
+    args = (fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos, receptor_normal,
+            arena, pole_separation, eps, image_strength, per_emitter, backend or "")
+    if torch.compiler.is_compiling():
+        active, comm = _electric_image_op(*args)
+    else:
+        # Eager calls skip the custom op's dispatch (tens of microseconds of host time, a large
+        # share of a GPU step at the benchmark's size); no_grad keeps the reference backend's
+        # outputs gradient-free like the op's.
+        with torch.no_grad():
+            active, comm = _electric_image_impl(*args)
     return active, (comm if per_emitter else None)
