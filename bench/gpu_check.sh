@@ -69,7 +69,9 @@ done
 
 if [ "${GPU_CHECK_PROFILE:-1}" != "0" ]; then
   echo "=== kernel-time breakdowns (limit 70 s) $(elapsed) ==="
-  prof_ops=$(for op in $OPS; do case $op in pushdown_attention|electric_image) echo -n "$op ";; randomized_svd) echo -n "small_svd $op ";; esac; done)
+  # electric_image and pushdown_attention first (short), the small-SVD candidates last (longest)
+  prof_ops=$(for op in electric_image pushdown_attention randomized_svd; do
+    case " $OPS " in *" $op "*) [ "$op" = randomized_svd ] && echo -n "$op small_svd " || echo -n "$op ";; esac; done)
   if [ -n "$prof_ops" ]; then
     timeout 70 "$PY" -m fastmodels.bench.gpu_profile $prof_ops > "$RESULTS/profile.log" 2>&1
     echo "exit $? $(elapsed)"; grep -v "^\s*$" "$RESULTS/profile.log"

@@ -143,12 +143,12 @@ def profile_small_svd() -> None:
         R = torch.linalg.qr(X).R
         cands = {
             "linalg.svd fp64 (cuda, default driver)": lambda: svd(R),
-            "linalg.svd fp64 (cuda, gesvd)": lambda: svd(R, driver="gesvd"),
             "linalg.svd fp64 (cuda, gesvda)": lambda: svd(R, driver="gesvda"),
             "linalg.svd fp32 (cuda)": lambda: svd(R.float()),
             "eigh of R^T R fp64 (cuda)": lambda: eigh_gram(R),
         }
-        if l <= 512:  # on the host (~5 s for 28 x 768 x 768 on the dev CPU) and the Jacobi kernel's limit
+        if l <= 512:  # slow routes at l = 768 (the host: ~5 s on the dev CPU), and the Jacobi kernel's limit
+            cands["linalg.svd fp64 (cuda, gesvd)"] = lambda: svd(R, driver="gesvd")
             cands["linalg.svd fp64 (cpu)"] = lambda: svd(R.cpu())
             cands["eigh of R^T R fp64 (cpu)"] = lambda: eigh_gram(R.cpu())
             cands["jacobi_svd fp32 (csrc/cuda)"] = lambda: jacobi_svd(R.float().contiguous(), backend="cuda")
