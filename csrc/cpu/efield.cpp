@@ -39,7 +39,8 @@ struct Scratch {
 #endif
 
 FM_CLONES void efield_env(const float* fish_pos, const float* heading, const float* eod, const float* obj_pos,
-                          const float* obj_radius, const float* obj_contrast, const uint8_t* obj_mask, const float* rec_pos, const float* rec_nrm, const float* arena,
+                          const float* obj_radius, const float* obj_contrast, const uint8_t* obj_mask,
+                          const float* rec_pos, const float* rec_nrm, const float* arena,
                           float* active, float* comm, int64_t N, int64_t M, int64_t R, float half, float eps,
                           float gamma, Scratch& s) {
     // --- fish poles: anchor (the fish centre, or its wall image) + small offset (+-l/2 u) --------
@@ -141,8 +142,9 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
 }
 
 void efield_fwd(uintptr_t fish_pos, uintptr_t heading, uintptr_t eod, uintptr_t obj_pos, uintptr_t obj_radius,
-                uintptr_t obj_contrast, uintptr_t obj_mask, uintptr_t rec_pos, uintptr_t rec_nrm, uintptr_t arena, uintptr_t active, uintptr_t comm, int64_t B,
-                int64_t N, int64_t M, int64_t R, double pole_separation, double eps, double gamma) {
+                uintptr_t obj_contrast, uintptr_t obj_mask, uintptr_t rec_pos, uintptr_t rec_nrm, uintptr_t arena,
+                uintptr_t active, uintptr_t comm, int64_t B, int64_t N, int64_t M, int64_t R, double pole_separation,
+                double eps, double gamma) {
     auto f = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
     const float half = static_cast<float>(0.5 * pole_separation);
     pybind11::gil_scoped_release release;
@@ -153,7 +155,8 @@ void efield_fwd(uintptr_t fish_pos, uintptr_t heading, uintptr_t eod, uintptr_t 
         for (int64_t b = 0; b < B; ++b) {
             efield_env(f(fish_pos) + b * N * 2, f(heading) + b * N, f(eod) + b * N, f(obj_pos) + b * M * 2,
                        f(obj_radius) + b * M, f(obj_contrast) + b * M,
-                       reinterpret_cast<const uint8_t*>(obj_mask) + b * M, f(rec_pos), f(rec_nrm), arena ? f(arena) + b * 2 : nullptr,
+                       reinterpret_cast<const uint8_t*>(obj_mask) + b * M, f(rec_pos), f(rec_nrm),
+                       arena ? f(arena) + b * 2 : nullptr,
                        f(active) + b * N * R, comm ? f(comm) + b * N * N * R : nullptr, N, M, R, half,
                        static_cast<float>(eps), static_cast<float>(gamma), s);
         }
@@ -164,7 +167,8 @@ void efield_fwd(uintptr_t fish_pos, uintptr_t heading, uintptr_t eod, uintptr_t 
 
 void register_efield(pybind11::module_& m) {
     m.def("efield_fwd", &efield_fwd,
-          "Electric images (fp32): efield_fwd(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask (bool), rec_pos, rec_nrm, arena|0, "
+          "Electric images (fp32): efield_fwd(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, "
+          "obj_mask (bool), rec_pos, rec_nrm, arena|0, "
           "active, comm|0, B, N, M, R, pole_separation, eps, image_strength); pointers as ints.");
 }
 

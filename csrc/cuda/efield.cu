@@ -99,7 +99,8 @@ __global__ void efield_fwd_kernel(const float* __restrict__ fish_pos, const floa
     int K = 0;
     for (int base = 0; base < M; base += blockDim.x) {
         const int m = base + tid;
-        const float st = m < M && obj_mask[b * M + m] ? object_strength(obj_radius[b * M + m], obj_contrast[b * M + m]) : 0.0f;
+        const float st =
+            m < M && obj_mask[b * M + m] ? object_strength(obj_radius[b * M + m], obj_contrast[b * M + m]) : 0.0f;
         const bool live = st != 0.0f;
         const unsigned ballot = __ballot_sync(0xffffffffu, live);
         if (lane == 0) counts[warp] = __popc(ballot);
@@ -212,8 +213,8 @@ extern "C" int fm_efield_fwd(const float* fish_pos, const float* heading, const 
     threads = threads > kMaxThreads ? kMaxThreads : threads;
     const int64_t blocks = static_cast<int64_t>(B) * N;
     efield_fwd_kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(
-        fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena, active, comm, N, M, R,
-        0.5f * pole_separation, eps, image_strength);
+        fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena, active, comm,
+        N, M, R, 0.5f * pole_separation, eps, image_strength);
     return static_cast<int>(cudaGetLastError());
 }
 
