@@ -89,8 +89,8 @@ def _image(k: tl.constexpr, W, H):
 
 @triton.autotune(configs=_CONFIGS, key=["N", "M", "R", "HAS_WALLS"])
 @triton.jit
-def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena, active, comm,
-                      N, M, R, half, eps, gamma,
+def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena,
+                      active, comm, N, M, R, half, eps, gamma,
                       HAS_WALLS: tl.constexpr, HAS_COMM: tl.constexpr, FAST: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -193,7 +193,7 @@ def efield_fwd(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_ma
     has_walls = arena is not None
     has_comm = comm is not None
     efield_fwd_kernel[(B * N,)](
-        fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena if has_walls else fish_pos, active,
-        comm if has_comm else active, N, M, R, 0.5 * float(pole_separation), float(eps), float(image_strength),
+        fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm,
+        arena if has_walls else fish_pos, active, comm if has_comm else active, N, M, R, 0.5 * float(pole_separation), float(eps), float(image_strength),
         HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=next_power_of_2(R),
     )

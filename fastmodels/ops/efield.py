@@ -22,6 +22,8 @@ of fp32). Use ``backend="reference"`` for a float64 computation.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fastmodels._dispatch import register_op, select_backend
@@ -189,11 +191,9 @@ def _run_cuda(x, active, comm, pole_separation, eps, image_strength):
     args = (ptr(x["fish_pos"]), ptr(x["heading"]), ptr(x["eod"]), ptr(x["obj_pos"]), ptr(x["radius"]),
             ptr(x["contrast"]), ptr(x["mask"]), ptr(x["rec_pos"]), ptr(x["rec_nrm"]), ptr(x["arena"]), ptr(active),
             ptr(comm), B, N, M, R, float(pole_separation), float(eps), float(image_strength))
-    if dev == torch.cuda.current_device():
+    # the launch goes to the current device: switch to the tensors' only when it differs
+    with contextlib.nullcontext() if dev == torch.cuda.current_device() else torch.cuda.device(dev):
         err = lib.fm_efield_fwd(*args, torch.cuda.current_stream(dev).cuda_stream)
-    else:  # the launch goes to the current device: make it the tensors'
-        with torch.cuda.device(dev):
-            err = lib.fm_efield_fwd(*args, torch.cuda.current_stream(dev).cuda_stream)
     if err != 0:
         raise RuntimeError(f"electric_image (cuda): kernel launch failed: {lib.fm_efield_error_string(err).decode()}")
 
