@@ -90,6 +90,8 @@ def _ours(x):
 
 # Ours with the dq pass's depth histogram as the per-value loop (FASTMODELS_PUSHDOWN_HIST).
 _ours_hist_loop = with_env("FASTMODELS_PUSHDOWN_HIST", "loop", _ours)
+# Ours without the row-uniform fast path (FASTMODELS_PUSHDOWN_UNIFORM=0): every tile general.
+_ours_no_uniform = with_env("FASTMODELS_PUSHDOWN_UNIFORM", "0", _ours)
 
 
 def _reference(x):
@@ -202,7 +204,10 @@ def cases(device: str, quick: bool) -> list[Case]:
                 impls["flex_attention"] = _flex
                 targets["time_ratio:flex_attention"] = 5.0
                 notes.append("FlexAttention (torch.compile, score_mod with captured QE, depth grad included) only at 2 shapes to keep compile time inside the GPU budget")
-            if (T, D) in ((1024, 128), (4096, 64)):
+            if (T, D) in ((1024, 64), (4096, 64)):
+                impls["fastmodels (uniform=0)"] = _ours_no_uniform
+                notes.append("'uniform=0': without the fast path for row-uniform tiles (every tile through the general path)")
+            if (T, D) == (4096, 64):
                 impls["fastmodels (hist=loop)"] = _ours_hist_loop
                 notes.append("'hist=loop': the dq pass's depth histogram as the per-value loop instead of tensor-core dots")
             if T in (512, 4096):

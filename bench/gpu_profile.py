@@ -93,7 +93,7 @@ def profile_pushdown() -> None:
         x = bp._setup(4, 16, T, D, 50, torch.bfloat16, "cuda")()
         breakdown("pushdown_attention", f"fwd+bwd bf16 B4 H16 T{T} D{D} V50 (triton)", lambda: bp._ours(x))
         if T == 4096:
-            breakdown("pushdown_attention", f"fwd+bwd bf16 B4 H16 T{T} D{D} V50 (triton, hist=loop)", lambda: bp._ours_hist_loop(x))
+            breakdown("pushdown_attention", f"fwd+bwd bf16 B4 H16 T{T} D{D} V50 (triton, uniform=0)", lambda: bp._ours_no_uniform(x))
         breakdown("pushdown_attention", f"fwd+bwd bf16 B4 H16 T{T} D{D} (sdpa flash)", lambda: bp._sdpa_flash(x))
         x.clear()  # free this length's tensors before the next
 

@@ -293,6 +293,51 @@ def test_histogram_mode_bad_value(device, monkeypatch):
         kernels.pushdown_attention_bwd(torch.randn_like(out), q, k, v, emb, depth.to(device), boundary.to(device), None, out, lse, 0.25, False)
 
 
+def _row_uniform_tiles(S: torch.Tensor, lengths, BM: int, BN: int) -> tuple[int, int]:
+    """(row-uniform, all) full tiles of a dense tape: tiles strictly below the diagonal block whose
+    rows of S are all equal (computed from the spans, independently of the kernel's test)."""
+    uni = total = 0
+    for b, n in enumerate(lengths):
+        for m0 in range(0, n, BM):
+            for n0 in range(0, (m0 + 1) // BN * BN, BN):
+                tile = S[b, m0 : min(m0 + BM, n), n0 : n0 + BN]
+                total += 1
+                uni += bool((tile == tile[:1]).all())
+    return uni, total
+
+
+@pytest.mark.parametrize("mode", ["1", "0"])
+@pytest.mark.parametrize("V,binary", [(50, False), (3, False), (2, True)])
+def test_uniform_tiles(mode, V, binary, device, monkeypatch):
+    """Full compact tiles whose S rows are all equal take a fast path in all three passes (the
+    depth term as a dot with the gathered rows E[idx_j]; FASTMODELS_PUSHDOWN_UNIFORM=0 turns it
+    off). On a tape with both kinds of full tile, forward and every gradient match the reference
+    either way (small V: the clamp bucket collects many keys)."""
+    monkeypatch.setenv("FASTMODELS_PUSHDOWN_UNIFORM", mode)
+    T, D = (160, 16) if device == "cpu" else (700, 64)
+    lengths = [T, T - 50]
+    depth, boundary, S = random_tape(lengths, T, seed=5)
+    tile = 16 if device == "cpu" else 64
+    uni, total = _row_uniform_tiles(S, lengths, tile, tile)
+    assert 0 < uni < total, (uni, total)
+    q, k, v, emb = make_inputs(2, 2, T, T, D, V, torch.float32, device, shared_emb=True)
+    idx = depth_index(S, V, binary)
+    depth, boundary = depth.to(device), boundary.to(device)
+    out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, depth, boundary, None, 0.25, binary)
+    ref_out, ref_lse = run_ref(q, k, v, emb, idx, 0.25)
+    assert_rms_close(out, ref_out, 1e-5, "out")
+    assert_rms_close(lse, ref_lse, 1e-5, "lse")
+    check_bwd(q, k, v, emb, depth, boundary, None, idx, 0.25, binary, 1e-5)
+
+
+def test_uniform_mode_bad_value(device, monkeypatch):
+    monkeypatch.setenv("FASTMODELS_PUSHDOWN_UNIFORM", "yes")
+    depth, boundary, S = random_tape([8], 8, seed=1)
+    q, k, v, emb = make_inputs(1, 1, 8, 8, 16, 3, torch.float32, device)
+    with pytest.raises(ValueError, match="FASTMODELS_PUSHDOWN_UNIFORM"):
+        kernels.pushdown_attention_fwd(q, k, v, emb, depth.to(device), boundary.to(device), None, 0.25, False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Low precision: error vs float64 within 2x of PyTorch's own error in the same dtype
 # ---------------------------------------------------------------------------------------------
