@@ -201,22 +201,26 @@ def _uniform_split(bnd, b, m0, Tk, n_full, BM: tl.constexpr, BN: tl.constexpr, S
 
 
 @triton.jit
-def _uniform_tile(dep, bnd, e_h, s_ev, s_ed, b, o_n, o_d, m_d, r, Tk, V, BINARY: tl.constexpr):
-    """A row-uniform full compact tile: its depth indices idx_j (one per key, since
-    S(t, j) = d_j - min(sm_j, r) for every row), the gathered table rows E[idx_j] ([BN, BD]) and
-    the running minimum r updated with the tile's boundaries."""
+def _uniform_tile(b_q, k, v, e_h, s_ev, s_ed, dep, bnd, bh, b, n0, o_d, m_d, r, Tk, D, V,
+                  BINARY: tl.constexpr, BN: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr):
+    """A row-uniform full compact tile (key tile at n0, running minimum r): every row has the same
+    depth indices idx_j = idx(d_j - min(sm_j, r)), so the scores are q @ (k + E[idx])^T, two dots
+    with the table rows gathered once per key (no per-element tape or gather work).
+    Returns (unscaled fp32 scores, the k and v tiles as dot operands, idx, r updated)."""
+    o_n = n0 + BN - 1 - tl.arange(0, BN)  # reversed key order
+    p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
+    b_k = _mm(tl.load(k + p_kv, mask=m_d[None, :], other=0.0), k, FP32_DOT)
+    b_v = _mm(tl.load(v + p_kv, mask=m_d[None, :], other=0.0), k, FP32_DOT)
     c = tl.load(bnd + b * Tk + o_n)
     d = tl.load(dep + b * Tk + o_n)
-    sm = tl.associative_scan(c, 0, _min_combine)  # suffix min (reversed key order)
+    sm = tl.associative_scan(c, 0, _min_combine)  # suffix min
     idx = _depth_index(d - tl.minimum(sm, r), V, BINARY)
     e_g = tl.load(e_h + idx[:, None] * s_ev + o_d[None, :] * s_ed, mask=m_d[None, :], other=0.0)
     r = tl.minimum(r, tl.min(c, axis=0))
-    return idx, e_g, r
-
-
-# ---------------------------------------------------------------------------------------------
-# Forward
-# ---------------------------------------------------------------------------------------------
+    a = _mm(b_q, k, FP32_DOT)
+    qk = tl.dot(a, tl.trans(b_k), input_precision=PREC)
+    qk = tl.dot(a, tl.trans(_mm(e_g, k, FP32_DOT)), qk, input_precision=PREC)
+    return qk, b_k, b_v, idx, r
 
 
 @triton.jit
@@ -245,16 +249,9 @@ def _fwd_tile(acc, m_i, l_i, R, b_q, b_qe, k, v, dep, bnd, dense, bh, b, n0,
 def _fwd_tile_uniform(acc, m_i, l_i, r, b_q, k, v, e_h, s_ev, s_ed, dep, bnd, bh, b, n0,
                       o_d, m_d, Tk, D, V, qk_scale,
                       BINARY: tl.constexpr, BN: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr):
-    """A row-uniform full compact tile: the depth term is one more dot, q @ E[idx]^T, accumulated
-    into q @ k^T (no per-element tape or gather work)."""
-    o_n = n0 + BN - 1 - tl.arange(0, BN)
-    p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_d[None, :], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_d[None, :], other=0.0)
-    idx, e_g, r = _uniform_tile(dep, bnd, e_h, s_ev, s_ed, b, o_n, o_d, m_d, r, Tk, V, BINARY)
-    a = _mm(b_q, k, FP32_DOT)
-    qk = tl.dot(a, tl.trans(_mm(b_k, k, FP32_DOT)), input_precision=PREC)
-    qk = tl.dot(a, tl.trans(_mm(e_g, k, FP32_DOT)), qk, input_precision=PREC)
+    """A row-uniform full compact tile (_uniform_tile) of the forward."""
+    qk, _, b_v, _, r = _uniform_tile(b_q, k, v, e_h, s_ev, s_ed, dep, bnd, bh, b, n0, o_d, m_d, r, Tk, D, V,
+                                     BINARY, BN, FP32_DOT, PREC)
     acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk * qk_scale, b_v, v, FP32_DOT, PREC)
     return acc, m_i, l_i, r
 
@@ -371,6 +368,19 @@ def pushdown_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _query_rows(q, do, lse, delta, bh, o_m, m_m, o_d, m_d, Tq, D):
+    """A query block's q and dO tiles, its log2-domain LSE and delta, and the tiles' offsets and
+    mask. Padded rows get lse = +inf, hence P = 0."""
+    p_x = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
+    m_x = m_m[:, None] & m_d[None, :]
+    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
+    b_do = tl.load(do + p_x, mask=m_x, other=0.0)
+    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * _LOG2E
+    b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
+    return b_q, b_do, b_lse, b_delta, p_x, m_x
+
+
+@triton.jit
 def _tape_tile_kstat(G, c_k, d_k, sufmin_k, bnd, dense, b, o_m, o_t, m_m, o_n, m_n, n0, Tq, Tk,
                      COMPACT: tl.constexpr, MASKED: tl.constexpr, BN: tl.constexpr):
     """S tile [BM, BN] for the key-stationary pass (query blocks visited top to bottom) and the
@@ -407,13 +417,7 @@ def _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, q
     o_m = mi * BM + tl.arange(0, BM)
     o_t = off + o_m
     m_m = o_m < Tq
-    p_x = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
-    m_x = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
-    b_do = tl.load(do + p_x, mask=m_x, other=0.0)
-    # padded query rows get lse = +inf, hence P = 0
-    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * _LOG2E
-    b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
+    b_q, b_do, b_lse, b_delta, _, _ = _query_rows(q, do, lse, delta, bh, o_m, m_m, o_d, m_d, Tq, D)
     o_v = tl.arange(0, VP)
 
     a = _mm(b_q, q, FP32_DOT)
@@ -620,21 +624,14 @@ def _dq_tile_uniform(b_dq, hist, r, b_q, b_do, b_lse, b_delta, k, v, e_h, s_ev, 
                      o_d, m_d, Tk, D, V, qk_scale,
                      BINARY: tl.constexpr, BN: tl.constexpr, VP: tl.constexpr,
                      FP32_DOT: tl.constexpr, PREC: tl.constexpr):
-    """A row-uniform full compact tile: scores as q @ (k + E[idx])^T in two dots, and its depth
-    histogram as one dot with the one-hot of the per-key indices."""
-    o_n = n0 + BN - 1 - tl.arange(0, BN)
-    p_kv = bh * Tk * D + o_n[:, None].to(tl.int64) * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_d[None, :], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_d[None, :], other=0.0)
-    idx, e_g, r = _uniform_tile(dep, bnd, e_h, s_ev, s_ed, b, o_n, o_d, m_d, r, Tk, V, BINARY)
-    a = _mm(b_q, k, FP32_DOT)
-    kk = _mm(b_k, k, FP32_DOT)
-    qk = tl.dot(a, tl.trans(kk), input_precision=PREC)
-    qk = tl.dot(a, tl.trans(_mm(e_g, k, FP32_DOT)), qk, input_precision=PREC)
+    """A row-uniform full compact tile (_uniform_tile) of the dq pass: its depth histogram is one
+    dot with the one-hot of the per-key indices."""
+    qk, b_k, b_v, idx, r = _uniform_tile(b_q, k, v, e_h, s_ev, s_ed, dep, bnd, bh, b, n0, o_d, m_d, r, Tk, D, V,
+                                         BINARY, BN, FP32_DOT, PREC)
     p = tl.exp2(qk * qk_scale - b_lse[:, None])
-    dp = tl.dot(_mm(b_do, k, FP32_DOT), tl.trans(_mm(b_v, k, FP32_DOT)), input_precision=PREC)
+    dp = tl.dot(_mm(b_do, k, FP32_DOT), tl.trans(b_v), input_precision=PREC)
     ds = p * (dp - b_delta[:, None])
-    b_dq += tl.dot(_mm(ds, k, FP32_DOT), kk, input_precision=PREC)
+    b_dq += tl.dot(_mm(ds, k, FP32_DOT), b_k, input_precision=PREC)
     hist += _onehot_dot(ds, idx[:, None] == tl.arange(0, VP)[None, :], k, FP32_DOT)
     return b_dq, hist, r
 
@@ -665,12 +662,7 @@ def pushdown_attention_bwd_dq_kernel(
     o_v = tl.arange(0, VP)
     m_v = o_v < V
 
-    p_x = bh * Tq * D + o_m[:, None].to(tl.int64) * D + o_d[None, :]
-    m_x = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(q + p_x, mask=m_x, other=0.0)
-    b_do = tl.load(do + p_x, mask=m_x, other=0.0)
-    b_lse = tl.load(lse + bh * Tq + o_m, mask=m_m, other=float("inf")) * _LOG2E
-    b_delta = tl.load(delta + bh * Tq + o_m, mask=m_m, other=0.0)
+    b_q, b_do, b_lse, b_delta, p_x, m_x = _query_rows(q, do, lse, delta, bh, o_m, m_m, o_d, m_d, Tq, D)
     b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
 
     qk_scale = scale * _LOG2E
