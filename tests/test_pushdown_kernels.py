@@ -313,6 +313,8 @@ def test_uniform_tiles(mode, V, binary, device, monkeypatch):
     depth term as a dot with the gathered rows E[idx_j]; FASTMODELS_PUSHDOWN_UNIFORM=0 turns it
     off). On a tape with both kinds of full tile, forward and every gradient match the reference
     either way (small V: the clamp bucket collects many keys)."""
+    if device == "cuda" and mode == "0":
+        pytest.skip("on a GPU every other compact-tape test runs the general path next to the fast one")
     monkeypatch.setenv("FASTMODELS_PUSHDOWN_UNIFORM", mode)
     T, D = (160, 16) if device == "cpu" else (700, 64)
     lengths = [T, T - 50]
