@@ -28,7 +28,7 @@ when it is equal on the first and last row of a full tile, every row of that til
 row, idx_j. The depth term is then q_t . E[idx_j]: one more dot, q @ E[idx]^T, with the table rows
 gathered once per key, and no per-element tape, gather or histogram work (the dq pass's histogram
 becomes ds @ onehot(idx)). In the query-stationary passes these tiles are the leftmost ones of a
-row block (_uniform_split finds how many), so they get their own loop; the dk/dv pass tests each
+row block (_uniform_p finds where they end), so they get their own loop; the dk/dv pass tests each
 tile. Far from the diagonal most tiles qualify: on the benchmark's random trees, 87% of the full
 64 x 64 tiles at T = 4096 and 64% at T = 1024.
 
@@ -72,7 +72,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # Query-block size of the dq pass; fixed (not autotuned) because the per-program dE partial
 # buffer is sized by it before launch.
 _DQ_BM = 16 if INTERPRET else 64
-# Chunk of boundaries per step of the leftward scan in _uniform_split (small under the
+# Chunk of boundaries per step of the leftward scan in _uniform_p (small under the
 # interpreter so that tests take several steps).
 _SCAN = tl.constexpr(16 if INTERPRET else 256)
 
@@ -179,14 +179,14 @@ def _tape_tile_qstat(dep, bnd, dense, b, o_m, o_t, o_n, m_m, m_n, R, Tq, Tk,
 
 
 @triton.jit
-def _uniform_split(bnd, b, m0, Tk, n_full, BM: tl.constexpr, BN: tl.constexpr, SCAN: tl.constexpr):
-    """How many of a query block's full key tiles (counted from the left) have row-uniform S.
+def _uniform_p(bnd, b, m0, Tk, BM: tl.constexpr, SCAN: tl.constexpr):
+    """Where the row-uniform full tiles of the query block starting at m0 end.
 
     For a full compact tile, S(t, j) = d_j - min(sm_j, R_t) with R_t = min c over (tile end, t],
     nonincreasing in t. The tile is row-uniform when R_first == R_last, i.e. when some k in
-    (tile end, m0] has c_k <= Q = min c over (m0, last row]. With p the last such k <= m0, exactly
-    the tiles ending before p qualify, and they are the leftmost ones: n_uni = min(n_full, p // BN).
-    p is found by scanning c leftwards from m0 in chunks of SCAN (usually one chunk)."""
+    (tile end, m0] has c_k <= Q = min c over (m0, last row]. With p the last such k <= m0 (-1 if
+    none), exactly the full tiles ending before p qualify, and they are the leftmost ones
+    (_n_uniform). p is found by scanning c leftwards from m0 in chunks of SCAN (usually one)."""
     o_r = m0 + 1 + tl.arange(0, BM)
     c_r = tl.load(bnd + b * Tk + o_r, mask=(o_r < Tk) & (o_r < m0 + BM), other=_BIG)
     Q = tl.min(c_r, axis=0)
@@ -197,7 +197,22 @@ def _uniform_split(bnd, b, m0, Tk, n_full, BM: tl.constexpr, BN: tl.constexpr, S
         c_s = tl.load(bnd + b * Tk + o_s, mask=o_s >= 0, other=_BIG)
         p = tl.max(tl.where(c_s <= Q, o_s, -1), axis=0)
         hi -= SCAN
+    return p
+
+
+@triton.jit
+def _n_uniform(p, n_full, BN: tl.constexpr):
+    """How many of a query block's full key tiles of width BN, counted from the left, are
+    row-uniform (p from _uniform_p)."""
     return tl.where(p >= 0, tl.minimum(n_full, tl.maximum(p, 0) // BN), 0)
+
+
+@triton.jit
+def _fused_keys(p, KG: tl.constexpr):
+    """Fused backward: the keys [0, K_f) whose tiles with this query block the dk/dv pass finishes
+    (dq by atomics, dE in its own partials); K_f = p rounded down to a multiple of KG, which every
+    key-tile width divides, so both passes agree on the split whatever their tiles."""
+    return tl.where(p >= 0, tl.maximum(p, 0) // KG * KG, 0)
 
 
 @triton.jit
@@ -314,7 +329,7 @@ def pushdown_attention_fwd_kernel(
                                      o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
                                      COMPACT, BINARY, True, BN, VP, FP32_DOT, PREC)
     if UNIFORM and COMPACT:
-        n_uni = _uniform_split(bnd, b, m0, Tk, n_full, BM, BN, _SCAN)
+        n_uni = _n_uniform(_uniform_p(bnd, b, m0, Tk, BM, _SCAN), n_full, BN)
     else:
         n_uni = 0
     for it in range(0, n_full - n_uni):  # full tiles, right to left
@@ -343,13 +358,20 @@ def pushdown_attention_fwd_kernel(
 
 @triton.jit(do_not_specialize=["Tq"])
 def pushdown_attention_bwd_preprocess_kernel(
-    q, o, do, e, delta, qe, s_eh, s_ev, s_ed, H, Tq, D, V,
+    q, o, do, e, delta, qe, bnd, pbuf, s_eh, s_ev, s_ed, H, Tq, D, V,
     FP32_DOT: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr,
+    UNIFORM: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) and QE = q E^T ([BM, VP] per block, fp32), shared by both passes."""
+    """delta = rowsum(dO * O) and QE = q E^T ([BM, VP] per block, fp32), shared by both passes;
+    with UNIFORM (compact tapes, Tq = Tk), also the block's _uniform_p (per sentence: the first
+    head's programs write it), which the dq pass (row blocks of BM) and the fused dk/dv pass read."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % H
+    if UNIFORM:
+        b = bh // H
+        p = _uniform_p(bnd, b, pid_m * BM, Tq, BM, _SCAN)
+        tl.store(pbuf + b * tl.num_programs(0) + pid_m, p, mask=h == 0)
     o_m = pid_m * BM + tl.arange(0, BM)
     m_m = o_m < Tq
     o_d = tl.arange(0, BD)
@@ -639,7 +661,7 @@ def _dq_tile_uniform(b_dq, hist, r, b_q, b_do, b_lse, b_delta, k, v, e_h, s_ev, 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=["Tq", "Tk", "T_BUCKET"])
 def pushdown_attention_bwd_dq_kernel(
-    q, k, v, e, do, lse, delta, qe, dep, bnd, dense, dq, de_part,
+    q, k, v, e, do, lse, delta, qe, dep, bnd, pbuf, dense, dq, de_part,
     s_eh, s_ev, s_ed,
     H, Tq, Tk, D, V, scale, T_BUCKET,
     COMPACT: tl.constexpr, BINARY: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr,
@@ -678,7 +700,8 @@ def pushdown_attention_bwd_dq_kernel(
                                  bh, b, n0, o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
                                  COMPACT, BINARY, True, BN, VP, FP32_DOT, PREC, HIST_DOTS)
     if UNIFORM and COMPACT:
-        n_uni = _uniform_split(bnd, b, m0, Tk, n_full, BM, BN, _SCAN)
+        p = tl.load(pbuf + b * tl.num_programs(0) + pid_m)  # from the preprocess kernel
+        n_uni = _n_uniform(p, n_full, BN)
     else:
         n_uni = 0
     for it in range(0, n_full - n_uni):
@@ -687,7 +710,7 @@ def pushdown_attention_bwd_dq_kernel(
                                  bh, b, n0, o_m, o_t, m_m, o_d, m_d, Tq, Tk, D, V, qk_scale,
                                  COMPACT, BINARY, False, BN, VP, FP32_DOT, PREC, HIST_DOTS)
     if UNIFORM and COMPACT:
-        r = tl.min(R, axis=0)  # every row's R is equal from here on (see _uniform_split)
+        r = tl.min(R, axis=0)  # every row's R is equal from here on (see _uniform_p)
         for it in range(0, n_uni):
             n0 = (n_uni - 1 - it) * BN
             b_dq, hist, r = _dq_tile_uniform(b_dq, hist, r, b_q, b_do, b_lse, b_delta, k, v, e + h * s_eh, s_ev, s_ed,
@@ -800,10 +823,11 @@ def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, s
     VP, BD = meta["VP"], meta["BD"]
     delta = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     qe = torch.empty((B, H, Tq, VP), device=q.device, dtype=torch.float32)
-    pre_bm = 16 if INTERPRET else 64
-    pushdown_attention_bwd_preprocess_kernel[(cdiv(Tq, pre_bm), B * H)](
-        q, out, do, emb, delta, qe, emb.stride(0), emb.stride(1), emb.stride(2), H, Tq, D, V,
-        FP32_DOT=meta["FP32_DOT"], PREC=meta["PREC"], BD=BD, VP=VP, BM=pre_bm,
+    n_mblk = cdiv(Tq, _DQ_BM)  # the dq pass's row blocks, also the preprocess kernel's
+    pbuf = torch.empty((B, n_mblk), device=q.device, dtype=torch.int32) if meta["UNIFORM"] else delta
+    pushdown_attention_bwd_preprocess_kernel[(n_mblk, B * H)](
+        q, out, do, emb, delta, qe, boundary, pbuf, emb.stride(0), emb.stride(1), emb.stride(2), H, Tq, D, V,
+        FP32_DOT=meta["FP32_DOT"], PREC=meta["PREC"], BD=BD, VP=VP, BM=_DQ_BM, UNIFORM=meta["UNIFORM"],
     )
     grid_kv = lambda META: (cdiv(Tk, META["BN"]), B * H)  # noqa: E731
     pushdown_attention_bwd_dkdv_kernel[grid_kv](
@@ -811,10 +835,9 @@ def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, s
         emb.stride(0), emb.stride(1), emb.stride(2),
         H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta,
     )
-    n_mblk = cdiv(Tq, _DQ_BM)
     de_part = torch.empty((B, n_mblk, H, V, D), device=q.device, dtype=torch.float32)
     pushdown_attention_bwd_dq_kernel[(n_mblk, B * H)](
-        q, k, v, emb, do, lse, delta, qe, depth, boundary, dense, dq, de_part,
+        q, k, v, emb, do, lse, delta, qe, depth, boundary, pbuf, dense, dq, de_part,
         emb.stride(0), emb.stride(1), emb.stride(2),
         H, Tq, Tk, D, V, float(scale), _pow2(Tk), BM=_DQ_BM, HIST_DOTS=_hist_dots(), **meta,
     )
