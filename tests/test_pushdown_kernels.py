@@ -312,7 +312,7 @@ def test_uniform_tiles(mode, V, binary, device, monkeypatch):
     """Full compact tiles whose S rows are all equal take a fast path in all three passes (the
     depth term as a dot with the gathered rows E[idx_j]; FASTMODELS_PUSHDOWN_UNIFORM=0 turns it
     off). On a tape with both kinds of full tile, forward and every gradient match the reference
-    either way (small V: the clamp bucket collects many keys)."""
+    either way (small V: the clamp bucket collects many keys; shared and per-head tables)."""
     if device == "cuda" and mode == "0":
         pytest.skip("on a GPU every other compact-tape test runs the general path next to the fast one")
     monkeypatch.setenv("FASTMODELS_PUSHDOWN_UNIFORM", mode)
@@ -322,7 +322,7 @@ def test_uniform_tiles(mode, V, binary, device, monkeypatch):
     tile = 16 if device == "cpu" else 64
     uni, total = _row_uniform_tiles(S, lengths, tile, tile)
     assert 0 < uni < total, (uni, total)
-    q, k, v, emb = make_inputs(2, 2, T, T, D, V, torch.float32, device, shared_emb=True)
+    q, k, v, emb = make_inputs(2, 2, T, T, D, V, torch.float32, device, shared_emb=V != 3)  # V=3: per-head table
     idx = depth_index(S, V, binary)
     depth, boundary = depth.to(device), boundary.to(device)
     out, lse = kernels.pushdown_attention_fwd(q, k, v, emb, depth, boundary, None, 0.25, binary)
