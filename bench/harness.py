@@ -387,6 +387,16 @@ def _run_case_subprocess(device: str, op: str, index: int, quick: bool, budget: 
         os.unlink(path)
 
 
+def run_case_measured(case: Case, *, quick: bool, cpu_budget_s: float = 2.0) -> list[dict]:
+    """``run_case`` with peak memory: in this process on CUDA (allocator statistics), in a fresh
+    worker process on CPU (resident high-water marks). ``case`` must come from collect_cases with
+    the same ``quick``."""
+    if case.device != "cpu":
+        return run_case(case, cpu_budget_s=cpu_budget_s)
+    index = [c.key for c in collect_cases(case.device, [case.op], quick)].index(case.key)
+    return _run_case_subprocess(case.device, case.op, index, quick, cpu_budget_s)
+
+
 def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write: bool = True, progress: bool = True, cpu_budget_s: float = 2.0) -> list[dict]:
     cases = collect_cases(device, ops, quick)
     env = environment(device)
@@ -415,8 +425,7 @@ def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write
         if bar is not None:
             bar.set_postfix_str(case.key[:48])
         if device == "cpu":
-            index = [c.key for c in collect_cases(device, [case.op], quick)].index(case.key)
-            case_rows = _run_case_subprocess(device, case.op, index, quick, cpu_budget_s)
+            case_rows = run_case_measured(case, quick=quick, cpu_budget_s=cpu_budget_s)
         else:
             case_rows = []
             with _flush_on_sigterm(case, case_rows, emit):

@@ -74,7 +74,9 @@ def _demo(args) -> int:
     print(f"fastmodels demo on {harness.device_name(device)}: {len(cases)} op cases, {len(repros)} quick reproductions\n")
     rows, failed = [], False
     for case in _progress(cases, "ops"):
-        case_rows = harness.run_case(case, measure_memory=False, cpu_budget_s=0.3)
+        # peak memory too (a target of several cases): CUDA allocator statistics in process, on
+        # CPU a worker process per case (a resident high-water mark is only clean in a fresh one)
+        case_rows = harness.run_case_measured(case, quick=True, cpu_budget_s=0.3)
         failed |= "error" in case_rows[0]
         rows.extend(case_rows)
     if rows:

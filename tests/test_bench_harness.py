@@ -96,3 +96,15 @@ def test_report_takes_latest_run(tmp_path):
     assert len(latest) == len(rows) and {r["date"] for r in latest} == {"2026-02-01"}
     text = report.markdown(latest)
     assert "| _toy / sum | ours |" in text and "test cpu" in text
+
+
+def test_run_case_measured_reports_peaks_from_a_worker():
+    """`fastmodels demo` measures through run_case_measured: on CPU each case runs in a fresh worker
+    process, where resident high-water marks are clean, so every implementation gets a peak and
+    the PyTorch reference's temporaries show against the fused kernel's."""
+    case = harness.collect_cases("cpu", ["electric_image"], quick=True)[0]
+    rows = harness.run_case_measured(case, quick=True, cpu_budget_s=0.05)
+    assert all("error" not in r for r in rows), rows
+    by_impl = {r["impl"]: r for r in rows}
+    assert all(r["peak_mb"] is not None for r in rows)
+    assert by_impl["torch_reference"]["peak_mb"] > 5 * max(by_impl["cpu"]["peak_mb"], 0.5)
