@@ -4,8 +4,8 @@ Score of query t and key j <= t (causal, queries aligned to the end of the keys)
 
     score(t, j) = scale * (q_t . k_j + q_t . E[idx(t, j)]),   idx = min(S(t, j), V-1)  or  [S > 0]
 
-The depth term is computed as a register gather from QE = q_blk . E^T ([BM, V_pad]), so nothing of
-size T x T (and nothing of size T x T x D) is ever materialized.
+In a general tile the depth term is a register gather from QE = q_blk . E^T ([BM, V_pad]); in a
+row-uniform tile (below) it is one more dot. Nothing of size T x T (or T x T x D) is materialized.
 
 The stack tape S comes either dense (an int tile [Tq, Tk]) or compact: per token a depth D_j and a
 boundary c_k, with S(t, j) = D_j - min_{j <= k <= t} c_k regenerated in-kernel. Negative values are
@@ -40,8 +40,8 @@ Backward (dS = P * (dP - delta), delta = rowsum(dO * O)):
   The histogram of a row-uniform tile is one dot (above); of other full compact tiles, two dots
   (_histogram_full; FASTMODELS_PUSHDOWN_HIST=loop for the loop); of diagonal and dense tiles, a
   loop over the depth values present in the tile (min..max of its indices; a select for binary
-  tapes). QE is computed once per query row by a small preprocess kernel (with delta) and read
-  back by both passes.
+  tapes). QE is computed once per query row by a small preprocess kernel (with delta, and the
+  row-uniform split of each dq row block) and read back by both passes.
 
 Dtypes: q, k, v, dO and E are fed to tl.dot in q's dtype on GPU (fp16/bf16 tensor cores, fp32 as
 "ieee"); under TRITON_INTERPRET=1 every dot operand is upcast to fp32 first (the interpreter
