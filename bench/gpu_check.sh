@@ -84,7 +84,7 @@ if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
   # tests that failed there; then every other Triton/GPU test in what remains of the limit.
   PRIORITY=(tests/test_efield.py tests/test_rsvd.py
             tests/test_rsvd_kernels.py::test_jacobi_cuda_matches_reference tests/test_rsvd_kernels.py::test_jacobi_cuda_special_inputs
-            tests/test_pushdown_kernels.py::test_every_tile_config tests/test_pushdown_kernels.py::test_uniform_tiles
+            tests/test_pushdown_kernels.py::test_every_tile_config
             tests/test_nextlat.py::test_all_ignored_and_all_zero_weights tests/test_nextlat.py::test_deterministic_flag)
   rest=(tests --ignore tests/test_triton_compile.py --ignore tests/test_efield.py --ignore tests/test_rsvd.py)
   for node in "${PRIORITY[@]:2}"; do rest+=(--deselect "$node"); done
