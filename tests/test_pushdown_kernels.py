@@ -238,8 +238,9 @@ _KERNEL_OF = {"fwd": "pushdown_attention_fwd_kernel", "dkdv": "pushdown_attentio
 def test_every_tile_config(which, config, device, monkeypatch):
     """Each autotune configuration on its own (the autotuner picks per shape and machine, so a
     wrong one could hide behind the others): bf16 at T = 512, D = 64 on a GPU (the shape whose
-    autotuned dq pass was wrong on an H200), fp32 at T = 200 under the interpreter. The dq pass
-    uses its GPU row-block size (64) in both."""
+    autotuned dq pass was wrong on an H200; every tile size sees both row-uniform and general full
+    tiles there), fp32 at T = 200 under the interpreter. The dq pass uses its GPU row-block size
+    (64) in both."""
     kernel = getattr(kernels, _KERNEL_OF[which])
     monkeypatch.setattr(kernel, "configs", [config])
     monkeypatch.setattr(kernel, "cache", {})
@@ -247,6 +248,9 @@ def test_every_tile_config(which, config, device, monkeypatch):
     gpu = device == "cuda"
     T, D, V, dtype = (512, 64, 50, torch.bfloat16) if gpu else (200, 16, 50, torch.float32)
     depth, boundary, S = random_tape([T, T - 77], T, seed=11)
+    if gpu:  # the tape has row-uniform and general full tiles at this config's tile size
+        uni, total = _row_uniform_tiles(S, [T, T - 77], config.kwargs.get("BM", 64), config.kwargs["BN"])
+        assert 0 < uni < total, (uni, total)
     q, k, v, emb = make_inputs(2, 2, T, T, D, V, dtype, device, shared_emb=True)
     idx = depth_index(S, V, False)
     scale = D**-0.5
