@@ -163,7 +163,10 @@ def _error(x, result):
         return float("nan")
     names = ("out", "dq", "dk", "dv", "dE")
     errs = {f"err_{n}": rms_ratio(g, r) for n, g, r in zip(names, got, ref)}
-    return {"max_rms_rel_err": max(errs.values()), **errs}
+    row = {"max_rms_rel_err": max(errs.values()), **errs}
+    if kind == "pushdown":  # how much of the tape the Triton kernels' row-uniform fast path covers
+        row["row_uniform_tiles_64x64"] = x["tape"].row_uniform_fraction(64, 64)
+    return row
 
 
 def _fwd_bwd_flops(B, H, T, D, V):

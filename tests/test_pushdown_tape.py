@@ -237,3 +237,47 @@ def test_padding_lengths_device_and_validation():
     with pytest.raises(ValueError, match="unbalanced"):
         StackTape.from_trees(["((a b)"])
     assert StackTape.from_trees(nltk.Tree.fromstring("(S (NP a b) c)")).batch_size == 1
+
+
+def _row_uniform_brute(tape: StackTape, bq: int, bk: int) -> tuple[int, int]:
+    """(row-uniform, full) tiles by brute force: a full tile (every key before the block's first
+    row m0) is counted when R_t = min c over (tile end, t] is equal on the block's first and last
+    row, over a non-empty range (the kernels leave out a tile that ends on row m0 itself). Each
+    counted tile is also checked to have equal rows of S(t, j) = D_j - min_{j<=k<=t} c_k (the
+    compact formula, on padding rows too, as the kernels compute it)."""
+    B, T = tape.depth.shape
+    uni = total = 0
+    for b in range(B):
+        c, d = tape.boundary[b].tolist(), tape.depth[b].tolist()
+        for m0 in range(0, T, bq):
+            last = min(m0 + bq, T) - 1
+            for n0 in range(0, (m0 + 1) // bk * bk, bk):
+                n_end = n0 + bk - 1
+                total += 1
+                if n_end == m0 or min(c[n_end + 1 : m0 + 1]) != min(c[n_end + 1 : last + 1]):
+                    continue
+                uni += 1
+                rows = {tuple(d[j] - min(c[j : t + 1]) for j in range(n0, n_end + 1)) for t in range(m0, last + 1)}
+                assert len(rows) == 1, (b, m0, n0)
+    return uni, total
+
+
+@pytest.mark.parametrize("bq,bk", [(16, 16), (16, 8), (8, 16), (1, 4)])
+def test_row_uniform_fraction_vs_brute_force(bq, bk):
+    """StackTape.row_uniform_fraction (the kernels' vectorized rule: the tiles ending before the
+    last boundary <= the block's minimum) counts exactly the tiles whose R_t is equal on the
+    block's first and last row, and those tiles have equal S rows; random trees, a padded batch,
+    Dyck strings."""
+    rng = random.Random(7)
+    tapes = [StackTape.from_trees([random_tree(rng, n) for n in (90, 61, 5)]),
+             StackTape.from_brackets([random_dyck(rng, 20) for _ in range(3)])]
+    for tape in tapes:
+        uni, total = _row_uniform_brute(tape, bq, bk)
+        assert 0 < uni < total
+        assert tape.row_uniform_fraction(bq, bk) == pytest.approx(uni / total)
+
+
+def test_row_uniform_fraction_edges():
+    assert StackTape.from_trees(["(a b)"]).row_uniform_fraction() == 0.0  # no full tile
+    with pytest.raises(ValueError, match="block_q"):
+        StackTape.from_trees(["(a b)"]).row_uniform_fraction(block_q=0)

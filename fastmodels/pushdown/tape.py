@@ -30,6 +30,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from fastmodels._validation import check_int
+
 __all__ = ["StackTape", "StackTapeBuilder", "tree_spans", "attachments_from_spans", "dense_from_compact"]
 
 
@@ -297,6 +299,33 @@ class StackTape:
 
     def to(self, device) -> "StackTape":
         return StackTape(self.depth.to(device), self.boundary.to(device), self.lengths.to(device))
+
+    def row_uniform_fraction(self, block_q: int = 64, block_k: int = 64) -> float:
+        """The share of full tiles (query blocks of ``block_q`` rows against key tiles of ``block_k``
+        keys that all precede the block) in which every query sees the same stack-tape row: the
+        tiles that the Triton kernels run on their fast path (docs/pushdown.md). Tile sizes are the
+        kernels' (64 x 64 forward, 64 x 32 dq pass). 0.0 when there is no full tile.
+
+        With R_t = min c over (tile end, t], nonincreasing in t, a tile is row-uniform when some
+        boundary between it and the block's first row is <= the minimum Q over the block's other
+        rows; so with p the last k <= m0 with c_k <= Q, exactly the tiles ending before p qualify."""
+        block_q = check_int(block_q, "block_q", low=1)
+        block_k = check_int(block_k, "block_k", low=1)
+        c = self.boundary.detach().to("cpu", torch.int64)
+        B, T = c.shape
+        m0 = torch.arange(0, T, block_q)  # first row of every query block
+        n_full = (m0 + 1) // block_k
+        if B == 0 or int(n_full.sum()) == 0:
+            return 0.0
+        rows = m0[:, None] + torch.arange(1, block_q)[None, :]  # the block's other rows
+        big = torch.iinfo(torch.int64).max
+        Q = torch.where(rows < T, c[:, rows.clamp(max=T - 1)], big)  # [B, blocks, block_q - 1]
+        Q = Q.amin(-1) if block_q > 1 else torch.full((B, len(m0)), big)
+        k = torch.arange(T)
+        ok = (c[:, None, :] <= Q[:, :, None]) & (k <= m0[:, None])  # [B, blocks, T]
+        p = torch.where(ok, k, -1).amax(-1)
+        n_uni = torch.where(p >= 0, torch.minimum(n_full, p.clamp(min=0) // block_k), 0)
+        return float(n_uni.sum()) / float(B * n_full.sum())
 
     def __repr__(self) -> str:
         return f"StackTape(batch_size={self.batch_size}, seq_len={self.seq_len}, lengths={self.lengths.tolist()}, device={self.device})"
