@@ -322,8 +322,11 @@ class StackTape:
         Q = torch.where(rows < T, c[:, rows.clamp(max=T - 1)], big)  # [B, blocks, block_q - 1]
         Q = Q.amin(-1) if block_q > 1 else torch.full((B, len(m0)), big)
         k = torch.arange(T)
-        ok = (c[:, None, :] <= Q[:, :, None]) & (k <= m0[:, None])  # [B, blocks, T]
-        p = torch.where(ok, k, -1).amax(-1)
+        step = max(1, (1 << 24) // max(B * T, 1))  # query blocks per chunk: <= 16M elements at a time
+        p = torch.cat([
+            torch.where((c[:, None, :] <= Q[:, i : i + step, None]) & (k <= m0[i : i + step, None]), k, -1).amax(-1)
+            for i in range(0, len(m0), step)
+        ], dim=1)  # [B, blocks]: the last k <= m0 with c_k <= Q, or -1
         n_uni = torch.where(p >= 0, torch.minimum(n_full, p.clamp(min=0) // block_k), 0)
         return float(n_uni.sum()) / float(B * n_full.sum())
 
