@@ -82,12 +82,15 @@ if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
   # Two phases, so the tests that only a GPU can check come before the time runs out: first the
   # CUDA C++ backends (marker gpu), the Triton kernels rewritten since the last GPU run and the
   # tests that failed there; then every other Triton/GPU test in what remains of the limit.
-  PRIORITY=(tests/test_efield.py tests/test_rsvd.py
-            tests/test_rsvd_kernels.py::test_jacobi_cuda_matches_reference tests/test_rsvd_kernels.py::test_jacobi_cuda_special_inputs
-            tests/test_pushdown_kernels.py::test_every_tile_config
-            tests/test_nextlat.py::test_all_ignored_and_all_zero_weights tests/test_nextlat.py::test_deterministic_flag)
-  rest=(tests --ignore tests/test_triton_compile.py --ignore tests/test_efield.py --ignore tests/test_rsvd.py)
-  for node in "${PRIORITY[@]:2}"; do rest+=(--deselect "$node"); done
+  # single tests first (xdist hands tests out in order, so a cut-off phase loses the files' tail)
+  PRIORITY_NODES=(tests/test_nextlat.py::test_all_ignored_and_all_zero_weights tests/test_nextlat.py::test_deterministic_flag
+                  tests/test_pushdown_kernels.py::test_every_tile_config
+                  tests/test_rsvd_kernels.py::test_jacobi_cuda_matches_reference tests/test_rsvd_kernels.py::test_jacobi_cuda_special_inputs)
+  PRIORITY_FILES=(tests/test_efield.py tests/test_rsvd.py)
+  PRIORITY=("${PRIORITY_NODES[@]}" "${PRIORITY_FILES[@]}")
+  rest=(tests --ignore tests/test_triton_compile.py)
+  for f in "${PRIORITY_FILES[@]}"; do rest+=(--ignore "$f"); done
+  for node in "${PRIORITY_NODES[@]}"; do rest+=(--deselect "$node"); done
   if [ -n "${GPU_CHECK_TEST_FILES:-}" ]; then
     phases=(all); declare -A SEL=([all]="$GPU_CHECK_TEST_FILES"); declare -A LIM=([all]=$T_TESTS)
   else
