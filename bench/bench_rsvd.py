@@ -23,6 +23,7 @@ import torch
 
 from fastmodels.bench.harness import Case, register_cases, with_env
 from fastmodels.ops import randomized_svd
+from fastmodels.ops.rsvd import _CUDA_JACOBI_MAX, default_oversample_niter
 
 
 def _haar(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
@@ -172,17 +173,17 @@ def _with_passes(mode: str, fn):
     return with_env("FASTMODELS_RSVD_PASSES", mode, fn)
 
 
-def _gpu_impls(k: int) -> dict:
+def _gpu_impls(k: int, short: int) -> dict:
     """Ours first, the peer second (so a run cut off by the GPU check's time limit still has the
     ratio that the target is about), then the variants in the order the next decision needs them.
     The default passes are "auto" (cuBLAS GEMMs at these sketch widths); "passes=fused" is the
     previous default, timed against it.
     At rank 512 the sketch is 768 wide, beyond the CUDA Jacobi kernel (l <= 512), so backend=cuda
-    would repeat the default there."""
+    would repeat the default there (``short``: the matrices' short side, which caps the sketch)."""
     acc = lambda x: randomized_svd(x["A"], x["k"], seed=0)  # noqa: E731
     low = lambda x: randomized_svd(x["A"], x["k"], method="torch_lowrank", seed=0)  # noqa: E731
     impls = {"fastmodels (accurate, default)": acc, "torch.svd_lowrank looped (fp32)": _svd_lowrank_looped}
-    if k <= 512 - max(10, k // 2):
+    if k + default_oversample_niter(k, short)[0] <= _CUDA_JACOBI_MAX:
         impls["fastmodels (accurate, backend=cuda)"] = lambda x: randomized_svd(x["A"], x["k"], seed=0, backend="cuda")
     impls["fastmodels (accurate, passes=fused)"] = _with_passes("fused", acc)  # the default before "auto"
     impls["fastmodels (torch_lowrank)"] = low
@@ -203,7 +204,7 @@ def gpu_cases(device: str, quick: bool) -> list[Case]:
             name=f"gpu_{b}x{m}x{n}_bf16_r{k}",
             device="cuda",
             setup=None,  # set below: it needs the case to record the measured floor in its note
-            impls=_gpu_impls(k),
+            impls=_gpu_impls(k, min(m, n)),
             error=_excess_error,
             error_name="excess_err",
             bytes=lambda x: x["A"].numel() * x["A"].element_size(),
