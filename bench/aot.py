@@ -211,7 +211,7 @@ def label(jit, args, kwargs):
         name = jit.arg_names[i]
         if name in kwargs:
             parts.append(f"{name}={int(val) if isinstance(val, bool) else val}")
-        elif name not in kwargs and isinstance(val, int):
+        elif isinstance(val, int):
             parts.append(f"{name}=1")  # an int argument equal to 1: Triton specializes it
     return "-".join(parts)
 

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.triton
 
 kernels = pytest.importorskip("fastmodels.kernels.pushdown")
 
+from fastmodels.pushdown import StackTape  # noqa: E402
+
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -249,8 +251,8 @@ def test_every_tile_config(which, config, device, monkeypatch):
     T, D, V, dtype = (512, 64, 50, torch.bfloat16) if gpu else (200, 16, 50, torch.float32)
     depth, boundary, S = random_tape([T, T - 77], T, seed=11)
     if gpu:  # the tape has row-uniform and general full tiles at this config's tile size
-        uni, total = _row_uniform_tiles(S, [T, T - 77], config.kwargs.get("BM", 64), config.kwargs["BN"])
-        assert 0 < uni < total, (uni, total)
+        share = StackTape(depth, boundary).row_uniform_fraction(config.kwargs.get("BM", 64), config.kwargs["BN"])
+        assert 0 < share < 1, share
     q, k, v, emb = make_inputs(2, 2, T, T, D, V, dtype, device, shared_emb=True)
     idx = depth_index(S, V, False)
     scale = D**-0.5
@@ -297,19 +299,6 @@ def test_histogram_mode_bad_value(device, monkeypatch):
         kernels.pushdown_attention_bwd(torch.randn_like(out), q, k, v, emb, depth.to(device), boundary.to(device), None, out, lse, 0.25, False)
 
 
-def _row_uniform_tiles(S: torch.Tensor, lengths, BM: int, BN: int) -> tuple[int, int]:
-    """(row-uniform, all) full tiles of a dense tape: tiles strictly below the diagonal block whose
-    rows of S are all equal (computed from the spans, independently of the kernel's test)."""
-    uni = total = 0
-    for b, n in enumerate(lengths):
-        for m0 in range(0, n, BM):
-            for n0 in range(0, (m0 + 1) // BN * BN, BN):
-                tile = S[b, m0 : min(m0 + BM, n), n0 : n0 + BN]
-                total += 1
-                uni += bool((tile == tile[:1]).all())
-    return uni, total
-
-
 @pytest.mark.parametrize("mode", ["1", "0"])
 @pytest.mark.parametrize("V,binary", [(50, False), (3, False), (2, True)])
 def test_uniform_tiles(mode, V, binary, device, monkeypatch):
@@ -324,8 +313,8 @@ def test_uniform_tiles(mode, V, binary, device, monkeypatch):
     lengths = [T, T - 50]
     depth, boundary, S = random_tape(lengths, T, seed=5)
     tile = 16 if device == "cpu" else 64
-    uni, total = _row_uniform_tiles(S, lengths, tile, tile)
-    assert 0 < uni < total, (uni, total)
+    share = StackTape(depth, boundary).row_uniform_fraction(tile, tile)  # tested in test_pushdown_tape.py
+    assert 0 < share < 1, share
     q, k, v, emb = make_inputs(2, 2, T, T, D, V, torch.float32, device, shared_emb=V != 3)  # V=3: per-head table
     idx = depth_index(S, V, binary)
     depth, boundary = depth.to(device), boundary.to(device)
