@@ -216,6 +216,12 @@ def _fused_keys(p, KG: tl.constexpr):
 
 
 @triton.jit
+def _table_rows(e_h, idx, s_ev, s_ed, o_d, m_d):
+    """E[idx_j] for a row-uniform tile: one table row per key ([BN, BD], from L1/L2)."""
+    return tl.load(e_h + idx[:, None] * s_ev + o_d[None, :] * s_ed, mask=m_d[None, :], other=0.0)
+
+
+@triton.jit
 def _uniform_tile(b_q, k, v, e_h, s_ev, s_ed, dep, bnd, bh, b, n0, o_d, m_d, r, Tk, D, V,
                   BINARY: tl.constexpr, BN: tl.constexpr, FP32_DOT: tl.constexpr, PREC: tl.constexpr):
     """A row-uniform full compact tile (key tile at n0, running minimum r): every row has the same
@@ -230,7 +236,7 @@ def _uniform_tile(b_q, k, v, e_h, s_ev, s_ed, dep, bnd, bh, b, n0, o_d, m_d, r, 
     d = tl.load(dep + b * Tk + o_n)
     sm = tl.associative_scan(c, 0, _min_combine)  # suffix min
     idx = _depth_index(d - tl.minimum(sm, r), V, BINARY)
-    e_g = tl.load(e_h + idx[:, None] * s_ev + o_d[None, :] * s_ed, mask=m_d[None, :], other=0.0)
+    e_g = _table_rows(e_h, idx, s_ev, s_ed, o_d, m_d)
     r = tl.minimum(r, tl.min(c, axis=0))
     a = _mm(b_q, k, FP32_DOT)
     qk = tl.dot(a, tl.trans(b_k), input_precision=PREC)
@@ -403,14 +409,28 @@ def _query_rows(q, do, lse, delta, bh, o_m, m_m, o_d, m_d, Tq, D):
 
 
 @triton.jit
+def _gap_rows(bnd, b, o_t, m_m, n0, Tk, BN: tl.constexpr):
+    """c of a query block's rows for the key tile at n0 (key-stationary pass): only rows after the
+    tile's last key count towards R[t] (the rest, and padding, read as _BIG)."""
+    c_q = tl.load(bnd + b * Tk + o_t, mask=m_m, other=_BIG)
+    return tl.where(o_t >= n0 + BN, c_q, _BIG)
+
+
+@triton.jit
+def _qe_bias(qk, qe, bh, Tq, o_m, m_m, idx, BINARY: tl.constexpr, VP: tl.constexpr):
+    """qk + QE[t, idx[t, j]], with the block's QE rows read back from the preprocess kernel."""
+    b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + tl.arange(0, VP)[None, :], mask=m_m[:, None], other=0.0)
+    return qk + _gather_bias(b_qe, idx, BINARY, VP)
+
+
+@triton.jit
 def _tape_tile_kstat(G, c_k, d_k, sufmin_k, bnd, dense, b, o_m, o_t, m_m, o_n, m_n, n0, Tq, Tk,
                      COMPACT: tl.constexpr, MASKED: tl.constexpr, BN: tl.constexpr):
     """S tile [BM, BN] for the key-stationary pass (query blocks visited top to bottom) and the
     gap scalar G (min c over keys from the tile end to the block's last row)."""
     if COMPACT:
         # R[t] = min c over keys in [tile end + 1, t]: the gap scalar G, then a prefix min over rows
-        c_q = tl.load(bnd + b * Tk + o_t, mask=m_m, other=_BIG)
-        c_q = tl.where(o_t >= n0 + BN, c_q, _BIG)
+        c_q = _gap_rows(bnd, b, o_t, m_m, n0, Tk, BN)
         R = tl.minimum(tl.associative_scan(c_q, 0, _min_combine), G)
         G = tl.minimum(G, tl.min(c_q, axis=0))
         if MASKED:
@@ -440,33 +460,27 @@ def _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, q
     o_t = off + o_m
     m_m = o_m < Tq
     b_q, b_do, b_lse, b_delta, _, _ = _query_rows(q, do, lse, delta, bh, o_m, m_m, o_d, m_d, Tq, D)
-    o_v = tl.arange(0, VP)
 
     a = _mm(b_q, q, FP32_DOT)
     qk = tl.dot(a, tl.trans(_mm(b_k, q, FP32_DOT)), input_precision=PREC)
     if UNIFORM and not MASKED:
         # full compact tile: row-uniform when R[first row] = R[last row] (= the new G); then
         # S(t, j) = d_j - min(sm_j, G) for every row and the depth term is one more dot
-        c_q = tl.load(bnd + b * Tk + o_t, mask=m_m, other=_BIG)
-        c_q = tl.where(o_t >= n0 + BN, c_q, _BIG)
+        c_q = _gap_rows(bnd, b, o_t, m_m, n0, Tk, BN)
         G_new = tl.minimum(G, tl.min(c_q, axis=0))
         c_first = tl.min(tl.where(tl.arange(0, BM) == 0, c_q, _BIG), axis=0)
         if tl.minimum(G, c_first) == G_new:
-            idx_u = _depth_index(d_k - tl.minimum(sufmin_k, G_new), V, BINARY)
-            e_g = tl.load(e_h + idx_u[:, None] * s_ev + o_d[None, :] * s_ed, mask=m_d[None, :], other=0.0)
+            e_g = _table_rows(e_h, _depth_index(d_k - tl.minimum(sufmin_k, G_new), V, BINARY), s_ev, s_ed, o_d, m_d)
             qk = tl.dot(a, tl.trans(_mm(e_g, q, FP32_DOT)), qk, input_precision=PREC)
         else:
             minc = tl.minimum(sufmin_k[None, :], tl.minimum(tl.associative_scan(c_q, 0, _min_combine), G)[:, None])
             idx = _depth_index(d_k[None, :] - minc, V, BINARY)
-            b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
-            qk = qk + _gather_bias(b_qe, idx, BINARY, VP)
+            qk = _qe_bias(qk, qe, bh, Tq, o_m, m_m, idx, BINARY, VP)
         G = G_new
     else:
         S, G = _tape_tile_kstat(G, c_k, d_k, sufmin_k, bnd, dense, b, o_m, o_t, m_m, o_n, m_n, n0, Tq, Tk,
                                 COMPACT, MASKED, BN)
-        idx = _depth_index(S, V, BINARY)
-        b_qe = tl.load(qe + (bh * Tq + o_m[:, None]) * VP + o_v[None, :], mask=m_m[:, None], other=0.0)
-        qk = qk + _gather_bias(b_qe, idx, BINARY, VP)
+        qk = _qe_bias(qk, qe, bh, Tq, o_m, m_m, _depth_index(S, V, BINARY), BINARY, VP)
     s = qk * qk_scale
     p = tl.exp2(s - b_lse[:, None])
     if MASKED:
