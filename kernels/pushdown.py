@@ -8,8 +8,8 @@ In a general tile the depth term is a register gather from QE = q_blk . E^T ([BM
 row-uniform tile (below) it is one more dot. Nothing of size T x T (or T x T x D) is materialized.
 
 The stack tape S comes either dense (an int tile [Tq, Tk]) or compact: per token a depth D_j and a
-boundary c_k, with S(t, j) = D_j - min_{j <= k <= t} c_k regenerated in-kernel. Negative values are
-clamped to 0 (so callers may use a large boundary value for "still open").
+boundary c_k, with S(t, j) = D_j - min_{j <= k <= t} c_k regenerated in-kernel. Negative values
+(impossible for a valid tape, c_k <= D_k, which StackTape checks) are clamped to 0.
 
 Key tiles are walked with their columns in *reversed* order (column r is key n0 + BN - 1 - r): a
 forward min-scan along the columns is then the suffix minimum over keys, which is what the tape

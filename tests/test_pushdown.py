@@ -151,6 +151,24 @@ def test_depth_clamp_and_binary_index():
 
 
 @pytest.mark.parametrize("backend", op_backends("pushdown_attention", include_reference=True))
+def test_int64_tape_saturates_and_is_left_unchanged(backend):
+    """Depths beyond int32 mean row V - 1 on every backend (no wrap-around), and the caller's
+    int64 tape (what StackTape.dense() returns) is not clamped in place."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    dev = backend_device(backend)
+    q, k, v, E, _ = make_inputs(1, 2, 9, 9, 8, 4, False, dtype, device=dev)
+    dense = torch.randint(0, 3, (1, 9, 9), generator=torch.Generator().manual_seed(3)).tril()
+    dense[0, 4, :3] = torch.tensor([2**31, 2**32 + 1, 2**40])
+    dense[0, 6, 1] = 7
+    dense = dense.to(dev)
+    keep = dense.clone()
+    got = pushdown_attention(q, k, v, E, dense, backend=backend)
+    assert torch.equal(dense, keep)
+    ref = pushdown_attention(q, k, v, E, dense.clamp(max=3), backend="reference")
+    assert_rms_close(got, ref, 1e-10 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("backend", op_backends("pushdown_attention", include_reference=True))
 def test_decode_rows_match_full_sequence(backend):
     """Tq < Tk (queries are the last Tq positions, KV cache) with a dense row per query or a
     compact tape: equal to the last rows of the full forward; grads too."""
@@ -198,6 +216,8 @@ def test_bad_inputs_raise_clear_errors():
         pushdown_attention(q, k[:, :2], v, E, tape)
     with pytest.raises(TypeError, match="v: expected dtype"):
         pushdown_attention(q, k, v.double(), E, tape)
+    with pytest.raises(ValueError, match="head dimension D >= 1"):
+        pushdown_attention(q[..., :0], k[..., :0], v[..., :0], E[:, :0], tape)
     with pytest.raises(ValueError, match="Tq <= Tk"):
         pushdown_attention(q, k[:, :, :3], v[:, :, :3], E, dense[:, :, :3])
     with pytest.raises(ValueError, match="depth_emb"):

@@ -86,6 +86,12 @@ def test_module_errors():
     with pytest.raises(ValueError, match="max_depth"):
         PushdownAttention(32, 4, max_depth=1, binary=True)
     assert PushdownAttention(32, 4, binary=True).depth_emb.shape == (2, 8)
+    m = PushdownAttention(32, 4)
+    tape = StackTape.from_trees(["((a b) c)"])
+    with pytest.raises(ValueError, match=r"x: expected a tensor \[B, T, 32\]"):
+        m(torch.randn(1, 3, 31), tape)
+    with pytest.raises(ValueError, match="x: expected"):
+        m(torch.randn(3, 32), tape)
 
 
 

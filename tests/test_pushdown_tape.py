@@ -234,6 +234,12 @@ def test_padding_lengths_device_and_validation():
         StackTape(torch.tensor([[0, -1]]), torch.zeros(1, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="boundary"):
         StackTape(torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32))
+    # the spec's "c_{T-1} = +inf" as a large last boundary would make S negative: refused
+    good = StackTape.from_trees(["((a b) c)"])
+    open_end = good.boundary.clone()
+    open_end[0, -1] = 1000
+    with pytest.raises(ValueError, match=r"boundary\[b, k\] <= depth\[b, k\].*at \[0, 2\]"):
+        StackTape(good.depth, open_end)
     with pytest.raises(ValueError, match="unbalanced"):
         StackTape.from_trees(["((a b)"])
     assert StackTape.from_trees(nltk.Tree.fromstring("(S (NP a b) c)")).batch_size == 1

@@ -41,8 +41,8 @@ inline void depth_row(const Block& k, int64_t b, int64_t i, int32_t* idx) {
     if (k.dense) {
         const int32_t* row = k.dense + (b * k.m + i) * k.kend;
         for (int64_t j = 0; j <= t; ++j) {
-            const int32_t s = row[j];
-            idx[j] = k.binary ? (s > 0) : std::min(s, vmax);
+            const int32_t s = row[j];  // negative values (unchecked under torch.compile) read row 0
+            idx[j] = k.binary ? (s > 0) : std::max(0, std::min(s, vmax));
         }
         return;
     }
@@ -51,8 +51,8 @@ inline void depth_row(const Block& k, int64_t b, int64_t i, int32_t* idx) {
     int32_t running = std::numeric_limits<int32_t>::max();
     for (int64_t j = t; j >= 0; --j) {
         running = std::min(running, c[j]);
-        const int32_t s = d[j] - running;
-        idx[j] = k.binary ? (s > 0) : std::min(s, vmax);
+        const int32_t s = d[j] - running;  // >= 0: StackTape checks boundary <= depth
+        idx[j] = k.binary ? (s > 0) : std::max(0, std::min(s, vmax));
     }
 }
 

@@ -74,10 +74,11 @@ def _block_rows(B: int, H: int, Tk: int, itemsize: int) -> int:
 
 
 def _depth_index(S: torch.Tensor, V: int, binary: bool) -> torch.Tensor:
-    """Row index into the depth table for tape values S (int64)."""
+    """Row index into the depth table for tape values S: clamped to [0, V - 1] (a new tensor; the
+    caller's tape is never modified), or [S > 0] in binary mode."""
     if binary:
         return (S > 0).to(torch.int64)
-    return S.to(torch.int64).clamp_(max=V - 1)
+    return S.to(torch.int64).clamp(0, V - 1)
 
 
 def _per_head(emb: torch.Tensor, H: int) -> torch.Tensor:
@@ -274,6 +275,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _triton_tape(depth, boundary, dense):
     if dense is not None and dense.dtype not in (torch.int8, torch.int16, torch.int32):
+        if dense.dtype == torch.int64:  # saturate, not wrap: depths beyond V - 1 all mean row V - 1
+            dense = dense.clamp(max=2**31 - 1)
         dense = dense.to(torch.int32)
     return (
         None if depth is None else depth.contiguous(),
@@ -435,6 +438,8 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
     check_tensor(v, "v", shape=("B", "H", "Tk", "D"), dims=dims, dtypes=(q.dtype,), device=q.device)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    if D < 1:
+        raise ValueError(f"q: expected a head dimension D >= 1, got shape {list(q.shape)}")
     if Tq > Tk:
         raise ValueError(f"q: expected at most as many queries as keys (Tq <= Tk), got Tq={Tq}, Tk={Tk}")
     check_tensor(depth_emb, "depth_emb", ndim=(2, 3), dtypes=FLOAT_DTYPES, device=q.device)

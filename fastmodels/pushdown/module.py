@@ -53,6 +53,9 @@ class PushdownAttention(nn.Module):
         nn.init.normal_(self.depth_emb, std=0.02)
 
     def forward(self, x: torch.Tensor, tape, cache: dict | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a tensor [B, T, {self.d_model}] (d_model), got {shape}")
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:

@@ -203,6 +203,14 @@ class StackTape:
             raise ValueError(f"boundary: expected the shape of depth {list(depth.shape)}, got {list(boundary.shape)}")
         if depth.device != boundary.device:
             raise ValueError(f"boundary: expected a tensor on {depth.device} (the device of depth), got one on {boundary.device}")
+        # c_k counts nodes containing k and k + 1, so c_k <= D_k, which keeps every S(t, j) >= 0.
+        over = boundary.to(torch.int64) > depth.to(torch.int64)
+        if over.any():
+            b, j = (int(i) for i in over.nonzero()[0])
+            raise ValueError(
+                f"boundary: expected boundary[b, k] <= depth[b, k] (the nodes containing tokens k and k + 1 "
+                f"are among those containing k; the boundary after a sentence's last token is 0), got "
+                f"boundary {int(boundary[b, j])} > depth {int(depth[b, j])} at [{b}, {j}]")
         B, T = depth.shape
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64)
