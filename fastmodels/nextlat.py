@@ -23,8 +23,12 @@ Masks (``loss_mask`` and packed documents):
   CE row counts (same mask as the teacher's own CE) and the rollout stays in one document.
 * The SmoothL1 term is not masked by ``loss_mask`` (as in the paper); it is only restricted to
   rollouts that stay inside one document.
-* Packed sequences: pass ``doc_ids [B, T]`` (document number of each token) or ``doc_start
-  [B, T]`` (True at the first token of each document).
+* Packed sequences: pass ``doc_ids [B, T]`` (document label of each token; a document is a run of
+  equal labels, so a label may be reused) or ``doc_start [B, T]`` (True at the first token of each
+  document).
+* Padding: ``attention_mask [B, T]`` (the Hugging Face one: True/1 for real tokens). A padding
+  token takes part in no term: no CE row, KL row or SmoothL1 rollout starts at, ends at or passes
+  through one (unlike ``loss_mask``, which leaves SmoothL1 on).
 
 Each term is a mean over its valid rows (SmoothL1: over their elements) per horizon, averaged over
 the d horizons; a horizon without a valid row contributes 0.
@@ -57,10 +61,18 @@ def _weight_and_bias(lm_head):
 
 def _embed(embedding, input_ids):
     if isinstance(embedding, torch.Tensor):
+        table = embedding
+    elif callable(embedding):
+        table = getattr(embedding, "weight", None)
+    else:
+        raise TypeError(f"embedding: expected an nn.Embedding-like module or a [V, E] weight tensor, got {type(embedding).__name__}")
+    if isinstance(table, torch.Tensor) and table.dim() == 2 and input_ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(input_ids.min()), int(input_ids.max())  # one host sync, as the fused loss's own checks
+        if lo < 0 or hi >= table.shape[0]:
+            raise ValueError(f"input_ids: expected token ids in [0, {table.shape[0]}) (rows of the embedding), got range [{lo}, {hi}]")
+    if isinstance(embedding, torch.Tensor):
         return torch.nn.functional.embedding(input_ids, embedding)
-    if callable(embedding):
-        return embedding(input_ids)
-    raise TypeError(f"embedding: expected an nn.Embedding-like module or a [V, E] weight tensor, got {type(embedding).__name__}")
+    return embedding(input_ids)
 
 
 class NextLatHead(nn.Module):
@@ -72,7 +84,6 @@ class NextLatHead(nn.Module):
         horizon: rollout depth d >= 1.
         mlp_hidden: transition MLP width (default 4 * D).
         lambda_h, lambda_kl: weights of the latent and KL terms.
-        ignore_index: not a token id (used internally for masked CE rows).
         backend: backend of the fused loss (default: the device's preference).
     """
 
@@ -114,11 +125,14 @@ class NextLatHead(nn.Module):
             preds.append(h)
         return preds
 
-    def forward(self, hidden, input_ids, embedding, lm_head, loss_mask=None, doc_ids=None, doc_start=None) -> NextLatOutput:
+    def forward(self, hidden, input_ids, embedding, lm_head, loss_mask=None, doc_ids=None, doc_start=None,
+                attention_mask=None) -> NextLatOutput:
         """NextLat loss of ``hidden [B, T, D]`` (post-final-norm states) for ``input_ids [B, T]``.
 
         ``embedding``: the LM's token embedding (module or [V, E] weight); ``lm_head``: its output
         head (module with ``weight``/``bias`` or a [V, D] weight; may be tied to the embedding).
+        ``loss_mask``, ``doc_ids``/``doc_start`` and ``attention_mask`` are [B, T]; see the module
+        docstring.
         """
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
             raise ValueError(f"hidden: expected shape [B, T, {self.d_model}], got {list(hidden.shape)}")
@@ -127,23 +141,37 @@ class NextLatHead(nn.Module):
             raise ValueError(f"input_ids: expected shape [{B}, {T}] (that of hidden), got {list(input_ids.shape)}")
         if doc_ids is not None and doc_start is not None:
             raise ValueError("doc_ids and doc_start: pass at most one")
-        if doc_start is not None:
-            if doc_start.shape != (B, T):
-                raise ValueError(f"doc_start: expected shape [{B}, {T}], got {list(doc_start.shape)}")
-            doc_ids = doc_start.long().cumsum(1)
-        if doc_ids is not None and doc_ids.shape != (B, T):
-            raise ValueError(f"doc_ids: expected shape [{B}, {T}], got {list(doc_ids.shape)}")
-        if loss_mask is not None and loss_mask.shape != (B, T):
-            raise ValueError(f"loss_mask: expected shape [{B}, {T}], got {list(loss_mask.shape)}")
+        for name, m in (("loss_mask", loss_mask), ("doc_ids", doc_ids), ("doc_start", doc_start), ("attention_mask", attention_mask)):
+            if m is not None and m.shape != (B, T):
+                raise ValueError(f"{name}: expected shape [{B}, {T}] (that of input_ids), got {list(m.shape)}")
+        param_dtype = self.norm.weight.dtype
+        if hidden.dtype != param_dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise TypeError(f"hidden: expected {param_dtype} (the dtype of this NextLatHead's parameters; convert the "
+                            f"head with .to(dtype) or run under torch.autocast), got {hidden.dtype}")
         weight, bias = _weight_and_bias(lm_head)
         emb = _embed(embedding, input_ids).to(hidden.dtype)
         if emb.shape[-1] != self.d_embed:
             raise ValueError(f"embedding: expected {self.d_embed}-dimensional embeddings, got {emb.shape[-1]}")
 
-        def same_doc(i: int) -> torch.Tensor:  # [B, T - i]: positions j and j + i in one document
-            if doc_ids is None:
+        # Segments: runs of tokens of one document; each padding token is a segment of its own.
+        seg = None
+        if doc_ids is not None or doc_start is not None or attention_mask is not None:
+            new = torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
+            new[:, 0] = True
+            if doc_ids is not None:
+                new[:, 1:] |= doc_ids[:, 1:] != doc_ids[:, :-1]
+            if doc_start is not None:
+                new |= doc_start.bool()
+            if attention_mask is not None:
+                pad = ~attention_mask.bool()
+                new |= pad
+                new[:, 1:] |= pad[:, :-1]
+            seg = new.long().cumsum(1)
+
+        def same_doc(i: int) -> torch.Tensor:  # [B, T - i]: positions j .. j + i inside one segment
+            if seg is None:
                 return torch.ones(B, T - i, dtype=torch.bool, device=hidden.device)
-            return doc_ids[:, : T - i] == doc_ids[:, i:]
+            return seg[:, : T - i] == seg[:, i:]
 
         # CE rows: every position; position t predicts token t + 1.
         ce_ok = torch.zeros(B, T, dtype=torch.bool, device=hidden.device)

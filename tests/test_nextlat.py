@@ -230,9 +230,9 @@ def test_custom_ignore_index():
 def test_opcheck_chunked():
     x = make(N=7, M=5)
     args = (x["hidden"].requires_grad_(), x["weight"].requires_grad_(), x["bias"].requires_grad_(), x["targets"],
-            x["pred_hidden"].requires_grad_(), x["teacher_index"], x["kl_weight"], -100, True, True, True)
+            x["pred_hidden"].requires_grad_(), x["teacher_index"], x["kl_weight"], -100, True, True, True, False)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked.default, args)
-    args2 = (x["hidden"], x["weight"], None, x["targets"], x["pred_hidden"], x["teacher_index"], x["kl_weight"], -100, False, True, False)
+    args2 = (x["hidden"], x["weight"], None, x["targets"], x["pred_hidden"], x["teacher_index"], x["kl_weight"], -100, False, True, False, True)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked.default, args2)
 
 
@@ -243,7 +243,7 @@ def test_opcheck_rows(backend):
         pytest.skip("the rows op is the triton backend's")
     x = make(N=7, M=5)
     args = (x["hidden"].requires_grad_(), x["weight"].requires_grad_(), x["bias"].requires_grad_(), x["targets"],
-            x["pred_hidden"].requires_grad_(), x["teacher_index"], -100, False)
+            x["pred_hidden"].requires_grad_(), x["teacher_index"], -100, False, True)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_rows.default, args)
 
 
@@ -266,6 +266,52 @@ def test_torch_compile(backend):
     assert_close(out, out2)
     for a, b in zip(grads, grads2):
         assert_close(a, b)
+
+
+@pytest.mark.no_poison
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_bad_indices_raise(backend):
+    """Under torch.compile the host-side range checks are skipped; the fused ops run them instead, so
+    an out-of-range teacher index or target is still an error, not a dropped row or a wild read."""
+    if backend == "reference":
+        pytest.skip("the reference backend indexes with PyTorch, which checks its own indices")
+    x = make(device=backend_device(backend))
+
+    def loss(targets, teacher_index):
+        return linear_cross_entropy_kl(x["hidden"], x["weight"], targets, x["pred_hidden"], teacher_index, backend=backend)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    bad_teacher = x["teacher_index"].clone()
+    bad_teacher[-1] = -1
+    with pytest.raises(ValueError, match="teacher_index"):
+        compiled(x["targets"], bad_teacher)
+    bad_targets = x["targets"].clone()
+    bad_targets[0] = x["weight"].shape[0]
+    with pytest.raises(ValueError, match="targets"):
+        compiled(bad_targets, x["teacher_index"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_weight_gets_no_gradient(backend):
+    x = make(device=backend_device(backend))
+    w = x["kl_weight"].detach().clone().requires_grad_()
+    h = x["pred_hidden"].detach().clone().requires_grad_()
+    _, kl = linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], h, x["teacher_index"], kl_weight=w, backend=backend)
+    gw, gh = torch.autograd.grad(kl, (w, h), allow_unused=True)
+    assert gw is None and gh is not None and gh.abs().sum() > 0
+
+
+def test_cpu_backend_refuses_double_backward():
+    """The cpu backend's backward rescales gradients saved in the forward: a second derivative
+    through it must be an error, not zeros."""
+    x = make(dtype=torch.float64)
+    h = x["hidden"].detach().clone().requires_grad_()
+    ce, _ = linear_cross_entropy_kl(h, x["weight"], x["targets"], backend="cpu")
+    # ce**2: the upstream gradient 2 ce carries a graph, so without the guard g would be
+    # differentiable through it and miss the Hessian of ce (a silently wrong second derivative)
+    (g,) = torch.autograd.grad(ce**2, h, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad((g**2).sum(), h)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -101,6 +101,42 @@ def test_doc_start_equals_doc_ids_and_no_mask():
         assert_close(x, y, atol=1e-9, rtol=1e-7)
 
 
+def test_reused_document_labels_are_runs():
+    """A document is a run of equal doc_ids: a label used again later is a new document, so no
+    rollout passes through the document between."""
+    head = NextLatHead(D, E, horizon=4, mlp_hidden=H).double()
+    emb, lin, hidden, ids, mask, _ = setup(torch.float64, "cpu", False, True)
+    reused = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [3, 3, 3, 5, 5, 3, 3]])
+    runs = torch.tensor([[0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 2, 2]])
+    a = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=reused)
+    b = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=runs)
+    ref = spec_objective(head, hidden, ids, emb.weight, lin.weight, lin.bias, mask, runs, 4, 1.0, 1.0)
+    for x, y, r in zip(a, b, ref):
+        assert_close(x, y)
+        assert_close(x, r, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_takes_part_in_no_term(side):
+    """attention_mask: a padded sequence gives exactly the loss of the unpadded one (SmoothL1
+    included, which loss_mask leaves on), and the hidden states at padding get no gradient."""
+    head = NextLatHead(D, E, horizon=2, mlp_hidden=H).double()
+    emb, lin, hidden, ids, _, _ = setup(torch.float64, "cpu", False, True)
+    n, p = 5, 2
+    real_h, real_ids = hidden[:1, :n].detach(), ids[:1, :n]
+    alone = head(real_h, real_ids, emb, lin)
+    pad_h = 5 * torch.randn(1, p, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pad_ids = torch.zeros(1, p, dtype=ids.dtype)
+    cat = (lambda real, pad: torch.cat([real, pad], 1)) if side == "right" else (lambda real, pad: torch.cat([pad, real], 1))
+    h = cat(real_h, pad_h).requires_grad_()
+    attention_mask = cat(torch.ones(1, n), torch.zeros(1, p)).long()
+    out = head(h, cat(real_ids, pad_ids), emb, lin, attention_mask=attention_mask)
+    for x, y in zip(out, alone):
+        assert_close(x, y)
+    (g,) = torch.autograd.grad(out.total, h)
+    assert not g[attention_mask == 0].any() and g[attention_mask == 1].abs().sum() > 0
+
+
 def test_horizon_longer_than_sequence():
     head = NextLatHead(D, E, horizon=8, mlp_hidden=H).double()
     emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)
@@ -132,8 +168,16 @@ def test_bad_inputs():
         head(hidden, ids, emb, lin, loss_mask=mask[:1])
     with pytest.raises(ValueError, match="doc_ids"):
         head(hidden, ids, emb, lin, doc_ids=doc[:, :3])
+    with pytest.raises(ValueError, match="attention_mask"):
+        head(hidden, ids, emb, lin, attention_mask=mask[:, :2])
     with pytest.raises(ValueError, match="embedding"):
         head(hidden, ids, torch.nn.Embedding(V, E + 1).double(), lin)
+    bad_ids = ids.clone()
+    bad_ids[1, 3] = V
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 29\)"):
+        head(hidden, bad_ids, emb, lin)
+    with pytest.raises(TypeError, match="hidden: expected torch.float64"):
+        head(hidden.float(), ids, emb, lin)
     with pytest.raises(TypeError, match="lm_head"):
         head(hidden, ids, emb, "head")
     with pytest.raises(ValueError, match="horizon"):

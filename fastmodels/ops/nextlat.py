@@ -210,13 +210,16 @@ def _lce_kl_chunked(
     grad_hidden: bool,
     grad_weight: bool,
     grad_pred: bool,
+    check_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if check_values:  # the caller skipped them (torch.compile); an index out of range would go unnoticed
+        _check_values(targets, teacher_index, kl_weight, hidden.shape[0], weight.shape[0], ignore_index)
     with torch.no_grad():
         return _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred)
 
 
 @_lce_kl_chunked.register_fake
-def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred):
+def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred, check_values):
     cd = _compute_dtype(hidden.dtype)
     scalar = hidden.new_empty((), dtype=cd)
     return (
@@ -239,6 +242,7 @@ def _scale(grad, unit):
     return unit * grad.to(unit.dtype)
 
 
+@torch.autograd.function.once_differentiable  # the saved gradients are constants: no double backward
 def _chunked_backward(ctx, g_ce, g_kl, *_):
     dh, dw, db, dp = ctx.saved_tensors
     grad_hidden, grad_weight, grad_pred = ctx.flags
@@ -246,7 +250,7 @@ def _chunked_backward(ctx, g_ce, g_kl, *_):
     out_w = _scale(g_ce, dw) if grad_weight else None
     out_b = _scale(g_ce, db) if (grad_weight and ctx.has_bias) else None
     out_p = _scale(g_kl, dp) if grad_pred else None
-    return out_h, out_w, out_b, None, out_p, None, None, None, None, None, None
+    return out_h, out_w, out_b, None, out_p, None, None, None, None, None, None, None
 
 
 _lce_kl_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
@@ -267,15 +271,19 @@ def _lce_kl_rows(
     teacher_index: torch.Tensor,
     ignore_index: int,
     deterministic: bool,
+    check_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce_rows [N], lse [N], kl_rows [M], lse_pred [M]), fp32. ``deterministic`` is for the backward."""
     from fastmodels.kernels.nextlat import lce_kl_fwd
+
+    if check_values:  # the caller skipped them (torch.compile); the kernels would read out of bounds
+        _check_values(targets, teacher_index, None, hidden.shape[0], weight.shape[0], ignore_index)
 
     return lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index)
 
 
 @_lce_kl_rows.register_fake
-def _(hidden, weight, bias, targets, pred, teacher_index, ignore_index, deterministic):
+def _(hidden, weight, bias, targets, pred, teacher_index, ignore_index, deterministic, check_values):
     N, M = hidden.shape[0], pred.shape[0]
     f = torch.float32
     return hidden.new_empty(N, dtype=f), hidden.new_empty(N, dtype=f), hidden.new_empty(M, dtype=f), hidden.new_empty(M, dtype=f)
@@ -313,7 +321,7 @@ def _(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, teacher_i
 
 
 def _rows_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, pred, teacher_index, ignore_index, deterministic = inputs
+    hidden, weight, bias, targets, pred, teacher_index, ignore_index, deterministic, _ = inputs
     _, lse, _, lse_pred = output
     ctx.ignore_index = ignore_index
     ctx.has_bias = bias is not None
@@ -330,13 +338,13 @@ def _rows_backward(ctx, g_ce_rows, g_lse, g_kl_rows, g_lse_pred):
         g_ce_rows.float(), g_kl_rows.float(), hidden, weight, bias, targets, pred, teacher_index, lse, lse_pred,
         ctx.ignore_index, ctx.deterministic,
     )
-    return dh, dw, (db if ctx.has_bias else None), None, dp, None, None, None
+    return dh, dw, (db if ctx.has_bias else None), None, dp, None, None, None, None
 
 
 _lce_kl_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
-def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, deterministic):
+def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, deterministic, check_values):
     if hidden.dtype == torch.float64:
         raise TypeError("hidden: the triton backend takes float32, float16 or bfloat16 inputs, got float64 (use backend='cpu' or 'reference')")
     N = hidden.shape[0]
@@ -345,7 +353,7 @@ def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight
         return zero + 0 * hidden.sum() + 0 * weight.sum(), zero.clone()
     ce_rows, _, kl_rows, _ = _lce_kl_rows(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
-        pred.contiguous(), teacher_index.long().contiguous(), ignore_index, deterministic,
+        pred.contiguous(), teacher_index.long().contiguous(), ignore_index, deterministic, check_values,
     )
     valid = (targets != ignore_index).to(torch.float32)
     ce = _ratio((ce_rows * valid).sum(), valid.sum())
@@ -369,6 +377,20 @@ def _resolve_backend(backend: str | None, device_type: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_values(targets, teacher_index, kl_weight, N, V, ignore_index):
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets: expected values in [0, {V}) or ignore_index={ignore_index}, got {int(targets[first])} at row {first}")
+    if teacher_index is not None and teacher_index.numel():
+        lo, hi = int(teacher_index.min()), int(teacher_index.max())
+        if lo < 0 or hi >= N:
+            raise ValueError(f"teacher_index: expected values in [0, {N}) (rows of hidden), got range [{lo}, {hi}]")
+    if kl_weight is not None and kl_weight.numel():
+        if not bool(torch.isfinite(kl_weight).all()) or bool((kl_weight < 0).any()):
+            raise ValueError("kl_weight: expected finite non-negative weights")
+
+
 def _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index):
     dims: dict = {}
     check_tensor(hidden, "hidden", shape=("N", "D"), dims=dims, dtypes=_FLOATS)
@@ -389,20 +411,10 @@ def _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weig
         check_tensor(kl_weight, "kl_weight", shape=("M",), dims=dims, dtypes=_FLOATS)
     check_int(ignore_index, "ignore_index")
     device = check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias, pred_hidden=pred_hidden, teacher_index=teacher_index, kl_weight=kl_weight)
-    # Data-dependent checks cost a host sync; they are skipped while torch.compile traces.
+    # Data-dependent checks cost a host sync. While torch.compile traces they are skipped here and
+    # run inside the fused custom ops instead (they execute on real tensors in the compiled graph).
     if not torch.compiler.is_compiling():
-        N, V = dims["N"], dims["V"]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-        if bad.any():
-            first = int(bad.nonzero()[0, 0])
-            raise ValueError(f"targets: expected values in [0, {V}) or ignore_index={ignore_index}, got {int(targets[first])} at row {first}")
-        if teacher_index is not None and teacher_index.numel():
-            lo, hi = int(teacher_index.min()), int(teacher_index.max())
-            if lo < 0 or hi >= N:
-                raise ValueError(f"teacher_index: expected values in [0, {N}) (rows of hidden), got range [{lo}, {hi}]")
-        if kl_weight is not None and kl_weight.numel():
-            if not bool(torch.isfinite(kl_weight).all()) or bool((kl_weight < 0).any()):
-                raise ValueError("kl_weight: expected finite non-negative weights")
+        _check_values(targets, teacher_index, kl_weight, dims["N"], dims["V"], ignore_index)
     return device, dims["D"]
 
 
@@ -448,17 +460,19 @@ def linear_cross_entropy_kl(
         teacher_index = targets.new_empty(0, dtype=torch.int64)
     if kl_weight is None:
         kl_weight = torch.ones(pred_hidden.shape[0], dtype=_compute_dtype(hidden.dtype), device=device)
+    kl_weight = kl_weight.detach()  # a weight, not a parameter: no backend differentiates it
+    check_values = torch.compiler.is_compiling()  # _validate skipped the value checks: the fused ops run them
     if name == "reference":
         return linear_cross_entropy_kl_reference(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
     if name == "triton":
-        return _triton_losses(hidden, weight, bias, targets, pred_hidden, teacher_index, kl_weight, ignore_index, deterministic)
+        return _triton_losses(hidden, weight, bias, targets, pred_hidden, teacher_index, kl_weight, ignore_index, deterministic, check_values)
     grad_on = torch.is_grad_enabled()
     grad_hidden = grad_on and hidden.requires_grad
     grad_weight = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
     grad_pred = grad_on and pred_hidden.requires_grad
     out = _lce_kl_chunked(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
-        pred_hidden.contiguous(), teacher_index.long().contiguous(), kl_weight.detach().contiguous(), ignore_index,
-        grad_hidden, grad_weight, grad_pred,
+        pred_hidden.contiguous(), teacher_index.long().contiguous(), kl_weight.contiguous(), ignore_index,
+        grad_hidden, grad_weight, grad_pred, check_values,
     )
     return out[0], out[1]
