@@ -166,8 +166,9 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast,
                 w = sg * ej * _inv_rho3(dx * dx + dy * dy, eps, FAST)
                 ex += w * dx
                 ey += w * dy
-        b_px = (b_st * ex)[None, :]
-        b_py = (b_st * ey)[None, :]
+        # masked objects: exactly 0 (with eps = 0 a padding object on a pole has ex = 0/0)
+        b_px = tl.where(b_live, b_st * ex, 0.0)[None, :]
+        b_py = tl.where(b_live, b_st * ey, 0.0)[None, :]
         acc2 += _dipole_signal((xi - b_cx)[None, :] + ox[:, None], (yi - b_cy)[None, :] + oy[:, None],
                                nx[:, None], ny[:, None], n3x, n3y, b_px, b_py, eps, FAST)
         if HAS_WALLS:

@@ -177,6 +177,25 @@ def test_masked_objects_contribute_nothing():
     torch.testing.assert_close(c[:1], c2)
 
 
+@pytest.mark.parametrize("backend", op_backends("electric_image", include_reference=True))
+def test_masked_object_on_a_pole_with_eps_zero(backend):
+    """eps = 0 is allowed; a masked (padding) object at the origin that sits exactly on a fish's
+    pole has a 0/0 inducing field there, and must still contribute exactly nothing."""
+    dev = backend_device(backend)
+    fish = torch.tensor([[[0.5, 0.0], [5.0, 3.0]]], device=dev)  # fish 0's negative pole at (0, 0)
+    heading, eod = torch.zeros(1, 2, device=dev), torch.ones(1, 2, device=dev)
+    obj = torch.tensor([[[0.0, 0.0], [3.0, 1.0]]], device=dev)
+    radius, chi = torch.tensor([[0.0, 0.25]], device=dev), torch.tensor([[0.0, -0.5]], device=dev)
+    mask = torch.tensor([[False, True]], device=dev)
+    rpos, rnrm = (t.to(dev) for t in receptor_ring(4))
+    kw = dict(eps=0.0, backend=backend)
+    a, c = electric_image(fish, heading, eod, obj, radius, chi, mask, rpos, rnrm, **kw)
+    a1, c1 = electric_image(fish, heading, eod, obj[:, 1:], radius[:, 1:], chi[:, 1:], mask[:, 1:], rpos, rnrm, **kw)
+    assert torch.isfinite(a).all() and torch.isfinite(c).all()
+    torch.testing.assert_close(a, a1, rtol=0, atol=0)
+    torch.testing.assert_close(c, c1, rtol=0, atol=0)
+
+
 def test_pole_formula_and_units():
     """One fish, one receptor in front of it on the axis: n . E of a +1/-1 pole pair at distances
     d -/+ l/2 is r/(r + eps)^3 summed with signs (r = d -/+ l/2); and the unit conversion."""
@@ -350,6 +369,9 @@ def test_bad_inputs():
     neg = args[4].clone()
     neg[1, 2] = -0.1
     expect(ValueError, "obj_radius: expected radii >= 0", *_bad(args, arena, 4, neg))
+    inf = args[4].clone()
+    inf[0, 1] = float("inf")  # a^3 = inf would turn every output of the environment into NaN
+    expect(ValueError, r"obj_radius: expected radii >= 0 \(finite\)", *_bad(args, arena, 4, inf))
     for bad_c in (-0.6, 1.2, float("nan")):
         cc = args[5].clone()
         cc[0, 0] = bad_c
