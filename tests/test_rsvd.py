@@ -347,6 +347,13 @@ def test_low_rank_many_ranks_one_factorization(device):
         low_rank(A, [30], svd=svd)
     with pytest.raises(ValueError, match="ranks"):
         low_rank(A, [])
+    # a factorization of another matrix, or not a factorization at all
+    with pytest.raises(ValueError, match=r"svd\.U: expected shape"):
+        low_rank(A, 5, svd=randomized_svd(A[..., :-1, :], 20, seed=0))
+    with pytest.raises(ValueError, match=r"svd\.U: expected shape"):
+        low_rank(A, 5, svd=randomized_svd(A[:1], 20, seed=0))
+    with pytest.raises(TypeError, match="svd: expected an SVDResult"):
+        low_rank(A, 5, svd=(1, 2, 3))
 
 
 def test_singular_value_grads_match_autograd(device):
@@ -413,8 +420,35 @@ def test_intruder_dimensions_lora_and_dense(dtype, device):
     assert intruder_dimensions(W.to(dtype), (W + noise).to(dtype)).count == 0
 
 
+@pytest.mark.parametrize("shape", [(96, 260), (260, 96)])
+def test_intruder_dimensions_flat_spectrum(shape):
+    """LLM-like flat spectrum (sigma_i = i^-0.3) plus a small full-rank update, as in full
+    fine-tuning: neighbouring singular values are close, so only exact top-k vectors give the
+    per-vector max |cos| of the definition (a randomized SVD's vectors mix within near-degenerate
+    pairs and report false intruders). Dense and LoRA forms, wide and tall."""
+    m, n = shape
+    W = spectrum_matrix("power", m, n, b=1, seed=3)[0]
+    g = torch.Generator().manual_seed(4)
+    B, A = torch.randn(m, 4, dtype=F64, generator=g), torch.randn(4, n, dtype=F64, generator=g)
+    for W_t, tuned in ((W + 0.01 * torch.randn(m, n, dtype=F64, generator=g), None), (W + 0.05 * B @ A, (W, B, A, 0.05))):
+        exact = _intruders_exact(W, W_t, 10, 0.5)
+        res = intruder_dimensions(W, W_t if tuned is None else tuned, k=10)
+        torch.testing.assert_close(res.max_cos.double(), exact, rtol=0, atol=1e-5)
+        assert res.count == int((exact < 0.5).sum())
+
+
 def test_intruder_bad_inputs():
     W, B, A = _intruder_setup("cpu")
+    with pytest.raises(ValueError, match=r"base_svd: expected all min\(m, n\) = 64 left singular vectors"):
+        intruder_dimensions(W, W, k=10, base_svd=randomized_svd(W, 5, seed=0))
+    nan = W.clone()
+    nan[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="W_tuned: expected finite"):
+        intruder_dimensions(W, nan)
+    with pytest.raises(ValueError, match="W_base: expected finite"):
+        intruder_dimensions(nan, W)
+    with pytest.raises(ValueError, match=r"W_tuned\[1\] \(B\): expected finite"):
+        intruder_dimensions(W, (W, B * float("inf"), A, 1.0))
     with pytest.raises(ValueError, match="LoRA tuple"):
         intruder_dimensions(W, (W, B, A))
     with pytest.raises(ValueError, match=r"W_tuned\[2\] \(A\)"):
@@ -460,6 +494,14 @@ def test_bad_inputs():
         randomized_svd([A, torch.randn(3, 20)], 5)
     with pytest.raises(ValueError, match="backend"):
         randomized_svd(A, 2, backend="magic")
+    bad = torch.randn(3, 10, 20)
+    bad[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"A: expected finite values, found NaN or inf \(matrix 1 of the batch\)"):
+        randomized_svd(bad, 2)
+    with pytest.raises(ValueError, match=r"A\[1\]: expected finite values"):
+        randomized_svd([A, A * float("nan")], 2)
+    with pytest.raises(ValueError, match="A: expected finite values"):
+        randomized_svd(A * float("nan"), 2, method="torch_lowrank")
 
 
 # ---------------------------------------------------------------------------------------------

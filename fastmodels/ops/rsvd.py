@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from fastmodels._dispatch import register_op, select_backend
-from fastmodels._validation import FLOAT_DTYPES, check_choice, check_float, check_int, check_tensor
+from fastmodels._validation import FLOAT_DTYPES, check_choice, check_finite, check_float, check_int, check_tensor
 
 __all__ = [
     "SVDResult",
@@ -292,7 +292,8 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
     b, m, n = A.shape
     s = min(m, n)
     use_kernels = backend in ("triton", "cuda") and A.dtype != torch.float64
-    small = "cuda" if backend == "cuda" and k + p <= _CUDA_JACOBI_MAX else "reference"
+    # the CUDA Jacobi kernel is fp32: float64 input keeps the float64 linalg.svd
+    small = "cuda" if backend == "cuda" and k + p <= _CUDA_JACOBI_MAX and A.dtype != torch.float64 else "reference"
     if method == "accurate":
         l = min(k + p, s)
         if k > EXACT_ROUTE_FRACTION * s or l >= s:
@@ -374,6 +375,15 @@ def _check_matrix(A, name: str) -> torch.Tensor:
     return A
 
 
+def _check_finite_batch(A3: torch.Tensor, name: str) -> None:
+    """NaN/inf input would fail deep inside linalg with a misleading message: say so up front."""
+    bad = ~torch.isfinite(A3).flatten(1).all(dim=1)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        where = f" (matrix {i} of the batch)" if A3.shape[0] > 1 else ""
+        raise ValueError(f"{name}: expected finite values, found NaN or inf{where}")
+
+
 def _resolve_seed(seed) -> int:
     if seed is None:
         return int(torch.randint(0, 1 << 62, (1,)).item())
@@ -443,6 +453,7 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
 def _rsvd_op(A3: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The factorization of a [b, m, n] batch as one opaque op (torch.compile traces around it).
     No autograd: a randomized factorization (weights that require grad may be passed)."""
+    _check_finite_batch(A3, "A")  # here, so that it also runs in a compiled graph
     with torch.no_grad():
         U, S, V = _rsvd_bucket(A3, k, p, q, method, seed, backend)
         U, S, V = _finish(U, S, V, A3.dtype)
@@ -466,6 +477,7 @@ def _randomized_svd_list(mats: list, rank, **kw) -> list:
             device = M.device
         elif M.device != device:
             raise ValueError(f"A[{i}]: expected a tensor on {device} (the device of A[0]), got one on {M.device}")
+        check_finite(M, f"A[{i}]")
         k = check_int(rank, "rank", low=1)
         if k > min(M.shape):
             raise ValueError(f"rank: expected an int <= min(m, n) = {min(M.shape)} for A[{i}] of shape {list(M.shape)}, got {k}")
@@ -479,6 +491,21 @@ def _randomized_svd_list(mats: list, rank, **kw) -> list:
         for j, i in enumerate(idx):
             results[i] = SVDResult(res.U[j], res.S[j], res.V[j])
     return results
+
+
+def _check_factorization(svd, A: torch.Tensor, kmax: int) -> None:
+    """svd= of low_rank: (U [..., m, r], S [..., r], V [..., n, r]) of A's batch and shape, r >= kmax."""
+    if not isinstance(svd, (tuple, list)) or len(svd) != 3 or not all(isinstance(t, torch.Tensor) for t in svd):
+        raise TypeError(f"svd: expected an SVDResult or a tuple (U, S, V) of tensors, got {type(svd).__name__}")
+    U, S, V = svd
+    *batch, m, n = A.shape
+    names = [f"b{i}" for i in range(len(batch))]
+    dims = dict(zip(names, batch), m=m, n=n)
+    check_tensor(U, "svd.U", shape=(*names, "m", "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device)
+    check_tensor(S, "svd.S", shape=(*names, "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device)
+    check_tensor(V, "svd.V", shape=(*names, "n", "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device)
+    if dims["r"] < kmax:
+        raise ValueError(f"svd: has {dims['r']} singular triplets, fewer than max(ranks) = {kmax}")
 
 
 def low_rank(A, ranks, *, oversample: int | None = None, n_iter: int | None = None, method: str = "accurate", seed: int | None = None, backend: str | None = None, svd: SVDResult | None = None):
@@ -500,8 +527,8 @@ def low_rank(A, ranks, *, oversample: int | None = None, n_iter: int | None = No
     kmax = max(rank_list)
     if svd is None:
         svd = randomized_svd(A, kmax, oversample=oversample, n_iter=n_iter, method=method, seed=seed, backend=backend)
-    elif svd.S.shape[-1] < kmax:
-        raise ValueError(f"svd: has {svd.S.shape[-1]} singular triplets, fewer than max(ranks) = {kmax}")
+    else:
+        _check_factorization(svd, A, kmax)
     U, S, V = svd
     with torch.no_grad():
         outs = [((U[..., :r] * S[..., None, :r]) @ V[..., :r].mT).to(A.dtype) for r in rank_list]
@@ -533,24 +560,44 @@ def singular_value_grads(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, G: t
 # ---------------------------------------------------------------------------------------------
 
 
-def _operator_top_left(apply, apply_t, m: int, n: int, k: int, dtype, device, seed: int) -> torch.Tensor:
-    """Top-k left singular vectors of an implicit m x n matrix given by products
-    ``apply(X) = W X`` and ``apply_t(Y) = W^T Y`` (accurate settings; float64 [m, k])."""
-    s = min(m, n)
-    p, q = default_oversample_niter(k, s)
-    l = min(k + p, s)
-    Omega = _sketch_reference(1, n, l, seed, dtype, device)[0]
-    Y = apply(Omega)
-    for _ in range(q):
-        Y = apply(apply_t(_orth(Y[None], passes=1)[0].to(dtype)))
-    Q = _orth(Y[None])[0]
-    BT = apply_t(Q.to(dtype))  # [n, l]
-    _, R = _orth(BT[None], want_r=True)
-    Ur, S, Vrh = torch.linalg.svd(R[0])  # BT = Qv Ur S Vr^T -> W ~ Q Vr S (Qv Ur)^T
-    return Q @ Vrh.mT[:, :k]
+def _top_left_exact(W: torch.Tensor, k: int, lora=None) -> torch.Tensor:
+    """Top-k left singular vectors [m, k] (float64) of ``W`` or, with ``lora = (B, A, scale)``, of
+    ``W + scale B A`` without forming that sum: float64 eigh of the Gram matrix on the short side,
+    assembled from W, B and A. Exact, like the SVD the paper takes: a randomized SVD pins down the
+    top-k subspace but not its individual vectors when singular values are close (flat LLM-like
+    spectra), and max |cos| is taken per vector."""
+    Wd = W.to(torch.float64)
+    m, n = Wd.shape
+    if lora is not None:
+        Bd, Ad, scale = lora[0].to(torch.float64), lora[1].to(torch.float64), float(lora[2])
+    if m <= n:  # G = W_t W_t^T = W W^T + s (B (A W^T) + (W A^T) B^T) + s^2 B (A A^T) B^T
+        G = Wd @ Wd.mT
+        if lora is not None:
+            P = Bd @ (Ad @ Wd.mT)  # [m, m]
+            G = G + scale * (P + P.mT) + scale**2 * (Bd @ (Ad @ Ad.mT) @ Bd.mT)
+        return torch.linalg.eigh(G)[1][:, m - k :].flip(-1)
+    # tall: right vectors from the n x n Gram, then u_i = W_t v_i / |W_t v_i|
+    G = Wd.mT @ Wd
+    if lora is not None:
+        P = (Wd.mT @ Bd) @ Ad  # [n, n]
+        G = G + scale * (P + P.mT) + scale**2 * (Ad.mT @ (Bd.mT @ Bd) @ Ad)
+    Vk = torch.linalg.eigh(G)[1][:, n - k :].flip(-1)
+    Uk = Wd @ Vk if lora is None else Wd @ Vk + scale * (Bd @ (Ad @ Vk))
+    return _orth(Uk[None])[0]  # normalizes; orthonormal even where sigma_i = 0
 
 
-def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float = 0.5, base_svd=None, *, seed: int = 0) -> IntruderDimensions:
+def _left_vectors(base_svd, m: int, n: int) -> torch.Tensor:
+    Xb = base_svd[0] if isinstance(base_svd, (tuple, list)) else base_svd
+    check_tensor(Xb, "base_svd", shape=(m, None), dtypes=FLOAT_DTYPES)
+    if Xb.shape[1] < min(m, n):
+        raise ValueError(
+            f"base_svd: expected all min(m, n) = {min(m, n)} left singular vectors of W_base (e.g. "
+            f"torch.linalg.svd(W_base, full_matrices=False)), got {Xb.shape[1]}: against a truncated "
+            f"basis every direction outside it would count as an intruder")
+    return Xb
+
+
+def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float = 0.5, base_svd=None) -> IntruderDimensions:
     """Intruder dimensions of a fine-tuned matrix (Shuttleworth et al., arXiv:2410.21228).
 
     Among the top-``k`` left singular vectors y_j of ``W_tuned``, the intruders are those with
@@ -559,41 +606,42 @@ def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float =
     Args:
         W_base: the pre-trained matrix [m, n].
         W_tuned: the fine-tuned matrix [m, n], or a LoRA adapter ``(W_base, B, A, scale)``
-            meaning ``W_base + scale * B @ A`` (B [m, r], A [r, n]); the sum is never formed:
-            its top-k left singular vectors come from a randomized SVD driven by products.
+            meaning ``W_base + scale * B @ A`` (B [m, r], A [r, n]); the sum is never formed.
+            Its top-k left singular vectors are exact (float64 eigh of its Gram matrix on the
+            short side, assembled from W_base, B and A for a LoRA adapter).
         k, eps: the paper's defaults, 10 and 0.5.
-        base_svd: optionally the left singular vectors of W_base (a tensor [m, s] or a tuple whose
-            first element is it, e.g. ``torch.linalg.svd(W_base, full_matrices=False)``);
-            computed with ``torch.linalg.svd`` otherwise.
-        seed: the sketch's seed for the tuned matrix's randomized SVD.
+        base_svd: optionally all left singular vectors of W_base (a tensor [m, s], s >= min(m, n),
+            or a tuple whose first element is it, e.g. ``torch.linalg.svd(W_base,
+            full_matrices=False)``); computed with ``torch.linalg.svd`` otherwise.
+
+    Returns:
+        ``IntruderDimensions(count, indices, max_cos)`` (max_cos [k] float32).
     """
     check_tensor(W_base, "W_base", ndim=2, dtypes=FLOAT_DTYPES)
     m, n = W_base.shape
     k = check_int(k, "k", low=1, high=min(m, n))
     eps = check_float(eps, "eps", low=0.0, high=1.0)
+    check_finite(W_base, "W_base")
     dt = torch.float64 if W_base.dtype == torch.float64 else torch.float32
     if isinstance(W_tuned, (tuple, list)):
         if len(W_tuned) != 4:
             raise ValueError(f"W_tuned: expected a tensor or a LoRA tuple (W_base, B, A, scale), got a sequence of length {len(W_tuned)}")
         W0, Bm, Am, scale = W_tuned
         dims = {"m": m, "n": n}
-        check_tensor(W0, "W_tuned[0]", shape=("m", "n"), dims=dims, dtypes=FLOAT_DTYPES)
-        check_tensor(Bm, "W_tuned[1] (B)", shape=("m", "r"), dims=dims, dtypes=FLOAT_DTYPES)
-        check_tensor(Am, "W_tuned[2] (A)", shape=("r", "n"), dims=dims, dtypes=FLOAT_DTYPES)
+        for x, name, shape in ((W0, "W_tuned[0]", ("m", "n")), (Bm, "W_tuned[1] (B)", ("m", "r")), (Am, "W_tuned[2] (A)", ("r", "n"))):
+            check_tensor(x, name, shape=shape, dims=dims, dtypes=FLOAT_DTYPES, device=W_base.device)
+            check_finite(x, name)
         scale = check_float(scale, "W_tuned[3] (scale)")
-        W0d, Bd, Ad = W0.to(dt), Bm.to(dt), Am.to(dt)
-        apply = lambda X: W0d @ X + scale * (Bd @ (Ad @ X))  # noqa: E731
-        apply_t = lambda Y: W0d.mT @ Y + scale * (Ad.mT @ (Bd.mT @ Y))  # noqa: E731
-        Y = _operator_top_left(apply, apply_t, m, n, k, dt, W_base.device, seed)
+        Y = _top_left_exact(W0, k, (Bm, Am, scale))
     else:
-        check_tensor(W_tuned, "W_tuned", shape=(m, n), dtypes=FLOAT_DTYPES)
-        Y = randomized_svd(W_tuned, k, seed=seed, backend="reference").U.to(torch.float64)
+        check_tensor(W_tuned, "W_tuned", shape=(m, n), dtypes=FLOAT_DTYPES, device=W_base.device)
+        check_finite(W_tuned, "W_tuned")
+        Y = _top_left_exact(W_tuned, k)
     if base_svd is None:
         Xb = torch.linalg.svd(W_base.to(dt), full_matrices=False).U
     else:
-        Xb = base_svd[0] if isinstance(base_svd, (tuple, list)) else base_svd
-        check_tensor(Xb, "base_svd", shape=(m, None), dtypes=FLOAT_DTYPES)
-    cos = (Xb.to(torch.float64).mT @ Y.to(torch.float64)).abs()  # [s, k]; unit vectors
+        Xb = _left_vectors(base_svd, m, n)
+    cos = (Xb.to(torch.float64).mT @ Y).abs()  # [s, k]; unit vectors
     max_cos = cos.amax(dim=0).to(torch.float32)
     indices = (max_cos < eps).nonzero().squeeze(1)
     return IntruderDimensions(int(indices.numel()), indices, max_cos)
