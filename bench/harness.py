@@ -304,7 +304,8 @@ def run_case(case: Case, *, measure_memory: bool = True, cpu_budget_s: float = 2
     inputs = case.setup()
     rows = [] if rows is None else rows
     for label, impl in case.impls.items():
-        row: dict[str, Any] = {"op": case.op, "case": case.name, "impl": label, "primary": not rows}
+        # threads as set by the case's setup (e.g. a one-thread case in its worker process)
+        row: dict[str, Any] = {"op": case.op, "case": case.name, "impl": label, "primary": not rows, "threads": torch.get_num_threads()}
         fn = lambda: impl(inputs)  # noqa: E731
         try:
             out = fn()  # warm-up: compilation, autotuning, lazy initialisation
@@ -343,6 +344,9 @@ def run_case(case: Case, *, measure_memory: bool = True, cpu_budget_s: float = 2
     return finish_rows(case, rows)
 
 
+_MIN_PEAK_MB = 0.1  # peaks below this are not resolved (no memory ratio)
+
+
 def finish_rows(case: Case, rows: list[dict]) -> list[dict]:
     """Ratios to the primary, the case's targets and note, on the rows measured (all of them, or
     the first few when a run was cut off)."""
@@ -352,8 +356,10 @@ def finish_rows(case: Case, rows: list[dict]) -> list[dict]:
     for row in rows:
         if "median_ms" in row and "median_ms" in primary:
             row["time_ratio"] = row["median_ms"] / primary["median_ms"]  # > 1: ours is faster
-        if row.get("peak_mb") and primary.get("peak_mb") is not None:
-            row["mem_ratio"] = row["peak_mb"] / max(primary["peak_mb"], 1e-3)  # > 1: ours uses less
+        # > 1: ours uses less. No ratio when a peak is below what the measurement resolves (CPU
+        # high-water marks move in pages; a 0 would turn the ratio into a huge number).
+        if (row.get("peak_mb") or 0) >= _MIN_PEAK_MB and (primary.get("peak_mb") or 0) >= _MIN_PEAK_MB:
+            row["mem_ratio"] = row["peak_mb"] / primary["peak_mb"]
     for target, value in case.targets.items():
         # "time_ratio:<impl>" >= value, "mem_ratio:<impl>" >= value, "<metric>" <= value for primary
         kind, _, impl = target.partition(":")
@@ -413,7 +419,8 @@ def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write
             pass
     def emit(case_rows: list[dict]) -> None:
         for row in case_rows:
-            row.update(env)
+            for key, value in env.items():
+                row.setdefault(key, value)  # a row's own facts (its thread count) win
         rows.extend(case_rows)
         if write:
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ def _case():
     def big(inp):  # allocates ~32 MB of temporaries
         return (inp["x"].repeat(4, 4) * 2).sum()
 
-    def small(inp):
-        return inp["x"].sum() * 32
+    def small(inp):  # a ~2 MB temporary: small, but above what the peak measurement resolves
+        return inp["x"].repeat(2, 1).mul(2).sum() * 8
 
     ref = lambda inp: (inp["x"].double().sum() * 32)  # noqa: E731
     return harness.Case(
@@ -44,6 +44,17 @@ def test_run_case_rows_and_ratios():
     assert ours["targets"]["rms_rel_err"]["met"]
     table = harness.format_table(rows)
     assert "_toy/sum" in table and "peer" in table
+
+
+def test_no_memory_ratio_below_resolution():
+    """A peak of 0 MB (below what a high-water mark resolves) gives no ratio, so a memory target
+    reads "not measured" instead of met by a division by almost nothing."""
+    case = _case()
+    rows = [{"impl": "ours", "primary": True, "median_ms": 1.0, "peak_mb": 0.0, "rms_rel_err": 0.0},
+            {"impl": "peer", "primary": False, "median_ms": 2.0, "peak_mb": 350.0}]
+    harness.finish_rows(case, rows)
+    assert "mem_ratio" not in rows[1] and rows[1]["time_ratio"] == 2.0
+    assert rows[0]["targets"]["mem_ratio:peer"]["met"] is None
 
 
 def test_failures_are_recorded_not_raised():
