@@ -301,6 +301,28 @@ def test_kl_weight_gets_no_gradient(backend):
     assert gw is None and gh is not None and gh.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_operands_not_logits(backend):
+    """Under torch.autocast(bfloat16) the op runs as on bf16 operands (as F.linear would), with
+    fp32 logits inside (no autocast inside the op), and the gradients reach the fp32 leaves."""
+    dev = backend_device(backend)
+    x = make(device=dev)
+    leaves = [x[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias", "pred_hidden")]
+    with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+        ce, kl = linear_cross_entropy_kl(leaves[0], leaves[1], x["targets"], leaves[3], x["teacher_index"], bias=leaves[2],
+                                         kl_weight=x["kl_weight"], backend=backend)
+    got = torch.autograd.grad(1.3 * ce + 0.7 * kl, leaves)
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
+    ce2, kl2 = linear_cross_entropy_kl(low[0], low[1], x["targets"], low[3], x["teacher_index"], bias=low[2],
+                                       kl_weight=x["kl_weight"], backend=backend)
+    want = torch.autograd.grad(1.3 * ce2 + 0.7 * kl2, low)
+    assert ce.dtype == torch.float32 and kl.dtype == torch.float32
+    assert torch.equal(ce, ce2) and torch.equal(kl, kl2)
+    for g, w, leaf in zip(got, want, leaves):
+        assert g.dtype == leaf.dtype
+        assert torch.equal(g, w.float())
+
+
 def test_cpu_backend_refuses_double_backward():
     """The cpu backend's backward rescales gradients saved in the forward: a second derivative
     through it must be an error, not zeros."""

@@ -137,6 +137,25 @@ def test_padding_takes_part_in_no_term(side):
     assert not g[attention_mask == 0].any() and g[attention_mask == 1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bfloat16(backend):
+    """Mixed precision: an fp32 head and LM under torch.autocast(bfloat16) train (forward and
+    backward run, gradients are fp32 and close to the fp32 ones)."""
+    device = backend_device(backend)
+    head = NextLatHead(D, E, horizon=2, mlp_hidden=H, backend=backend).to(device)
+    emb, lin, hidden, ids, mask, doc = setup(torch.float32, device, False, True)
+    params = [hidden, emb.weight, lin.weight] + list(head.parameters())
+    ref = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=doc)
+    g_ref = grads_of(ref.total, params)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=doc)
+    g = grads_of(out.total, params)
+    assert_close(out.total.float(), ref.total, atol=0.0, rtol=3e-2)
+    for a, r in zip(g, g_ref):
+        assert a.dtype == torch.float32
+        assert (a - r).norm() <= 0.1 * r.norm() + 1e-6
+
+
 def test_horizon_longer_than_sequence():
     head = NextLatHead(D, E, horizon=8, mlp_hidden=H).double()
     emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)

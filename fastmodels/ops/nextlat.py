@@ -451,6 +451,15 @@ def linear_cross_entropy_kl(
         M = 0 or all weights are 0). hidden, weight and bias get the CE gradient only; pred_hidden
         gets the KL gradient only (``w_m W^T (q_m - p_m)`` normalised by ``sum w``).
     """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # Under autocast the matmul operands take autocast's dtype, as F.linear's would (float64
+        # stays); logits and softmaxes are still fp32, and nothing inside the op is autocast again
+        # (the cpu backend's fp32 buffers, the reference's fp32 logits).
+        low = torch.get_autocast_dtype(hidden.device.type)
+        cast = lambda t: t.to(low) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t  # noqa: E731
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_cross_entropy_kl(cast(hidden), cast(weight), targets, cast(pred_hidden), teacher_index, bias=cast(bias),
+                                           kl_weight=kl_weight, ignore_index=ignore_index, backend=backend, deterministic=deterministic)
     device, D = _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")

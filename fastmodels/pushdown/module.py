@@ -116,8 +116,12 @@ class GPT2PushdownAttention(nn.Module):
 def pushdownify_gpt2(model: nn.Module, layers: Iterable[int] | None = None, *, max_depth: int = 50, binary: bool = False, per_head_table: bool = False, backend: str | None = None) -> nn.Module:
     """Replace the self-attention of the chosen GPT-2 blocks (default: all) with pushdown
     attention, in place (the paper's Pushdown-GPT2). Works on ``GPT2LMHeadModel`` / ``GPT2Model``.
-    The depth tables start at zero, so the model is unchanged until they are trained. Set the tape
-    with :func:`set_stack_tape` before each forward. Returns ``model``."""
+    The depth tables start at zero, so the model is unchanged (in eval mode) until they are
+    trained. Set the tape with :func:`set_stack_tape` before each forward. Returns ``model``.
+
+    GPT-2's attention-probability dropout (``attn_pdrop``) is not applied; residual dropout is.
+    The depth tables are new ``...attn.depth_emb`` parameters: convert after ``from_pretrained``
+    and reload a trained model's ``state_dict`` into a converted model."""
     transformer = getattr(model, "transformer", model)
     blocks = getattr(transformer, "h", None)
     if blocks is None:
