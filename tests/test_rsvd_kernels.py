@@ -420,6 +420,10 @@ def test_jacobi_bad_input():
         J.jacobi_svd(torch.randn(1, 3, 3), "magic")
     with pytest.raises(ValueError, match="max_sweeps"):
         J.jacobi_svd(torch.randn(1, 3, 3), max_sweeps=0)
+    nan_column = torch.randn(2, 3, 3)
+    nan_column[1, :, 2] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        J.jacobi_svd(nan_column)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA device"):
             J.jacobi_svd(torch.randn(1, 3, 3), "cuda")

@@ -70,6 +70,10 @@ def _check_input(B: torch.Tensor) -> None:
     r, c = B.shape[1:]
     if max(r, c) > MAX_DIM:
         raise ValueError(f"B's matrices must be at most {MAX_DIM} x {MAX_DIM}, got {r} x {c}")
+    # NaN/inf would give the CUDA kernel duplicate ranks (unwritten output slots) and, for a column
+    # of NaN/inf, no pivot row at all (an out-of-bounds read): refuse them up front
+    if B.numel() and not bool(torch.isfinite(B).all()):
+        raise ValueError("B must have finite values, found NaN or inf")
 
 
 def _finish(G: torch.Tensor, Vacc: torch.Tensor, transposed: bool):
