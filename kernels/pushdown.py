@@ -299,7 +299,7 @@ def pushdown_attention_fwd_kernel(
     BD: tl.constexpr, VP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (blocks, H, B)
     b = bh // H
     h = bh % H
     off = Tk - Tq  # query i sits at absolute position off + i
@@ -372,7 +372,7 @@ def pushdown_attention_bwd_preprocess_kernel(
     with UNIFORM (compact tapes, Tq = Tk), also the block's _uniform_p (per sentence: the first
     head's programs write it), which the dq pass (row blocks of BM) and the fused dk/dv pass read."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (blocks, H, B)
     h = bh % H
     if UNIFORM:
         b = bh // H
@@ -503,7 +503,7 @@ def pushdown_attention_bwd_dkdv_kernel(
 ):
     """Key-stationary: one program per (key block, batch*head); query blocks top to bottom."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (blocks, H, B)
     b = bh // H
     e_h = e + (bh % H) * s_eh
     off = Tk - Tq
@@ -686,7 +686,7 @@ def pushdown_attention_bwd_dq_kernel(
     dq = scale * (dS k + Hist E); this block's share of dE, scale * Hist^T q, goes to its own slot
     de_part[b, pid_m, h] ([V, D])."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (blocks, H, B)
     b = bh // H
     h = bh % H
     off = Tk - Tq
@@ -770,12 +770,17 @@ def _pow2(n: int) -> int:
     return max(16, next_power_of_2(int(n)))
 
 
+_MAX_GRID_YZ = 65535
+
+
 def _common(q, k, emb, depth, boundary, dense, binary):
     """Shared launch parameters; validates the layout contract (the public op validates values)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if Tq > Tk:
         raise ValueError(f"pushdown kernels: Tq={Tq} must be <= Tk={Tk}")
+    if max(B, H) > _MAX_GRID_YZ:  # the grids are (blocks, H, B); CUDA allows 65535 on axes 1 and 2
+        raise ValueError(f"pushdown kernels: batch size B and heads H must each be <= {_MAX_GRID_YZ}, got B={B}, H={H}")
     if emb.dim() != 3 or emb.shape[0] != H or emb.shape[2] != D:
         raise ValueError(f"pushdown kernels: emb must be [H={H}, V, D={D}], got {list(emb.shape)}")
     compact = dense is None
@@ -815,7 +820,7 @@ def pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale: float, b
     lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    grid = lambda META: (cdiv(Tq, META["BM"]), B * H)  # noqa: E731
+    grid = lambda META: (cdiv(Tq, META["BM"]), H, B)  # noqa: E731
     pushdown_attention_fwd_kernel[grid](
         q, k, v, emb, depth, boundary, dense, out, lse,
         emb.stride(0), emb.stride(1), emb.stride(2),
@@ -839,18 +844,18 @@ def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, s
     qe = torch.empty((B, H, Tq, VP), device=q.device, dtype=torch.float32)
     n_mblk = cdiv(Tq, _DQ_BM)  # the dq pass's row blocks, also the preprocess kernel's
     pbuf = torch.empty((B, n_mblk), device=q.device, dtype=torch.int32) if meta["UNIFORM"] else delta
-    pushdown_attention_bwd_preprocess_kernel[(n_mblk, B * H)](
+    pushdown_attention_bwd_preprocess_kernel[(n_mblk, H, B)](
         q, out, do, emb, delta, qe, boundary, pbuf, emb.stride(0), emb.stride(1), emb.stride(2), H, Tq, D, V,
         FP32_DOT=meta["FP32_DOT"], PREC=meta["PREC"], BD=BD, VP=VP, BM=_DQ_BM, UNIFORM=meta["UNIFORM"],
     )
-    grid_kv = lambda META: (cdiv(Tk, META["BN"]), B * H)  # noqa: E731
+    grid_kv = lambda META: (cdiv(Tk, META["BN"]), H, B)  # noqa: E731
     pushdown_attention_bwd_dkdv_kernel[grid_kv](
         q, k, v, emb, do, lse, delta, qe, boundary, depth, dense, dk, dv,
         emb.stride(0), emb.stride(1), emb.stride(2),
         H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta,
     )
     de_part = torch.empty((B, n_mblk, H, V, D), device=q.device, dtype=torch.float32)
-    pushdown_attention_bwd_dq_kernel[(n_mblk, B * H)](
+    pushdown_attention_bwd_dq_kernel[(n_mblk, H, B)](
         q, k, v, emb, do, lse, delta, qe, depth, boundary, pbuf, dense, dq, de_part,
         emb.stride(0), emb.stride(1), emb.stride(2),
         H, Tq, Tk, D, V, float(scale), _pow2(Tk), BM=_DQ_BM, HIST_DOTS=_hist_dots(), **meta,

@@ -76,6 +76,15 @@ def random_tape(lengths, T, seed=0):
     return depth, boundary, S
 
 
+def test_grid_limits_are_a_clear_error():
+    """The grids are (blocks, H, B): B or H above CUDA's 65535 on grid axes 1/2 is refused with a
+    clear message instead of a launch failure ("invalid argument")."""
+    q = torch.zeros(65536, 1, 1, 16)
+    depth = torch.zeros(65536, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="B and heads H must each be <= 65535, got B=65536, H=1"):
+        kernels.pushdown_attention_fwd(q, q, q, torch.zeros(1, 4, 16), depth, depth, None, 1.0, False)
+
+
 def make_inputs(B, H, Tq, Tk, D, V, dtype, device, shared_emb=False):
     q = torch.randn(B, H, Tq, D, dtype=dtype, device=device)
     k = torch.randn(B, H, Tk, D, dtype=dtype, device=device)
