@@ -1,12 +1,13 @@
-"""Electric images in Triton (fp32): one program per (environment, fish), receptors across lanes.
+"""Electric images in Triton (fp32): one program per (environment, fish, block of up to 64
+receptors), receptors across lanes.
 
 Same math as csrc/include/efield_math.h (the C++ and CUDA backends): pole signal
 n . q d / rho^3 and dipole signal ((P.d)(n3.d) - (n.P)|d|^2) / (|d|^2 rho^3 + 1e-30) with
 n3 = 3 n, rho = |d| + eps, one hardware reciprocal (rcp.approx.ftz) per source on the GPU;
 displacements formed as (fish i - source anchor) - source offset + receptor offset so large arena
 coordinates never round the small offsets. The induced dipoles P_m = chi a^3 E_eod(c_m) are
-recomputed by every fish's program (2N M pole evaluations, negligible next to the R (N + M) x 5
-source-receptor pairs). Dipole signals of each [R, BLOCK_M] tile (and its four wall images) are
+recomputed by every fish's program (2N M pole evaluations per receptor block, negligible next to
+its BLOCK_R (N + M) x 5 source-receptor pairs). Dipole signals of each [R, BLOCK_M] tile (and its four wall images) are
 summed elementwise into one [R, BLOCK_M] accumulator, reduced over objects once at the end.
 """
 
@@ -17,10 +18,14 @@ import os
 import triton
 import triton.language as tl
 
-from ._host import next_power_of_2
+from ._host import cdiv, next_power_of_2
 from ._tuning import gpu_configs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Receptors per program: a [BLOCK_R, BLOCK_M] fp32 accumulator lives in registers (no spills at 64
+# with the configs below; at R = 1024 in one program they spilled ~100 KB per thread). Small under
+# the interpreter so the CPU tests run several receptor blocks.
+_MAX_BLOCK_R = 8 if _INTERPRET else 64
 
 if _INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 16}, num_warps=1)]
@@ -96,7 +101,7 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast,
     pid = tl.program_id(0).to(tl.int64)
     b = pid // N
     i = pid - b * N
-    o_r = tl.arange(0, BLOCK_R)
+    o_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's block of receptors
     m_r = o_r < R
     # receptor offsets and normals of fish i in the world frame; n3 = 3 n (see _dipole_signal)
     th = tl.load(heading + pid).to(tl.float32)
@@ -193,8 +198,11 @@ def efield_fwd(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_ma
         return
     has_walls = arena is not None
     has_comm = comm is not None
-    efield_fwd_kernel[(B * N,)](
+    # one program per (environment, fish, block of receptors): R beyond _MAX_BLOCK_R takes more
+    # programs instead of a [BLOCK_R, BLOCK_M] accumulator too big for registers
+    block_r = min(next_power_of_2(R), _MAX_BLOCK_R)
+    efield_fwd_kernel[(B * N, cdiv(R, block_r))](
         fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm,
         arena if has_walls else fish_pos, active, comm if has_comm else active, N, M, R, 0.5 * float(pole_separation), float(eps), float(image_strength),
-        HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=next_power_of_2(R),
+        HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=block_r,
     )
