@@ -269,6 +269,19 @@ def _check_a(A: torch.Tensor, name: str = "A") -> None:
         raise ValueError(f"{name} must be contiguous")
     if max(A.shape[1], A.shape[2]) * 128 >= 2**31:
         raise ValueError(f"{name}'s sides must be shorter than 2**24 (int32 tile offsets), got {A.shape[1]} x {A.shape[2]}")
+    if not grid_ok(*A.shape):
+        raise ValueError(f"{name}: at most {_MAX_GRID_YZ} matrices with sides of at most {_MAX_SIDE} (CUDA grid "
+                         f"limits of these kernels), got {list(A.shape)}")
+
+
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
+_MAX_SIDE = 16 * _MAX_GRID_YZ  # sketch_omega: cdiv(rows, 16) row blocks on axis 1
+
+
+def grid_ok(b: int, m: int, n: int) -> bool:
+    """Whether a [b, m, n] batch fits the launch grids: power_pass puts the batch on axis 1,
+    the sketches put row blocks (16 rows, or BM >= 16) on axis 1."""
+    return b <= _MAX_GRID_YZ and max(m, n) <= _MAX_SIDE
 
 
 def _block_l(L: int) -> int:

@@ -208,6 +208,26 @@ def test_power_pass_edge_cases_and_errors(device):
         k.power_pass(A.to(torch.int32), torch.randn(2, 4, 3, device=device))
 
 
+@triton_only
+def test_grid_limits(device, monkeypatch):
+    """Batches beyond the kernels' launch grids (65535 matrices, sides of 16 * 65535) are a clear
+    error for the kernels, and randomized_svd takes the torch matmuls for them instead."""
+    from fastmodels.ops import randomized_svd
+
+    k = _rsvd_kernels()
+    assert k.grid_ok(80, 8192, 28672) and not k.grid_ok(65536, 4, 4) and not k.grid_ok(1, 2_000_000, 8)
+    with pytest.raises(ValueError, match="at most 65535 matrices"):
+        k.power_pass(torch.zeros(65536, 1, 1, device=device), torch.zeros(65536, 1, 1, device=device))
+    A = torch.randn(3, 20, 30, device=device)
+    kernel_route = randomized_svd(A, 3, seed=1, backend="triton")
+    monkeypatch.setattr(k, "_MAX_GRID_YZ", 2)  # pretend a batch of 3 is beyond the grid
+    fallback = randomized_svd(A, 3, seed=1, backend="triton")
+    reference = randomized_svd(A, 3, seed=1, backend="reference")
+    for got, want in zip(fallback, reference):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(kernel_route.U, reference.U)  # the kernels draw another sketch
+
+
 # ----------------------------------------------------------------------------------------------
 # Rayleigh-Ritz products of the kernel backends: low-precision A times an fp32 basis
 # ----------------------------------------------------------------------------------------------

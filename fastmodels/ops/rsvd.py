@@ -292,6 +292,10 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
     b, m, n = A.shape
     s = min(m, n)
     use_kernels = backend in ("triton", "cuda") and A.dtype != torch.float64
+    if use_kernels:  # shapes beyond the kernels' launch grids take the torch matmuls
+        from fastmodels.kernels.rsvd import grid_ok
+
+        use_kernels = grid_ok(b, m, n)
     # the CUDA Jacobi kernel is fp32: float64 input keeps the float64 linalg.svd
     small = "cuda" if backend == "cuda" and k + p <= _CUDA_JACOBI_MAX and A.dtype != torch.float64 else "reference"
     if method == "accurate":
