@@ -24,7 +24,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def unavailable() -> str | None:
     """Why sm_90 compilation cannot run here, or None."""
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+    from fastmodels.kernels._host import interpreting
+
+    if interpreting():
         return "TRITON_INTERPRET=1: the kernel modules built their interpreter configs (run in the reference pass)"
     try:
         import triton  # noqa: F401

@@ -79,7 +79,9 @@ def registered_ops() -> dict[str, OpInfo]:
 
 
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    from fastmodels.kernels._host import interpreting  # plain Python, no triton import
+
+    return interpreting()
 
 
 @lru_cache(maxsize=None)
@@ -161,19 +163,35 @@ def op_backend_unavailable_reason(op: str, backend: str, device_type: str) -> st
 # --------------------------------------------------------------------------------------------
 
 
-def _env_choice(op: str) -> str | None:
-    raw = os.environ.get("FASTMODELS_BACKEND", "").strip()
+def _parse_env_backend(raw: str) -> str | dict[str, str] | None:
+    """FASTMODELS_BACKEND: one backend for every op, or ``op=backend`` entries separated by commas.
+    Every part is checked (a misspelt op or backend is an error, not silently ignored)."""
+    raw = raw.strip()
     if not raw:
         return None
     if "=" not in raw:
+        if raw not in BACKENDS:
+            raise ValueError(f"FASTMODELS_BACKEND: unknown backend {raw!r}; expected one of {BACKENDS}, or op=backend entries")
         return raw
+    choices: dict[str, str] = {}
     for part in raw.split(","):
         if not part.strip():
             continue
-        name, _, value = part.partition("=")
-        if name.strip() == op:
-            return value.strip()
-    return None
+        name, eq, value = (x.strip() for x in part.partition("="))
+        if not eq:
+            raise ValueError(f"FASTMODELS_BACKEND: {part.strip()!r} is not an op=backend entry (a single backend for "
+                             f"every op cannot be mixed with per-op entries)")
+        if name not in _OPS:
+            raise ValueError(f"FASTMODELS_BACKEND: unknown op {name!r}; registered: {sorted(_OPS)}")
+        if value not in BACKENDS:
+            raise ValueError(f"FASTMODELS_BACKEND: unknown backend {value!r} for {name}; expected one of {BACKENDS}")
+        choices[name] = value
+    return choices
+
+
+def _env_choice(op: str) -> str | None:
+    parsed = _parse_env_backend(os.environ.get("FASTMODELS_BACKEND", ""))
+    return parsed.get(op) if isinstance(parsed, dict) else parsed
 
 
 def select_backend(op: str, backend: str | None, device: torch.device | str) -> str:
@@ -199,8 +217,6 @@ def select_backend(op: str, backend: str | None, device: torch.device | str) -> 
         return backend
     env = _env_choice(op)
     if env is not None:
-        if env not in BACKENDS:
-            raise ValueError(f"FASTMODELS_BACKEND: unknown backend {env!r}; expected one of {BACKENDS}")
         if env in info.backends:
             reason = op_backend_unavailable_reason(op, env, device_type)
             if reason:

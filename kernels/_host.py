@@ -8,6 +8,14 @@ in plain Python (``next_power_of_2(0) == 0`` as in Triton).
 
 from __future__ import annotations
 
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter: TRITON_INTERPRET read as Triton reads it
+    (1/true/yes/on, any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for integers, b > 0."""

@@ -13,15 +13,14 @@ summed elementwise into one [R, BLOCK_M] accumulator, reduced over objects once 
 
 from __future__ import annotations
 
-import os
 
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, interpreting, next_power_of_2
 from ._tuning import gpu_configs
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 # Receptors per program: a [BLOCK_R, BLOCK_M] fp32 accumulator lives in registers (no spills at 64
 # with the configs below; at R = 1024 in one program they spilled ~100 KB per thread). Small under
 # the interpreter so the CPU tests run several receptor blocks.

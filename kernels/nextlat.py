@@ -33,16 +33,15 @@ inputs use IEEE fp32 dots. Under TRITON_INTERPRET=1 everything is upcast to fp32
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, interpreting, next_power_of_2
 from ._tuning import gpu_configs
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 
 # Under the interpreter: small blocks so that tiny test shapes still exercise multi-tile loops,
 # masks on every dimension and (via _interp_v_chunk) more than one V split.

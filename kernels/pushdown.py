@@ -59,12 +59,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, interpreting, next_power_of_2
 from ._tuning import gpu_configs
 
 __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpreting()
 # "No boundary" marker for masked-out tape entries (any value above every real c_k).
 _BIG = tl.constexpr(2**30)
 _LOG2E = tl.constexpr(1.4426950408889634)

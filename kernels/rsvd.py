@@ -37,16 +37,15 @@ and tiled over a third grid axis when it exceeds 128 (W for a column tile of Y o
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, interpreting, next_power_of_2
 from . import _tuning as tuning
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+_INTERPRET = interpreting()
 
 
 def _pick(gpu_configs, interp_config):

@@ -40,8 +40,15 @@ def test_explicit_unavailable_backend_says_why(toy_op):
 def test_env_variable(toy_op, monkeypatch):
     monkeypatch.setenv("FASTMODELS_BACKEND", "reference")
     assert select_backend(toy_op, None, "cpu") == "reference"
-    monkeypatch.setenv("FASTMODELS_BACKEND", f"other_op=cpu,{toy_op}=reference")
+    monkeypatch.setenv("FASTMODELS_BACKEND", f"electric_image=cpu,{toy_op}=reference")
     assert select_backend(toy_op, None, "cpu") == "reference"
+    # every part of the variable is checked, not only the entry of the op being dispatched
+    for bad, match in ((f"pushdown=triton,{toy_op}=reference", "unknown op 'pushdown'"),
+                       (f"triton,{toy_op}=reference", "'triton' is not an op=backend entry"),
+                       (f"electric_image=bogus,{toy_op}=reference", "unknown backend 'bogus' for electric_image")):
+        monkeypatch.setenv("FASTMODELS_BACKEND", bad)
+        with pytest.raises(ValueError, match=f"FASTMODELS_BACKEND: {match}"):
+            select_backend(toy_op, None, "cpu")
     # An env backend the op does not implement leaves it on its default.
     monkeypatch.setenv("FASTMODELS_BACKEND", "cuda")
     assert select_backend(toy_op, None, "cpu") == "reference"
@@ -116,3 +123,16 @@ def test_cpu_backend_without_extension(monkeypatch):
         assert "CPU tensors" in _dispatch.op_backend_unavailable_reason(name, "cpu", "cuda")
     finally:
         _dispatch._OPS.pop(name)
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False), ("false", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """One reading of TRITON_INTERPRET for dispatch and every kernel module (they used to differ:
+    'true' enabled Triton on CPU in dispatch while the kernels built their GPU configs)."""
+    from fastmodels.kernels._host import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() is on and _dispatch.triton_interpreter_enabled() is on
+    knobs = pytest.importorskip("triton.knobs")
+    if hasattr(knobs, "getenv_bool"):
+        assert knobs.getenv_bool("TRITON_INTERPRET", False) is on
