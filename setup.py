@@ -12,7 +12,8 @@ unavailable (``fastmodels.backends()``), and the reference backends still work. 
 FASTMODELS_REQUIRE_CPP=1 to make a failed build an error instead, FASTMODELS_BUILD_CPP=0 to skip it.
 
 CUDA C++ sources (``csrc/cuda/*.cu``) are not built here: they are compiled with nvcc on first use
-on a GPU machine and cached (see fastmodels/_cuda.py).
+on a GPU machine and cached (see fastmodels/_cuda.py). A wheel therefore ships ``csrc/`` inside the
+package, as ``fastmodels/csrc`` (MANIFEST.in puts it in the sdist).
 """
 
 import glob
@@ -21,6 +22,7 @@ import sys
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ext_modules = []
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -72,6 +74,19 @@ class OptionalBuildExt(build_ext):
             print(f"WARNING: building {ext.name} failed ({exc}); cpu backends disabled", file=sys.stderr)
 
 
+class BuildPyWithSources(build_py):
+    """Copy csrc/{cuda,include,cpu} into the built package as fastmodels/csrc (a source checkout
+    or editable install reads them from csrc/ directly)."""
+
+    def run(self):
+        super().run()
+        for sub in ("cuda", "include", "cpu"):
+            dest = os.path.join(self.build_lib, "fastmodels", "csrc", sub)
+            for path in sorted(glob.glob(os.path.join("csrc", sub, "*"))):
+                self.mkpath(dest)
+                self.copy_file(path, dest)
+
+
 packages = find_packages(include=["fastmodels", "fastmodels.*"])
 packages += ["fastmodels.kernels", "fastmodels.bench"]
 
@@ -80,6 +95,6 @@ setup(
     package_dir={"fastmodels.kernels": "kernels", "fastmodels.bench": "bench"},
     package_data={"fastmodels.bench": ["*.sh"], "fastmodels": ["py.typed"]},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithSources},
     zip_safe=False,
 )

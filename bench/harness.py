@@ -43,7 +43,14 @@ from typing import Any, Callable
 
 import torch
 
-RESULTS_DIR = Path(os.environ.get("FASTMODELS_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
+def _default_results_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    if (here.parent / "pyproject.toml").exists():  # a source checkout or an editable install
+        return here / "results"
+    return Path.cwd() / "fastmodels-bench-results"  # an installed wheel: never write into site-packages
+
+
+RESULTS_DIR = Path(os.environ.get("FASTMODELS_BENCH_RESULTS") or _default_results_dir())
 
 
 @dataclass

@@ -21,16 +21,20 @@ def _info(args) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    print(f"fastmodels {fastmodels.__version__}  python {platform.python_version()}  torch {torch.__version__}  triton {triton_version}")
     from fastmodels._dispatch import nvcc_path, triton_interpreter_enabled
 
-    print(f"CUDA visible: {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
-    print(f"TRITON_INTERPRET: {'on' if triton_interpreter_enabled() else 'off'}   nvcc: {nvcc_path() or 'not found'}   CPU threads: {torch.get_num_threads()}")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    devices = ["cpu"] + (["cuda"] if cuda else [])
     report = {d: fastmodels.backends(d) for d in devices}
-    if args.json:
-        print(json.dumps(report, indent=2))
+    if args.json:  # JSON only, so the output pipes into a JSON reader
+        facts = {"fastmodels": fastmodels.__version__, "python": platform.python_version(), "torch": torch.__version__,
+                 "triton": triton_version, "cuda_device": torch.cuda.get_device_name() if cuda else None,
+                 "triton_interpret": triton_interpreter_enabled(), "nvcc": nvcc_path(), "cpu_threads": torch.get_num_threads()}
+        print(json.dumps({**facts, "backends": report}, indent=2))
         return 0
+    print(f"fastmodels {fastmodels.__version__}  python {platform.python_version()}  torch {torch.__version__}  triton {triton_version}")
+    print(f"CUDA visible: {cuda}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+    print(f"TRITON_INTERPRET: {'on' if triton_interpreter_enabled() else 'off'}   nvcc: {nvcc_path() or 'not found'}   CPU threads: {torch.get_num_threads()}")
     for d, ops in report.items():
         print(f"\nbackends for {d} tensors:")
         for op, r in ops.items():
@@ -68,6 +72,9 @@ def _demo(args) -> int:
     from fastmodels.reproduce import reproductions
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastmodels demo --device cuda: no CUDA device is visible to torch", file=sys.stderr)
+        return 2
     t0 = time.time()
     cases = harness.collect_cases(device, None, quick=True)
     repros = reproductions()
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, help="CPU seconds of timing per implementation (default 2)")
     p.set_defaults(fn=_bench)
 
-    p = sub.add_parser("demo", help="every op vs its reference and peer, then the quick reproductions")
+    p = sub.add_parser("demo", help="every op vs its reference and peer, then the quick reproductions (none registered yet)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(fn=_demo)

@@ -12,11 +12,20 @@ def _run(*args, timeout=300):
 def test_info_json_lists_every_op():
     out = _run("info", "--json")
     assert out.returncode == 0, out.stderr
-    text = out.stdout
-    report = json.loads(text[text.index("{"):])
-    assert "cpu" in report
-    for op, entry in report["cpu"].items():
+    info = json.loads(out.stdout)  # nothing but the JSON document
+    assert info["torch"] and "cpu" in info["backends"]
+    for op, entry in info["backends"]["cpu"].items():
         assert entry["default"] in entry["available"], op
+
+
+def test_demo_on_a_missing_gpu_is_a_clean_error():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    out = _run("demo", "--device", "cuda")
+    assert out.returncode == 2 and "no CUDA device is visible" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_reproduce_unknown_name():
