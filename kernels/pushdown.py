@@ -104,7 +104,7 @@ _DQ_CONFIGS = (
 )
 # T_BUCKET (the key length rounded up to a power of two) is an unused launch argument: it keys
 # the autotuner, so short and long sequences get their own tile sizes without retuning per length.
-_KEY = ["BD", "VP", "COMPACT", "BINARY", "T_BUCKET"]
+_KEY = ["BD", "VP", "COMPACT", "BINARY", "T_BUCKET", "UNIFORM"]  # UNIFORM: the bench times both paths
 
 
 # ---------------------------------------------------------------------------------------------

@@ -409,8 +409,8 @@ def test_receptor_ring():
 
 @pytest.mark.no_poison
 def test_opcheck():
-    args, arena = scene(2, 3, 4, 5)
     for be in ("reference", "cpu" if DEVICE == "cpu" else "cuda"):
+        args, arena = scene(2, 3, 4, 5, device="cpu" if be == "cpu" else DEVICE)
         for ar, pe in ((arena, True), (None, False)):
             torch.library.opcheck(torch.ops.fastmodels.electric_image.default,
                                   (*args, ar, 1.0, 1e-3, 1.0, pe, be), test_utils=("test_schema", "test_faketensor"))

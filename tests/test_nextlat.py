@@ -241,7 +241,7 @@ def test_opcheck_chunked():
 def test_opcheck_rows(backend):
     if backend != "triton":
         pytest.skip("the rows op is the triton backend's")
-    x = make(N=7, M=5)
+    x = make(N=7, M=5, device=backend_device(backend))
     args = (x["hidden"].requires_grad_(), x["weight"].requires_grad_(), x["bias"].requires_grad_(), x["targets"],
             x["pred_hidden"].requires_grad_(), x["teacher_index"], -100, False, True)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_rows.default, args)

@@ -466,6 +466,26 @@ def test_intruder_bad_inputs():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_cuda_small_svd_route_keeps_factors_orthonormal(monkeypatch):
+    """The cuda backend's small SVD (the Jacobi kernel, here its PyTorch port) returns zero vectors
+    for zero singular values; randomized_svd completes them, so U and V stay orthonormal on
+    rank-deficient and all-zero inputs."""
+    from fastmodels.ops import _jacobi
+    from fastmodels.ops.rsvd import _small_svd
+
+    port = _jacobi.jacobi_svd
+    monkeypatch.setattr(_jacobi, "jacobi_svd", lambda B, backend="reference", **kw: port(B, "reference", **kw))
+    R = torch.zeros(3, 6, 6, dtype=F64)
+    R[1, :2, :2] = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=F64)  # rank 2
+    R[2] = torch.linalg.qr(torch.randn(6, 6, dtype=F64, generator=torch.Generator().manual_seed(0))).Q  # full rank
+    assert (port(R.float(), "reference")[0].abs().amax(dim=1) == 0).any()  # the kernel's zero vectors
+    Ur, S, Vr = _small_svd(R, "cuda")
+    eye = torch.eye(6, dtype=F64)
+    for X in (Ur, Vr):
+        torch.testing.assert_close(X.mT @ X, eye.expand(3, 6, 6), rtol=0, atol=1e-6)
+    torch.testing.assert_close(Ur @ torch.diag_embed(S) @ Vr.mT, R, rtol=0, atol=1e-6)
+
+
 def test_bad_inputs():
     A = torch.randn(10, 20)
     with pytest.raises(ValueError, match="rank: expected an int >= 1"):
@@ -502,6 +522,9 @@ def test_bad_inputs():
         randomized_svd([A, A * float("nan")], 2)
     with pytest.raises(ValueError, match="A: expected finite values"):
         randomized_svd(A * float("nan"), 2, method="torch_lowrank")
+    from fastmodels.ops.rsvd import _check_finite_batch  # its fast pass sums each matrix
+
+    _check_finite_batch(torch.full((2, 3, 3), 3e38), "A")  # finite entries whose sum overflows: fine
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,13 +243,29 @@ class _KernelOps:
 # ---------------------------------------------------------------------------------------------
 
 
-def _small_svd(R: torch.Tensor, small: str):
-    """SVD of the small square factor: R = Ur diag(S) Vr^T (float64 results)."""
-    if small == "cuda":
-        from fastmodels.ops._jacobi import jacobi_svd
+def _complete_null_columns(X: torch.Tensor) -> torch.Tensor:
+    """X [b, n, k] float64 with orthonormal or exactly-zero columns (the Jacobi kernel's long-side
+    vectors of zero singular values are zero): zero columns replaced by an orthonormal completion
+    (any basis of the complement is a valid choice), the others kept."""
+    zero = X.abs().amax(dim=1) == 0  # [b, k]
+    if not bool(zero.any()):
+        return X
+    X = X.clone()
+    for i in zero.any(dim=1).nonzero()[:, 0].tolist():  # rank-deficient matrices only
+        z = zero[i]
+        kept = X[i][:, ~z]
+        Q = torch.linalg.qr(kept, mode="complete").Q  # kept's span first, then its complement
+        X[i][:, z] = Q[:, kept.shape[1] : kept.shape[1] + int(z.sum())]
+    return X
 
-        Ur, S, Vr = jacobi_svd(R.to(torch.float32).contiguous(), backend="cuda")
-        return Ur.to(torch.float64), S.to(torch.float64), Vr.to(torch.float64)
+
+def _small_svd(R: torch.Tensor, small: str):
+    """SVD of the small square factor: R = Ur diag(S) Vr^T (float64 results, orthonormal factors)."""
+    if small == "cuda":
+        from fastmodels.ops import _jacobi
+
+        Ur, S, Vr = _jacobi.jacobi_svd(R.to(torch.float32).contiguous(), backend="cuda")
+        return _complete_null_columns(Ur.to(torch.float64)), S.to(torch.float64), _complete_null_columns(Vr.to(torch.float64))
     Ur, S, Vrh = torch.linalg.svd(R)
     return Ur, S, Vrh.mT
 
@@ -380,12 +396,15 @@ def _check_matrix(A, name: str) -> torch.Tensor:
 
 
 def _check_finite_batch(A3: torch.Tensor, name: str) -> None:
-    """NaN/inf input would fail deep inside linalg with a misleading message: say so up front."""
-    bad = ~torch.isfinite(A3).flatten(1).all(dim=1)
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        where = f" (matrix {i} of the batch)" if A3.shape[0] > 1 else ""
-        raise ValueError(f"{name}: expected finite values, found NaN or inf{where}")
+    """NaN/inf input would fail deep inside linalg with a misleading message: say so up front.
+    One pass that reads A and writes nothing of its size (a per-matrix sum is NaN or inf when an
+    entry is), then an exact look only at the matrices it flags."""
+    acc = torch.float64 if A3.dtype == torch.float64 else torch.float32
+    flagged = (~torch.isfinite(A3.sum(dim=(1, 2), dtype=acc))).nonzero()[:, 0].tolist()
+    for i in flagged:  # a sum can also overflow on finite entries
+        if not bool(torch.isfinite(A3[i]).all()):
+            where = f" (matrix {i} of the batch)" if A3.shape[0] > 1 else ""
+            raise ValueError(f"{name}: expected finite values, found NaN or inf{where}")
 
 
 def _resolve_seed(seed) -> int:
