@@ -156,6 +156,30 @@ def test_builder_attach_anywhere_inside_constituent():
         StackTapeBuilder().push(0)
 
 
+def test_builder_inputs():
+    """Attachments as tensors or NumPy values (what a parser's argmax gives), and clear errors."""
+    import numpy as np
+
+    rows = []
+    for to in (lambda v: v, torch.tensor, np.int64):
+        bld = StackTapeBuilder()
+        bld.push(None)
+        bld.push(to(0))
+        rows.append(bld.push(to(1)).tolist())
+    assert rows[0] == rows[1] == rows[2] == [[2, 2, 1]]
+    two = StackTapeBuilder(2)
+    two.push(torch.tensor([-1, -1]))
+    assert two.push(np.array([0, -1])).tolist() == [[1, 1], [0, 0]]
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
+        StackTapeBuilder(-1)
+    with pytest.raises(ValueError, match="attach: expected a sequence of 2 entries"):
+        two.push(0)
+    with pytest.raises(TypeError, match=r"attach\[1\]: expected None or an int"):
+        two.push([0, 0.5])
+    with pytest.raises(TypeError, match="attach: expected None, an int or a sequence"):
+        StackTapeBuilder().push(object())
+
+
 def random_dyck(rng: random.Random, n_pairs: int, types="([{<") -> str:
     out, stack = [], []
     opened = 0

@@ -366,19 +366,32 @@ class StackTapeBuilder:
     """
 
     def __init__(self, batch_size: int = 1):
-        self.batch_size = int(batch_size)
+        self.batch_size = check_int(batch_size, "batch_size", low=1)
         self.length = 0
         self.stacks: list[list[int]] = [[] for _ in range(self.batch_size)]  # constituent starts
         self.spans: list[list[tuple[int, int]]] = [[] for _ in range(self.batch_size)]
         self._rows = torch.zeros(self.batch_size, 16, dtype=torch.int64)
 
     def push(self, attach=None) -> torch.Tensor:
-        """Add one token to every sentence; return the new depth row [B, t + 1] (int64)."""
-        if self.batch_size == 1 and (attach is None or isinstance(attach, int)):
+        """Add one token to every sentence; return the new depth row [B, t + 1] (int64).
+
+        ``attach``: one entry per sentence (a sequence, or a 1-D integer tensor/array), each None or
+        -1 (shift) or a token index; a batch of one also takes a bare entry."""
+        if hasattr(attach, "tolist"):  # tensors and NumPy values: 0-d gives a scalar
+            attach = attach.tolist()
+        if attach is None or isinstance(attach, int):
+            if self.batch_size != 1:
+                raise ValueError(f"attach: expected a sequence of {self.batch_size} entries (one per sentence), got {attach!r}")
             attach = [attach]
-        attach = list(attach)
+        try:
+            attach = list(attach)
+        except TypeError:
+            raise TypeError(f"attach: expected None, an int or a sequence of them, got {type(attach).__name__}") from None
         if len(attach) != self.batch_size:
             raise ValueError(f"attach: expected {self.batch_size} entries (one per sentence), got {len(attach)}")
+        for b, a in enumerate(attach):
+            if a is not None and (isinstance(a, bool) or not isinstance(a, int)):
+                raise TypeError(f"attach[{b}]: expected None or an int token index, got {a!r}")
         k = self.length
         if k >= self._rows.shape[1]:
             grown = torch.zeros(self.batch_size, 2 * self._rows.shape[1], dtype=torch.int64)
