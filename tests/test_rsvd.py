@@ -213,7 +213,10 @@ def test_ill_conditioned(dtype, method, k, device):
     A = spectrum_matrix("kappa", 96, 260).to(device, dtype)
     res = randomized_svd(A, k, method=method, seed=4)
     check_svd_shapes(res, A.shape, k, dtype)
-    assert orth_defect(res.U) <= 1e-5 and orth_defect(res.V) <= 1e-5
+    # the contract's 1e-5 in fp32; a float64 computation is held to float64 (it measures ~1e-15,
+    # so a path that silently dropped to fp32 would fail)
+    tol, floor = (1e-5, 1e-5) if dtype == torch.float32 else (1e-12, 1e-12)
+    assert orth_defect(res.U) <= tol and orth_defect(res.V) <= tol
     sv = torch.linalg.svdvals(A.to(F64).cpu())
     rec = (res.U.to(F64) * res.S.to(F64)[..., None, :]) @ res.V.to(F64).mT
     err = torch.linalg.matrix_norm(rec.cpu() - A.to(F64).cpu())
@@ -221,10 +224,10 @@ def test_ill_conditioned(dtype, method, k, device):
     if method == "accurate":
         # The leading singular values are resolved; the residual is near-optimal down to the
         # working precision's floor.
-        torch.testing.assert_close(res.S[..., :3].to(F64).cpu(), sv[..., :3], rtol=1e-4, atol=1e-6)
-        assert (err <= 1.01 * opt + 1e-5).all()
+        torch.testing.assert_close(res.S[..., :3].to(F64).cpu(), sv[..., :3], rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=floor / 10)
+        assert (err <= 1.01 * opt + floor).all()
     else:  # no oversampling, 2 passes on a slowly decaying spectrum: only a sane residual
-        assert (err <= 3 * opt + 1e-5).all()
+        assert (err <= 3 * opt + floor).all()
 
 
 def test_empty_batch(device):
