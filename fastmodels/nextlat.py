@@ -61,18 +61,16 @@ def _weight_and_bias(lm_head):
 
 def _embed(embedding, input_ids):
     if isinstance(embedding, torch.Tensor):
-        table = embedding
+        table, lookup = embedding, lambda ids: torch.nn.functional.embedding(ids, embedding)
     elif callable(embedding):
-        table = getattr(embedding, "weight", None)
+        table, lookup = getattr(embedding, "weight", None), embedding
     else:
         raise TypeError(f"embedding: expected an nn.Embedding-like module or a [V, E] weight tensor, got {type(embedding).__name__}")
     if isinstance(table, torch.Tensor) and table.dim() == 2 and input_ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(input_ids.min()), int(input_ids.max())  # one host sync, as the fused loss's own checks
+        lo, hi = torch.stack([input_ids.min(), input_ids.max()]).tolist()  # one host sync
         if lo < 0 or hi >= table.shape[0]:
             raise ValueError(f"input_ids: expected token ids in [0, {table.shape[0]}) (rows of the embedding), got range [{lo}, {hi}]")
-    if isinstance(embedding, torch.Tensor):
-        return torch.nn.functional.embedding(input_ids, embedding)
-    return embedding(input_ids)
+    return lookup(input_ids)
 
 
 class NextLatHead(nn.Module):
