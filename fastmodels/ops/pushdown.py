@@ -148,8 +148,8 @@ def _block_dense(dense, r0: int, r1: int, kend: int):
     if dense is None:
         return None
     blk = dense[:, r0:r1, :kend]
-    if dense.dtype == torch.int64:
-        blk = blk.clamp(max=2**31 - 1)
+    if dense.dtype == torch.int64:  # saturate into int32 (negatives, unchecked under torch.compile, read row 0)
+        blk = blk.clamp(0, 2**31 - 1)
     return blk.to(torch.int32).contiguous()
 
 
@@ -276,7 +276,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def _triton_tape(depth, boundary, dense):
     if dense is not None and dense.dtype not in (torch.int8, torch.int16, torch.int32):
         if dense.dtype == torch.int64:  # saturate, not wrap: depths beyond V - 1 all mean row V - 1
-            dense = dense.clamp(max=2**31 - 1)
+            dense = dense.clamp(0, 2**31 - 1)
         dense = dense.to(torch.int32)
     return (
         None if depth is None else depth.contiguous(),
