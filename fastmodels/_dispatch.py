@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from fastmodels.kernels._host import interpreting  # plain Python: importing it loads no triton
+
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 
@@ -79,8 +81,6 @@ def registered_ops() -> dict[str, OpInfo]:
 
 
 def triton_interpreter_enabled() -> bool:
-    from fastmodels.kernels._host import interpreting  # plain Python, no triton import
-
     return interpreting()
 
 
@@ -163,6 +163,7 @@ def op_backend_unavailable_reason(op: str, backend: str, device_type: str) -> st
 # --------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=8)  # select_backend runs on every eager op call; the variable rarely changes
 def _parse_env_backend(raw: str) -> str | dict[str, str] | None:
     """FASTMODELS_BACKEND: one backend for every op, or ``op=backend`` entries separated by commas.
     Every part is checked (a misspelt op or backend is an error, not silently ignored)."""

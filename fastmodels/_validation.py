@@ -129,8 +129,16 @@ def check_range(x: torch.Tensor, name: str, low=None, high=None, *, high_inclusi
     return x
 
 
+def has_nonfinite(x: torch.Tensor, dims=None) -> torch.Tensor:
+    """Bool tensor: whether x (or each slice, reducing ``dims``) holds NaN or inf. One summing pass
+    that writes nothing of x's size (a sum is NaN or inf when an entry is); a sum that overflows on
+    finite entries is a false alarm, so callers confirm flagged slices with ``torch.isfinite``."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return ~torch.isfinite(x.sum(dim=dims, dtype=acc))
+
+
 def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
-    if x.is_floating_point() and x.numel() and not torch.isfinite(x).all().item():
+    if x.is_floating_point() and x.numel() and bool(has_nonfinite(x)) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
     return x
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on launch grid axes 1 and 2 (axis 0 allows 2**31 - 1)
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter: TRITON_INTERPRET read as Triton reads it
     (1/true/yes/on, any case)."""

@@ -7,8 +7,9 @@ n3 = 3 n, rho = |d| + eps, one hardware reciprocal (rcp.approx.ftz) per source o
 displacements formed as (fish i - source anchor) - source offset + receptor offset so large arena
 coordinates never round the small offsets. The induced dipoles P_m = chi a^3 E_eod(c_m) are
 recomputed by every fish's program (2N M pole evaluations per receptor block, negligible next to
-its BLOCK_R (N + M) x 5 source-receptor pairs). Dipole signals of each [R, BLOCK_M] tile (and its four wall images) are
-summed elementwise into one [R, BLOCK_M] accumulator, reduced over objects once at the end.
+its BLOCK_R (N + M) x 5 source-receptor pairs). Dipole signals of each [BLOCK_R, BLOCK_M] tile (and
+its four wall images) are summed elementwise into one [BLOCK_R, BLOCK_M] accumulator, reduced over
+objects once at the end.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast,
         b_a = tl.load(obj_radius + p_m, mask=m_m, other=0.0).to(tl.float32)
         b_chi = tl.load(obj_contrast + p_m, mask=m_m, other=0.0).to(tl.float32)
         b_live = tl.load(obj_mask + p_m, mask=m_m, other=0) != 0
-        b_st = tl.where(b_live, b_chi * (b_a * b_a * b_a), 0.0)
+        b_st = b_chi * (b_a * b_a * b_a)
         ex = tl.zeros([BLOCK_M], dtype=tl.float32)
         ey = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j in range(0, N):
@@ -170,7 +171,7 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast,
                 w = sg * ej * _inv_rho3(dx * dx + dy * dy, eps, FAST)
                 ex += w * dx
                 ey += w * dy
-        # masked objects: exactly 0 (with eps = 0 a padding object on a pole has ex = 0/0)
+        # masked objects: exactly 0, even where ex = 0/0 (eps = 0, a padding object on a pole)
         b_px = tl.where(b_live, b_st * ex, 0.0)[None, :]
         b_py = tl.where(b_live, b_st * ey, 0.0)[None, :]
         acc2 += _dipole_signal((xi - b_cx)[None, :] + ox[:, None], (yi - b_cy)[None, :] + oy[:, None],

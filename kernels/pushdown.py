@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, interpreting, next_power_of_2
+from ._host import MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
 from ._tuning import gpu_configs
 
 __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
@@ -770,17 +770,14 @@ def _pow2(n: int) -> int:
     return max(16, next_power_of_2(int(n)))
 
 
-_MAX_GRID_YZ = 65535
-
-
 def _common(q, k, emb, depth, boundary, dense, binary):
     """Shared launch parameters; validates the layout contract (the public op validates values)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if Tq > Tk:
         raise ValueError(f"pushdown kernels: Tq={Tq} must be <= Tk={Tk}")
-    if max(B, H) > _MAX_GRID_YZ:  # the grids are (blocks, H, B); CUDA allows 65535 on axes 1 and 2
-        raise ValueError(f"pushdown kernels: batch size B and heads H must each be <= {_MAX_GRID_YZ}, got B={B}, H={H}")
+    if max(B, H) > MAX_GRID_YZ:  # the grids are (blocks, H, B)
+        raise ValueError(f"pushdown kernels: batch size B and heads H must each be <= {MAX_GRID_YZ}, got B={B}, H={H}")
     if emb.dim() != 3 or emb.shape[0] != H or emb.shape[2] != D:
         raise ValueError(f"pushdown kernels: emb must be [H={H}, V, D={D}], got {list(emb.shape)}")
     compact = dense is None

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, interpreting, next_power_of_2
+from ._host import MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
 from . import _tuning as tuning
 
 _INTERPRET = interpreting()
@@ -273,7 +273,7 @@ def _check_a(A: torch.Tensor, name: str = "A") -> None:
                          f"limits of these kernels), got {list(A.shape)}")
 
 
-_MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
+_MAX_GRID_YZ = MAX_GRID_YZ  # module-level, so a test can shrink it
 _MAX_SIDE = 16 * _MAX_GRID_YZ  # sketch_omega: cdiv(rows, 16) row blocks on axis 1
 
 

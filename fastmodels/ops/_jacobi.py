@@ -39,6 +39,8 @@ import ctypes
 
 import torch
 
+from fastmodels._validation import check_finite
+
 MAX_DIM = 512
 DEFAULT_MAX_SWEEPS = 15
 DEFAULT_TOL = 1e-8
@@ -72,8 +74,7 @@ def _check_input(B: torch.Tensor) -> None:
         raise ValueError(f"B's matrices must be at most {MAX_DIM} x {MAX_DIM}, got {r} x {c}")
     # NaN/inf would give the CUDA kernel duplicate ranks (unwritten output slots) and, for a column
     # of NaN/inf, no pivot row at all (an out-of-bounds read): refuse them up front
-    if B.numel() and not bool(torch.isfinite(B).all()):
-        raise ValueError("B must have finite values, found NaN or inf")
+    check_finite(B, "B")
 
 
 def _finish(G: torch.Tensor, Vacc: torch.Tensor, transposed: bool):

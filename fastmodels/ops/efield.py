@@ -96,8 +96,8 @@ def electric_image_reference(fish_pos, fish_heading, eod, obj_pos, obj_radius, o
 
     # Induced dipoles: P_m = chi a^3 E_eod(c_m), E_eod = all fish's direct poles (no images).
     e_obj = _pole_field(obj_pos[:, :, None, None, :], poles[:, None], charge[:, None], eps).sum((2, 3))  # [B, M, 2]
-    strength = torch.where(obj_mask, obj_contrast * obj_radius**3, torch.zeros_like(obj_radius))
-    # masked objects get exactly 0 (with eps = 0, a padding object on a pole has e_obj = 0/0)
+    strength = obj_contrast * obj_radius**3
+    # masked objects get exactly 0, even where e_obj = 0/0 (eps = 0, a padding object on a pole)
     moment = torch.where(obj_mask[..., None], strength[..., None] * e_obj, torch.zeros_like(e_obj))  # [B, M, 2]
 
     # Direct poles of every fish j at every receptor of every fish i: [B, i, j, R].

@@ -143,14 +143,19 @@ def _cpp():
     return C
 
 
+def _int32_tape(S: torch.Tensor) -> torch.Tensor:
+    """An integer tape as int32, saturating instead of wrapping: depths beyond V - 1 all mean row
+    V - 1, and negatives (unchecked under torch.compile) read row 0."""
+    if S.dtype == torch.int64:
+        S = S.clamp(0, 2**31 - 1)
+    return S.to(torch.int32)
+
+
 def _block_dense(dense, r0: int, r1: int, kend: int):
     """The dense tape rows of a query block as a contiguous int32 [B, m, kend] tensor."""
     if dense is None:
         return None
-    blk = dense[:, r0:r1, :kend]
-    if dense.dtype == torch.int64:  # saturate into int32 (negatives, unchecked under torch.compile, read row 0)
-        blk = blk.clamp(0, 2**31 - 1)
-    return blk.to(torch.int32).contiguous()
+    return _int32_tape(dense[:, r0:r1, :kend]).contiguous()
 
 
 def _threads() -> int:
@@ -275,9 +280,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _triton_tape(depth, boundary, dense):
     if dense is not None and dense.dtype not in (torch.int8, torch.int16, torch.int32):
-        if dense.dtype == torch.int64:  # saturate, not wrap: depths beyond V - 1 all mean row V - 1
-            dense = dense.clamp(0, 2**31 - 1)
-        dense = dense.to(torch.int32)
+        dense = _int32_tape(dense)
     return (
         None if depth is None else depth.contiguous(),
         None if boundary is None else boundary.contiguous(),

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from fastmodels._dispatch import register_op, select_backend
-from fastmodels._validation import FLOAT_DTYPES, check_choice, check_finite, check_float, check_int, check_tensor
+from fastmodels._validation import FLOAT_DTYPES, check_choice, check_finite, check_float, check_int, check_tensor, has_nonfinite
 
 __all__ = [
     "SVDResult",
@@ -396,12 +396,9 @@ def _check_matrix(A, name: str) -> torch.Tensor:
 
 
 def _check_finite_batch(A3: torch.Tensor, name: str) -> None:
-    """NaN/inf input would fail deep inside linalg with a misleading message: say so up front.
-    One pass that reads A and writes nothing of its size (a per-matrix sum is NaN or inf when an
-    entry is), then an exact look only at the matrices it flags."""
-    acc = torch.float64 if A3.dtype == torch.float64 else torch.float32
-    flagged = (~torch.isfinite(A3.sum(dim=(1, 2), dtype=acc))).nonzero()[:, 0].tolist()
-    for i in flagged:  # a sum can also overflow on finite entries
+    """NaN/inf input would fail deep inside linalg with a misleading message: say so up front
+    (one pass over A, then an exact look only at the matrices it flags)."""
+    for i in has_nonfinite(A3, dims=(1, 2)).nonzero()[:, 0].tolist():
         if not bool(torch.isfinite(A3[i]).all()):
             where = f" (matrix {i} of the batch)" if A3.shape[0] > 1 else ""
             raise ValueError(f"{name}: expected finite values, found NaN or inf{where}")
