@@ -8,6 +8,7 @@ import torch
 from helpers import DEVICE, assert_rms_close, backend_device, load_cuda_emulation, op_backends, pick
 
 import fastmodels.ops  # noqa: F401 - registers the op
+from fastmodels._dispatch import op_backend_unavailable_reason
 from fastmodels.efish import field_scale, receptor_ring, to_volts_per_metre
 from fastmodels.ops import electric_image
 from fastmodels.ops.efield import _pack_inputs
@@ -267,6 +268,21 @@ def test_backend_empty_batch_and_single_receptor(backend):
     ra, rc = electric_image(*f64(args, arena)[0], arena=f64(args, arena)[1], **ref)
     assert_rms_close(a, ra, 1e-4, "active")
     assert_rms_close(c, rc, 1e-4, "comm")
+
+
+@pytest.mark.parametrize("R", [1, 12, 36, 37])
+def test_cpu_receptors_are_independent_lanes(R):
+    """The C++ kernel runs its receptor loops over R rounded up to 16 lanes: the outputs of R
+    receptors equal, bit for bit, the first R of a call with 11 more receptors (no padding lane
+    leaks into a real one, nothing is written past R)."""
+    reason = op_backend_unavailable_reason("electric_image", "cpu", "cpu")
+    if reason:
+        pytest.skip(reason)
+    args, arena = scene(5, 3, 7, R + 11, near=True, seed=R)
+    few = args[:7] + [args[7][:R].contiguous(), args[8][:R].contiguous()]
+    a, c = electric_image(*few, arena=arena, backend="cpu")
+    a_all, c_all = electric_image(*args, arena=arena, backend="cpu")
+    assert torch.equal(a, a_all[..., :R]) and torch.equal(c, c_all[..., :R])
 
 
 def test_large_scene_cpu_default():

@@ -22,6 +22,8 @@ namespace {
 
 using namespace efield;
 
+constexpr int64_t kLanes = 16;  // fp32 lanes of the widest vector the build targets (AVX-512)
+
 struct Scratch {
     // Sources of one environment, structure of arrays.
     std::vector<float> pole_x, pole_y, pole_ox, pole_oy, pole_q;  // 2N direct poles: anchor, offset, charge
@@ -91,8 +93,14 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
     }
     const int64_t n_dip = static_cast<int64_t>(s.dip_x.size());
     // --- receptors of every fish ------------------------------------------------------------
-    s.ox.resize(R); s.oy.resize(R); s.nx.resize(R); s.ny.resize(R); s.n3x.resize(R); s.n3y.resize(R);
-    s.acc.resize(R); s.tmp.resize(R);
+    // The receptor loops run over Rp = R rounded up to 16 lanes (one AVX-512 vector of fp32), so no
+    // receptor falls into a scalar remainder loop: with R = 36 or 12 (the paper's active and
+    // communication receptor counts) the 4 left over after the vector loop cost as much as 16 more.
+    // The padding lanes are a receptor with zero offset and normal (signal 0); they are computed
+    // and never stored.
+    const int64_t Rp = (R + kLanes - 1) / kLanes * kLanes;
+    s.ox.resize(Rp); s.oy.resize(Rp); s.nx.resize(Rp); s.ny.resize(Rp); s.n3x.resize(Rp); s.n3y.resize(Rp);
+    s.acc.resize(Rp); s.tmp.resize(Rp);
     float* __restrict ox = s.ox.data(); float* __restrict oy = s.oy.data();
     float* __restrict nx = s.nx.data(); float* __restrict ny = s.ny.data();
     float* __restrict n3x = s.n3x.data(); float* __restrict n3y = s.n3y.data();
@@ -100,8 +108,10 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
     for (int64_t i = 0; i < N; ++i) {
         const float c = std::cos(heading[i]), sn = std::sin(heading[i]);
         const float xi = fish_pos[2 * i], yi = fish_pos[2 * i + 1];
-        for (int64_t r = 0; r < R; ++r) {
-            const float px = rec_pos[2 * r], py = rec_pos[2 * r + 1], qx = rec_nrm[2 * r], qy = rec_nrm[2 * r + 1];
+        for (int64_t r = 0; r < Rp; ++r) {
+            const bool real = r < R;
+            const float px = real ? rec_pos[2 * r] : 0.0f, py = real ? rec_pos[2 * r + 1] : 0.0f;
+            const float qx = real ? rec_nrm[2 * r] : 0.0f, qy = real ? rec_nrm[2 * r + 1] : 0.0f;
             ox[r] = c * px - sn * py; oy[r] = sn * px + c * py;
             nx[r] = c * qx - sn * qy; ny[r] = sn * qx + c * qy;
             n3x[r] = 3.0f * nx[r]; n3y[r] = 3.0f * ny[r];
@@ -118,7 +128,7 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
             const float ax = dx0 - s.pole_ox[2 * j], ay = dy0 - s.pole_oy[2 * j], aq = s.pole_q[2 * j];
             const float bx = dx0 - s.pole_ox[2 * j + 1], by = dy0 - s.pole_oy[2 * j + 1], bq = s.pole_q[2 * j + 1];
 #pragma omp simd
-            for (int64_t r = 0; r < R; ++r) {
+            for (int64_t r = 0; r < Rp; ++r) {
                 tmp[r] = pole_signal(ax + ox[r], ay + oy[r], nx[r], ny[r], aq, eps) +
                          pole_signal(bx + ox[r], by + oy[r], nx[r], ny[r], bq, eps);
                 acc[r] += tmp[r];
@@ -129,13 +139,13 @@ FM_CLONES void efield_env(const float* fish_pos, const float* heading, const flo
         for (int64_t k = 0; k < n_img; ++k) {
             const float ax = (xi - s.img_x[k]) - s.img_ox[k], ay = (yi - s.img_y[k]) - s.img_oy[k], q = s.img_q[k];
 #pragma omp simd
-            for (int64_t r = 0; r < R; ++r) acc[r] += pole_signal(ax + ox[r], ay + oy[r], nx[r], ny[r], q, eps);
+            for (int64_t r = 0; r < Rp; ++r) acc[r] += pole_signal(ax + ox[r], ay + oy[r], nx[r], ny[r], q, eps);
         }
         // Induced dipoles and their images.
         for (int64_t k = 0; k < n_dip; ++k) {
             const float ax = xi - s.dip_x[k], ay = yi - s.dip_y[k], px = s.dip_px[k], py = s.dip_py[k];
 #pragma omp simd
-            for (int64_t r = 0; r < R; ++r) acc[r] += dipole_signal(ax + ox[r], ay + oy[r], nx[r], ny[r], n3x[r], n3y[r], px, py, eps);
+            for (int64_t r = 0; r < Rp; ++r) acc[r] += dipole_signal(ax + ox[r], ay + oy[r], nx[r], ny[r], n3x[r], n3y[r], px, py, eps);
         }
         for (int64_t r = 0; r < R; ++r) active[i * R + r] = acc[r];
     }
