@@ -169,6 +169,25 @@ def test_int64_tape_saturates_and_is_left_unchanged(backend):
 
 
 @pytest.mark.parametrize("backend", op_backends("pushdown_attention", include_reference=True))
+def test_unchecked_negative_depths_read_as_zero(backend):
+    """check_values=False skips the host-synced non-negativity check (decoding): negative dense
+    depths (int32 and int64, below -2**31 too) then mean row 0 on every backend."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    dev = backend_device(backend)
+    q, k, v, E, _ = make_inputs(1, 2, 9, 9, 8, 4, False, dtype, device=dev)
+    dense = torch.randint(0, 3, (1, 9, 9), generator=torch.Generator().manual_seed(4)).tril()
+    dense[0, 5, :4] = torch.tensor([-1, -3, -(2**31) - 5, -(2**40)])
+    ref = pushdown_attention(q, k, v, E, dense.clamp(min=0).to(dev), backend="reference")
+    for tape in (dense.to(dev), dense.clamp(min=-(2**31)).to(device=dev, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="non-negative"):
+            pushdown_attention(q, k, v, E, tape, backend=backend)
+        got = pushdown_attention(q, k, v, E, tape, backend=backend, check_values=False)
+        assert_rms_close(got, ref, 1e-10 if dtype == torch.float64 else 2e-5)
+    with pytest.raises(TypeError, match="check_values: expected a bool"):
+        pushdown_attention(q, k, v, E, dense.to(dev), check_values=None)
+
+
+@pytest.mark.parametrize("backend", op_backends("pushdown_attention", include_reference=True))
 def test_decode_rows_match_full_sequence(backend):
     """Tq < Tk (queries are the last Tq positions, KV cache) with a dense row per query or a
     compact tape: equal to the last rows of the full forward; grads too."""

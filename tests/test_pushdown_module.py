@@ -59,6 +59,20 @@ def test_incremental_decoding_matches_full_forward():
     assert_rms_close(torch.cat(steps, dim=1), full, 1e-12)
     assert torch.equal(builder.tape().depth, StackTape.from_trees(trees).depth)
 
+    # a beam reorder halfway (the builders and the cache reordered together, a parent kept twice),
+    # decoding without the per-step value check
+    parents, half = [1, 1, 0], T // 2
+    builder, cache, steps = StackTapeBuilder(2), {}, []
+    for t in range(T):
+        if t == half:
+            builder = builder.select(parents)
+            cache = {name: kv[parents] for name, kv in cache.items()}
+            x_t, atts_t = x[parents], [atts[p] for p in parents]
+        xs, att = (x, atts) if t < half else (x_t, atts_t)
+        row = builder.push([a[t] for a in att])
+        steps.append(m(xs[:, t : t + 1], row[:, None, :], cache=cache, check_values=False))
+    assert_rms_close(torch.cat(steps[half:], dim=1), full[parents, half:], 1e-12)
+
 
 @pytest.mark.no_poison
 def test_torch_compile_fullgraph_module():

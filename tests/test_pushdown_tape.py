@@ -178,6 +178,49 @@ def test_builder_inputs():
         two.push([0, 0.5])
     with pytest.raises(TypeError, match="attach: expected None, an int or a sequence"):
         StackTapeBuilder().push(object())
+    # lists of NumPy integers or 0-d tensors (what iterating over an argmax gives)
+    for entries in ([np.int64(-1), None], list(torch.tensor([-1, -1]))):
+        assert StackTapeBuilder(2).push(entries).tolist() == [[0], [0]]
+    with pytest.raises(TypeError, match=r"attach\[0\]: expected None or an int"):
+        StackTapeBuilder(2).push([torch.tensor([0, 1]), None])
+
+
+def test_builder_select_and_clone_for_beam_search():
+    """Beam reorders: select(parents) gives builders equal to building each parent's history
+    again, shares nothing with the source, and clone() is an independent copy."""
+    import numpy as np
+
+    rng = random.Random(5)
+    for _ in range(100):
+        n = rng.randint(2, 12)
+        trees = [random_tree(rng, n) for _ in range(3)]
+        atts = [[a for a, _ in shift_reduce(set(oracle_spans(t)), n)] for t in trees]
+        cut = rng.randint(1, n - 1)
+        bld = StackTapeBuilder(3)
+        for k in range(cut):
+            bld.push([a[k] for a in atts])
+        parents = [rng.randrange(3) for _ in range(rng.randint(1, 5))]
+        for index in (parents, torch.tensor(parents), np.array(parents)):
+            beams = bld.select(index)
+            assert beams.batch_size == len(parents) and beams.length == cut
+            for k in range(cut, n):  # continue each beam with its parent's remaining attachments
+                beams.push([atts[p][k] for p in parents])
+            want = StackTape.from_trees([trees[p] for p in parents])
+            got = beams.tape()
+            assert torch.equal(got.depth, want.depth) and torch.equal(got.boundary, want.boundary)
+        # the source builder did not move, and can still finish its own sentences
+        assert bld.length == cut
+        twin = bld.clone()
+        for k in range(cut, n):
+            bld.push([a[k] for a in atts])
+        assert torch.equal(bld.tape().dense(), StackTape.from_trees(trees).dense())
+        assert twin.length == cut and twin.row.shape == (3, cut)  # the copy shares no state
+    with pytest.raises(ValueError, match=r"index\[1\]: expected a sentence index in \[0, 3\)"):
+        bld.select([0, 3])
+    with pytest.raises(TypeError, match="index: expected a sequence"):
+        bld.select(1)
+    with pytest.raises(ValueError, match="index"):
+        bld.select([])
 
 
 def random_dyck(rng: random.Random, n_pairs: int, types="([{<") -> str:
@@ -239,6 +282,25 @@ def test_dyck_prefix_and_errors():
     custom = StackTape.from_brackets([["a1", "a2", "b2", "b1"]], pairs={"a1": "b1", "a2": "b2"})
     # nodes [1, 2], [1, 3], [0, 3] (b1 reduces with [a2 b2] and then a1)
     assert custom.dense()[0, 3].tolist() == [1, 3, 3, 2]
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 30])
+def test_dense_rows_vs_brute_force(T):
+    """dense(rows) (the last rows query positions; one row per decoding step) vs direct counting on
+    random valid compact tapes, for every rows in 1..T."""
+    from fastmodels.pushdown import dense_from_compact
+
+    g = torch.Generator().manual_seed(T)
+    depth = torch.randint(0, 6, (3, T), generator=g)
+    boundary = torch.minimum(torch.randint(0, 6, (3, T), generator=g), depth)
+    want = torch.zeros(3, T, T, dtype=torch.int64)
+    for b in range(3):
+        for t in range(T):
+            for j in range(t + 1):
+                want[b, t, j] = depth[b, j] - boundary[b, j : t + 1].min()
+    for rows in range(1, T + 1):
+        assert torch.equal(dense_from_compact(depth, boundary, rows), want[:, T - rows :]), rows
+    assert torch.equal(StackTape(depth, boundary).dense(), want)
 
 
 def test_padding_lengths_device_and_validation():

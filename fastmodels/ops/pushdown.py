@@ -416,7 +416,8 @@ def _choose_backend(backend: Optional[str], device_type: str) -> str:
     return select_backend(OP, backend, device_type)
 
 
-def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = False, backend=None) -> torch.Tensor:
+def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = False, backend=None,
+                       check_values: bool = True) -> torch.Tensor:
     """Causal attention with a stack-depth term: softmax(scale (q k^T + q E[S]^T)) v.
 
     Args:
@@ -430,6 +431,9 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
         scale: softmax scale (default 1/sqrt(D)).
         binary: use E[S > 0] (the Dyck 0/1 tape) instead of E[min(S, V - 1)].
         backend: None (automatic), "reference", "cpu" or "triton".
+        check_values: check that a dense tape has no negative depth (one host sync per call, so
+            one per layer and decoding step; skipped under torch.compile). With False, negative
+            depths read as 0 on every backend.
 
     Returns: [B, H, Tq, D] in q's dtype. Differentiable in q, k, v and depth_emb.
     """
@@ -455,6 +459,8 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
         raise ValueError(f"depth_emb: expected at least {2 if binary else 1} rows (V), got {V}")
     if not isinstance(binary, bool):
         raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     scale = 1.0 / math.sqrt(D) if scale is None else check_float(scale, "scale")
 
     depth = boundary = dense = None
@@ -466,7 +472,7 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
         depth, boundary = tape.depth, tape.boundary
     elif isinstance(tape, torch.Tensor):
         check_tensor(tape, "tape", shape=(B, Tq, Tk), dtypes=INT_DTYPES, device=q.device)
-        if not _is_compiling() and tape.numel() and int(tape.min()) < 0:
+        if check_values and not _is_compiling() and tape.numel() and int(tape.min()) < 0:
             raise ValueError(f"tape: expected non-negative depths, got a minimum of {int(tape.min())}")
         dense = tape
     else:

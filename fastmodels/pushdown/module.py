@@ -22,7 +22,8 @@ class PushdownAttention(nn.Module):
     Decoding with a KV cache: pass a dict as ``cache``; keys and values of earlier calls are kept
     in it and the new tokens attend to them. The tape must then cover the new queries only: a
     dense [B, T_new, T_total] tensor (e.g. ``StackTapeBuilder.push(...)[:, None, :]`` for one
-    token) or a StackTape of the whole length.
+    token) or a StackTape of the whole length. ``check_values=False`` skips the dense tape's
+    non-negativity check, the one host sync of a decoding step.
 
     Args:
         d_model, n_heads: width and heads (d_model divisible by n_heads).
@@ -52,7 +53,7 @@ class PushdownAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.depth_emb, std=0.02)
 
-    def forward(self, x: torch.Tensor, tape, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tape, cache: dict | None = None, *, check_values: bool = True) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected a tensor [B, T, {self.d_model}] (d_model), got {shape}")
@@ -63,7 +64,7 @@ class PushdownAttention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        y = pushdown_attention(q, k, v, self.depth_emb, tape, binary=self.binary, backend=self.backend)
+        y = pushdown_attention(q, k, v, self.depth_emb, tape, binary=self.binary, backend=self.backend, check_values=check_values)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
     def extra_repr(self) -> str:

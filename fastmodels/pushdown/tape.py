@@ -164,20 +164,28 @@ def _compact_from_spans(n: int, spans: Iterable[tuple[int, int]]) -> tuple[list[
 def dense_from_compact(depth: torch.Tensor, boundary: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """S(t, j) as a [B, rows, T] int64 tensor for the last ``rows`` query positions (default T).
 
-    S(t, j) = D_j - min_{j <= k <= t} c_k for j <= t, 0 for j > t. Costs O(B T^2) memory.
+    S(t, j) = D_j - min_{j <= k <= t} c_k for j <= t, 0 for j > t. Costs O(B rows T) time and
+    memory (a decoding step with a KV cache asks for one row).
     """
     B, T = depth.shape
     rows = T if rows is None else rows
+    t0 = T - rows  # the first query row asked for
     d = depth.to(torch.int64)
     c = boundary.to(torch.int64)
     big = torch.iinfo(torch.int64).max
-    k = torch.arange(T, device=depth.device)
-    # M[b, j, t] = min_{j <= k <= t} c_k: a running minimum along t of c masked to k >= j.
-    masked = torch.where(k[None, None, :] >= k[None, :, None], c[:, None, :], big)
-    running = torch.cummin(masked, dim=-1).values  # [B, j, t]
+    t = torch.arange(t0, T, device=depth.device)  # query positions
+    j = torch.arange(T, device=depth.device)  # key positions
+    # min_{j <= k <= t} c_k = min(min_{j <= k < t0} c_k, min_{max(j, t0) <= k <= t} c_k); the first
+    # part is a suffix minimum over the keys before t0, the second a running minimum over the rows.
+    start = torch.clamp(j, min=t0) - t0  # [T]: the running part of row t for key j covers [max(j, t0), t]
+    masked = torch.where(torch.arange(rows, device=depth.device)[None, :] >= start[:, None], c[:, None, t0:], big)  # [B, j, k]
+    running = torch.cummin(masked, dim=-1).values  # [B, j, t - t0]
+    if t0 > 0:
+        head = torch.flip(torch.cummin(torch.flip(c[:, :t0], (1,)), dim=1).values, (1,))  # [B, t0]
+        running[:, :t0] = torch.minimum(running[:, :t0], head[:, :, None])
     s = d[:, :, None] - running  # [B, j, t]
-    s = torch.where(k[None, None, :] >= k[None, :, None], s, 0)
-    return s.transpose(1, 2)[:, T - rows :, :].contiguous()
+    s = torch.where(j[:, None] <= t[None, :], s, 0)
+    return s.transpose(1, 2).contiguous()
 
 
 class StackTape:
@@ -244,8 +252,10 @@ class StackTape:
 
     @classmethod
     def from_trees(cls, trees, *, labeled: bool = False, pad_to: int | None = None, device=None) -> "StackTape":
-        """From a list of trees (``nltk.Tree``, nested lists, or bracket strings; a single tree is
-        accepted too). Leaves are tokens. n-ary nodes are binarized right-factored (as
+        """From a list of trees (``nltk.Tree``, nested lists, or bracket strings). A single
+        ``nltk.Tree`` or bracket string is accepted too; a nested list is always read as a list of
+        trees (``[["a", "b"], "c"]`` is two sentences; wrap one nested-list tree in a list). Leaves
+        are tokens. n-ary nodes are binarized right-factored (as
         ``nltk.Tree.chomsky_normal_form``) and unary chains collapsed. Bracket strings are unlabeled
         ("((The dog) (is happy))") unless ``labeled=True`` (PTB style, parsed by nltk)."""
         if isinstance(trees, str) or _children(trees) is not None and _is_single_tree(trees):
@@ -268,19 +278,20 @@ class StackTape:
         sentences = []
         for s in strings:
             toks = [ch for ch in s if not ch.isspace()] if isinstance(s, str) else list(s)
-            builder = StackTapeBuilder(1)
+            stack: list[int] = []  # constituent starts, as in StackTapeBuilder
+            spans: list[tuple[int, int]] = []
             opens: list[tuple[object, int]] = []
             for k, tok in enumerate(toks):
                 if tok in pairs:
                     opens.append((tok, k))
-                    builder.push(None)
+                    stack.append(k)
                 elif tok in closers:
                     if not opens or opens[-1][0] != closers[tok]:
                         raise ValueError(f"strings: unmatched close bracket {tok!r} at position {k} of {s!r}")
-                    builder.push(opens.pop()[1])
+                    spans += ((start, k) for start in _reduce(stack, opens.pop()[1]))
                 else:
                     raise ValueError(f"strings: token {tok!r} at position {k} of {s!r} is not a bracket of pairs {pairs}")
-            sentences.append((len(toks), builder.spans[0]))
+            sentences.append((len(toks), spans))
         return cls.from_spans(sentences, pad_to=pad_to, device=device)
 
     # -- views -------------------------------------------------------------------------------
@@ -342,6 +353,17 @@ class StackTape:
         return f"StackTape(batch_size={self.batch_size}, seq_len={self.seq_len}, lengths={self.lengths.tolist()}, device={self.device})"
 
 
+def _token_index(a, b: int, *, what: str = "attach"):
+    """None, or an integer index as a Python int (NumPy integers and 0-d integer tensors too)."""
+    if a is None:
+        return None
+    if hasattr(a, "tolist") and not isinstance(a, (list, tuple)):
+        a = a.tolist()  # 0-d tensors and NumPy scalars
+    if isinstance(a, bool) or not isinstance(a, int):
+        raise TypeError(f"{what}[{b}]: expected None or an int {'token' if what == 'attach' else 'sentence'} index, got {a!r}")
+    return a
+
+
 def _is_single_tree(x) -> bool:
     """A nested list/nltk.Tree that is one tree rather than a list of trees."""
     try:
@@ -352,6 +374,18 @@ def _is_single_tree(x) -> bool:
     except ImportError:  # pragma: no cover
         pass
     return False
+
+
+def _reduce(stack: list[int], a: int) -> list[int]:
+    """Reduce the new token with the stack constituent that contains token ``a`` and every
+    constituent above it: pops them, pushes the merged constituent, and returns the popped starts
+    from the top down (the new token closes one binary node [start, k] per popped start)."""
+    popped = []
+    while stack and stack[-1] > a:
+        popped.append(stack.pop())
+    popped.append(stack.pop())
+    stack.append(popped[-1])
+    return popped
 
 
 class StackTapeBuilder:
@@ -389,9 +423,7 @@ class StackTapeBuilder:
             raise TypeError(f"attach: expected None, an int or a sequence of them, got {type(attach).__name__}") from None
         if len(attach) != self.batch_size:
             raise ValueError(f"attach: expected {self.batch_size} entries (one per sentence), got {len(attach)}")
-        for b, a in enumerate(attach):
-            if a is not None and (isinstance(a, bool) or not isinstance(a, int)):
-                raise TypeError(f"attach[{b}]: expected None or an int token index, got {a!r}")
+        attach = [_token_index(a, b) for b, a in enumerate(attach)]
         k = self.length
         if k >= self._rows.shape[1]:
             grown = torch.zeros(self.batch_size, 2 * self._rows.shape[1], dtype=torch.int64)
@@ -402,21 +434,39 @@ class StackTapeBuilder:
             if a is None or a == -1:
                 stack.append(k)
                 continue
-            a = int(a)
             if not (0 <= a < k) or not stack or a < stack[0]:
                 raise ValueError(f"attach[{b}]: token {a} is not on the stack of sentence {b} (tokens 0..{k - 1}, stack starts {stack})")
-            # Pop from the top down to the constituent that contains token a.
-            popped = []
-            while stack and stack[-1] > a:
-                popped.append(stack.pop())
-            popped.append(stack.pop())
+            popped = _reduce(stack, a)
             for start in popped:  # one new binary node [start, k] per pop
                 self._rows[b, start:k] += 1
                 self.spans[b].append((start, k))
             self._rows[b, k] = len(popped)
-            stack.append(popped[-1])
         self.length = k + 1
         return self.row
+
+    def select(self, index) -> "StackTapeBuilder":
+        """A new builder holding sentences ``index`` of this one (a sequence or 1-D integer tensor;
+        repeats allowed), in that order: the beam-search reorder, applied alongside the KV cache's.
+        This builder is left unchanged; the copy shares nothing with it."""
+        if hasattr(index, "tolist"):
+            index = index.tolist()
+        if isinstance(index, int) or not hasattr(index, "__len__"):
+            raise TypeError(f"index: expected a sequence or 1-D tensor of sentence indices, got {type(index).__name__}")
+        index = [_token_index(i, n, what="index") for n, i in enumerate(index)]
+        for n, i in enumerate(index):
+            if i is None or not (0 <= i < self.batch_size):
+                raise ValueError(f"index[{n}]: expected a sentence index in [0, {self.batch_size}), got {i}")
+        out = StackTapeBuilder.__new__(StackTapeBuilder)
+        out.batch_size = check_int(len(index), "index (its length)", low=1)
+        out.length = self.length
+        out.stacks = [list(self.stacks[i]) for i in index]
+        out.spans = [list(self.spans[i]) for i in index]
+        out._rows = self._rows[index]  # advanced indexing copies
+        return out
+
+    def clone(self) -> "StackTapeBuilder":
+        """An independent copy (``copy.deepcopy`` also works: 278 us against 7.5 us for 200 tokens)."""
+        return self.select(range(self.batch_size))
 
     @property
     def row(self) -> torch.Tensor:
