@@ -81,12 +81,15 @@ class NextLatHead(nn.Module):
         d_embed: token-embedding size E (default D).
         horizon: rollout depth d >= 1.
         mlp_hidden: transition MLP width (default 4 * D).
-        lambda_h, lambda_kl: weights of the latent and KL terms.
+        lambda_h, lambda_kl: weights of the latent and KL terms. With ``lambda_kl = 0`` the KL
+            term is not computed (its student logits are most of the fused loss's cost) and
+            ``kl`` is reported as 0.
         backend: backend of the fused loss (default: the device's preference).
+        deterministic: the fused loss's triton reductions without atomics (bit-reproducible).
     """
 
     def __init__(self, d_model: int, d_embed: int | None = None, horizon: int = 1, mlp_hidden: int | None = None,
-                 lambda_h: float = 1.0, lambda_kl: float = 1.0, *, backend: str | None = None):
+                 lambda_h: float = 1.0, lambda_kl: float = 1.0, *, backend: str | None = None, deterministic: bool = False):
         super().__init__()
         for name, v in (("d_model", d_model), ("horizon", horizon)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -100,7 +103,10 @@ class NextLatHead(nn.Module):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
         self.d_model, self.d_embed, self.horizon = d_model, d_embed, horizon
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
         self.lambda_h, self.lambda_kl, self.backend = float(lambda_h), float(lambda_kl), backend
+        self.deterministic = deterministic
         self.norm = nn.LayerNorm(d_model + d_embed, bias=False)
         self.mlp = nn.Sequential(
             nn.Linear(d_model + d_embed, mlp_hidden, bias=False),
@@ -205,12 +211,13 @@ class NextLatHead(nn.Module):
             kl_horizons = kl_horizons + (nk > 0).to(cd)
         latent = latent / d
 
-        if preds:
+        if preds and self.lambda_kl != 0:
             pred, teacher_index, kl_weight = torch.cat(rows), torch.cat(teachers), torch.cat(kl_w)
-        else:
+        else:  # no KL rows: a plain fused cross-entropy (kl comes back as 0)
             pred = teacher_index = kl_weight = None
         ce, kl_mean = linear_cross_entropy_kl(hidden.reshape(B * T, D), weight, targets.reshape(-1), pred, teacher_index,
-                                              bias=bias, kl_weight=kl_weight, ignore_index=ignore, backend=self.backend)
+                                              bias=bias, kl_weight=kl_weight, ignore_index=ignore, backend=self.backend,
+                                              deterministic=self.deterministic)
         # The op averages the per-horizon means over the horizons that have a valid row.
         kl = kl_mean * kl_horizons / d
         total = ce + self.lambda_h * latent + self.lambda_kl * kl

@@ -217,6 +217,29 @@ def test_bad_inputs():
         f(h, W, y, ignore_index=1.5)
 
 
+def test_value_checks_sync_once():
+    """The eager value checks (targets, teacher_index, kl_weight) cost one host sync when the
+    inputs are valid (a training step pays it every call), and still name the bad argument."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountSyncs(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.n += getattr(func, "__name__", "") in ("__bool__", "__int__", "__index__", "item", "tolist")
+            return func(*args, **(kwargs or {}))
+
+    x = make()
+    h, W, y, p, t = x["hidden"], x["weight"], x["targets"], x["pred_hidden"], x["teacher_index"]
+    with CountSyncs() as c:
+        linear_cross_entropy_kl(h, W, y, p, t, kl_weight=torch.rand(len(t)), backend="cpu")
+    assert c.n == 1
+    with pytest.raises(ValueError, match="kl_weight: expected finite"):
+        linear_cross_entropy_kl(h, W, y, p, t, kl_weight=torch.full((len(t),), float("nan")), backend="cpu")
+
+
 def test_custom_ignore_index():
     x = make(ignore_every=0, dtype=torch.float64)
     x["targets"][::2] = 7

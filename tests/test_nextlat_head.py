@@ -85,6 +85,28 @@ def test_head_matches_spec(backend, horizon, tied, bias):
         assert_close(a, r, name=f"grad {i}", **tol)
 
 
+def test_lambda_kl_zero_skips_the_kl_rows(monkeypatch):
+    """lambda_kl = 0 (the GPT baseline, ablations): the fused loss gets no KL rows (their student
+    logits are its main cost), kl is reported as 0, and total and every gradient equal the spec's
+    objective with lambda_kl = 0. Also: the head passes its deterministic flag to the fused loss."""
+    import fastmodels.nextlat as nl
+
+    seen = []
+    real = nl.linear_cross_entropy_kl
+    monkeypatch.setattr(nl, "linear_cross_entropy_kl", lambda *a, **k: seen.append((a[3], k["deterministic"])) or real(*a, **k))
+    torch.manual_seed(0)
+    head = NextLatHead(D, E, horizon=2, mlp_hidden=H, lambda_h=0.7, lambda_kl=0.0, deterministic=True).double()
+    emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)
+    out = head(hidden, ids, emb, lin, loss_mask=mask, doc_ids=doc)
+    assert seen == [(None, True)] and out.kl.item() == 0.0  # and the deterministic flag is passed on
+    ref = spec_objective(head, hidden, ids, emb.weight, lin.weight, lin.bias, mask, doc, 2, 0.7, 0.0)
+    params = [hidden, emb.weight, lin.weight, lin.bias] + list(head.parameters())
+    for name, a, r in zip(("total", "ce", "latent"), out, ref):
+        assert_close(a, r, name=name, atol=1e-9, rtol=1e-7)
+    for i, (a, r) in enumerate(zip(grads_of(out.total, params), grads_of(ref[0], params))):
+        assert_close(a, r, name=f"grad {i}", atol=1e-9, rtol=1e-7)
+
+
 def test_doc_start_equals_doc_ids_and_no_mask():
     head = NextLatHead(D, E, horizon=2, mlp_hidden=H).double()
     emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)
@@ -203,6 +225,8 @@ def test_bad_inputs():
         NextLatHead(D, horizon=0)
     with pytest.raises(ValueError, match="lambda_kl"):
         NextLatHead(D, lambda_kl=-1.0)
+    with pytest.raises(TypeError, match="deterministic: expected a bool"):
+        NextLatHead(D, deterministic=1)
 
 
 @pytest.mark.no_poison

@@ -378,7 +378,15 @@ def _resolve_backend(backend: str | None, device_type: str) -> str:
 
 
 def _check_values(targets, teacher_index, kl_weight, N, V, ignore_index):
+    """Targets, teacher indices and KL weights in range: one host sync when all is well."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    flags = [bad.any()]
+    if teacher_index is not None and teacher_index.numel():
+        flags.append(((teacher_index < 0) | (teacher_index >= N)).any())
+    if kl_weight is not None and kl_weight.numel():
+        flags.append((~torch.isfinite(kl_weight) | (kl_weight < 0)).any())
+    if not bool(torch.stack(flags).any()):
+        return
     if bad.any():
         first = int(bad.nonzero()[0, 0])
         raise ValueError(f"targets: expected values in [0, {V}) or ignore_index={ignore_index}, got {int(targets[first])} at row {first}")
