@@ -208,7 +208,7 @@ def test_single_row_or_column(shape, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", ["accurate", "torch_lowrank"])
-@pytest.mark.parametrize("k", [3, 10, 40])
+@pytest.mark.parametrize("k", [3, 10, 40, 90])  # 90 of 96: the exact route's whole-basis case
 def test_ill_conditioned(dtype, method, k, device):
     A = spectrum_matrix("kappa", 96, 260).to(device, dtype)
     res = randomized_svd(A, k, method=method, seed=4)
@@ -302,6 +302,31 @@ def test_list_equals_separate_calls(device):
     stacked = randomized_svd(torch.stack([mats[0], mats[2]]), k, seed=21)
     torch.testing.assert_close(out[2].U, stacked.U[1], rtol=1e-5, atol=1e-6)
     assert randomized_svd([], 3) == []
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e3, 1e4, 1e6, 1e8])
+def test_fp32_orthonormalization_checks_every_basis(cond):
+    """The torch_lowrank mode's fp32 CPU path orthonormalizes with an fp32 Gram, whose Cholesky
+    can succeed with garbage once cond(Y)^2 passes fp32's range (at cond 1e4 a single pass leaves
+    Q^T Q - I at ~2): every basis is checked, so a basis between power passes is well
+    conditioned (defect <= 0.5), a final one orthonormal (1e-5), and both span Y."""
+    from fastmodels.ops.rsvd import _orth
+
+    g = torch.Generator().manual_seed(int(math.log10(cond)))
+    Ys = []
+    for _ in range(4):
+        U = torch.linalg.qr(torch.randn(300, 20, generator=g, dtype=F64)).Q
+        V = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=F64)).Q
+        Ys.append((U * torch.logspace(0, -math.log10(cond), 20, dtype=F64)) @ V.T)
+    Y = torch.stack(Ys).float()
+    for passes, tol in ((1, 0.5), (2, 1e-5)):
+        Q = _orth(Y, passes=passes, dtype=torch.float32)
+        assert Q.dtype == torch.float32
+        assert orth_defect(Q) <= tol, passes
+        # span: Y's leading directions (those above fp32's resolution) lie in range(Q)
+        Qo = torch.linalg.qr(Q.double()).Q
+        resid = torch.linalg.matrix_norm(Y.double() - Qo @ (Qo.mT @ Y.double())) / torch.linalg.matrix_norm(Y.double())
+        assert (resid <= 1e-4).all(), (passes, resid)
 
 
 def test_torch_lowrank_matches_torch_statistically():

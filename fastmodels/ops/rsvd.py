@@ -95,7 +95,7 @@ def default_oversample_niter(rank: int, short: int, method: str = "accurate") ->
 
 
 def _cholqr_pass(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One CholeskyQR pass on float64 ``Y`` [b, r, c]: (Q, R, ok[b])."""
+    """One CholeskyQR pass on ``Y`` [b, r, c] in its own precision: (Q, R, ok[b])."""
     G = Y.mT @ Y
     L, info = torch.linalg.cholesky_ex(G)
     ok = info == 0
@@ -112,27 +112,35 @@ def _cholqr_pass(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return Q, R, ok
 
 
-def _orth(Y: torch.Tensor, *, passes: int = 2, want_r: bool = False):
-    """Orthonormal basis of the columns of ``Y`` [b, r, c] (r >= c), computed in float64.
+def _orth(Y: torch.Tensor, *, passes: int = 2, want_r: bool = False, dtype: torch.dtype = torch.float64):
+    """Orthonormal basis of the columns of ``Y`` [b, r, c] (r >= c), computed in ``dtype``.
 
     CholeskyQR repeated ``passes`` times (CholeskyQR2 by default: the second pass restores
-    orthogonality to working precision for condition numbers up to ~1e8); matrices whose Gram is
-    not positive definite, or whose result is not orthonormal to 1e-10, are redone with
-    Householder QR, which returns an orthonormal basis for any input (rank-deficient, zero).
-    Returns Q (float64), and R with Y = Q R when ``want_r``.
+    orthogonality to working precision for condition numbers up to ~1e8 in float64); matrices
+    whose Gram is not positive definite, or whose result is not orthonormal (to 1e-10 in float64),
+    are redone with Householder QR, which returns an orthonormal basis for any input
+    (rank-deficient, zero). Returns Q (in ``dtype``), and R with Y = Q R when ``want_r``.
+
+    ``dtype=torch.float32`` serves the torch_lowrank mode on fp32 input on the CPU, where
+    torch.svd_lowrank's own Householder QR works in fp32 too and float64 products would cost a
+    third of the call. An fp32 Gram squares the condition number past fp32's range sooner
+    (cond(Y) > ~1e3), so there every basis is checked: one of CholeskyQR2 must be orthonormal to
+    1e-5, one between power passes well conditioned (defect <= 0.5); the others fall back.
     """
-    Y = Y.to(torch.float64)
+    Y = Y.to(dtype)
     b, r, c = Y.shape
     Q, R, ok = _cholqr_pass(Y)
     for _ in range(passes - 1):
         Q, R2, ok2 = _cholqr_pass(Q)
         R, ok = R2 @ R, ok & ok2
-    if b and passes >= 2:
-        # Between power passes a well-conditioned basis is enough (a singular Gram still falls
-        # back); the final bases must be orthonormal to working precision.
+    if b and (passes >= 2 or dtype != torch.float64):
+        # Between power passes a well-conditioned basis is enough (in float64 a singular Gram
+        # still falls back, and only that can go wrong); the final bases must be orthonormal to
+        # working precision.
+        tol = (1e-10 if dtype == torch.float64 else 1e-5) if passes >= 2 else 0.5
         eye = torch.eye(c, dtype=Y.dtype, device=Y.device)
         defect = (Q.mT @ Q - eye).abs().amax(dim=(-2, -1))
-        ok = ok & (defect <= 1e-10)  # a NaN defect compares False
+        ok = ok & (defect <= tol)  # a NaN defect compares False
     if b and not bool(ok.all()):
         bad = (~ok).nonzero().squeeze(1)
         Qh, Rh = torch.linalg.qr(Y[bad])
@@ -270,13 +278,14 @@ def _small_svd(R: torch.Tensor, small: str):
     return Ur, S, Vrh.mT
 
 
-def _rayleigh_ritz(ops, Q: torch.Tensor, k: int, side: str, small: str):
+def _rayleigh_ritz(ops, Q: torch.Tensor, k: int, side: str, small: str, dtype: torch.dtype = torch.float64):
     """Given an orthonormal basis Q of M's column space (side="rows", Q [b, r, l]) or row space
-    (side="cols", Q [b, c, l]), the best rank-k factorization of M within it: (U, S, V) float64."""
+    (side="cols", Q [b, c, l]), the best rank-k factorization of M within it: (U, S, V) in
+    ``dtype`` (the small SVD is float64 either way)."""
     C = ops.mul_t(Q) if side == "rows" else ops.mul(Q)  # B^T = M^T Q, or M Q
-    Qc, R = _orth(C, want_r=True)  # C = Qc R
-    Ur, S, Vr = _small_svd(R, small)  # R = Ur S Vr^T
-    Q = Q.to(torch.float64)
+    Qc, R = _orth(C, want_r=True, dtype=dtype)  # C = Qc R
+    Ur, S, Vr = (x.to(dtype) for x in _small_svd(R.to(torch.float64), small))  # R = Ur S Vr^T
+    Q = Q.to(dtype)
     if side == "rows":  # M ~ Q Q^T M = Q C^T = (Q Vr) S (Qc Ur)^T
         U, V = Q @ Vr[..., :k], Qc @ Ur[..., :k]
     else:  # M ~ M Q Q^T = C Q^T = (Qc Ur) S (Q Vr)^T
@@ -304,7 +313,7 @@ def _exact_basis(ops_short, s: int, l: int) -> torch.Tensor:
 
 
 def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str):
-    """(U, S, V) float64 for a bucket A [b, m, n]."""
+    """(U, S, V) for a bucket A [b, m, n]: float64 (float32 from the torch_lowrank mode's fp32 CPU path)."""
     b, m, n = A.shape
     s = min(m, n)
     use_kernels = backend in ("triton", "cuda") and A.dtype != torch.float64
@@ -317,6 +326,12 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
     if method == "accurate":
         l = min(k + p, s)
         if k > EXACT_ROUTE_FRACTION * s or l >= s:
+            if l >= s and A.device.type == "cpu":
+                # The basis would be the whole short side, and Gram + eigh + Rayleigh-Ritz would
+                # cost three decompositions: LAPACK's float64 SVD is the exact answer at half that
+                # (a call at 1536 x 576, rank 518: 136 against 224 ms on the dev CPU).
+                U, S, Vh = torch.linalg.svd(A.to(torch.float64), full_matrices=False)
+                return U[..., :k], S[..., :k], Vh.mT[..., :k]
             work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
             X = work if m <= n else work.mT  # short side as rows
             ops = _TorchOps(X)
@@ -357,13 +372,16 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
     work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
     M = work if m >= n else work.mT  # tall, as torch does
     ops = _TorchOps(M)
+    # torch's QR works in the input's precision: so does this path, on the CPU (float64 products
+    # there cost more than the matmuls with A saved).
+    wd = work.dtype if A.device.type == "cpu" else torch.float64
     # Between steps a well-conditioned basis spans the same space as torch's Householder Q; only
     # the last one, which the Rayleigh-Ritz step projects on, must be orthonormal.
-    Q = _orth(ops.mul(_sketch_reference(b, s, l, seed, work.dtype, A.device)), passes=1)
+    Q = _orth(ops.mul(_sketch_reference(b, s, l, seed, work.dtype, A.device)), passes=1, dtype=wd)
     for _ in range(q):
-        Q = _orth(ops.mul_t(Q), passes=1)
-        Q = _orth(ops.mul(Q), passes=1)
-    U, S, V = _rayleigh_ritz(ops, _orth(Q), k, "rows", small)
+        Q = _orth(ops.mul_t(Q), passes=1, dtype=wd)
+        Q = _orth(ops.mul(Q), passes=1, dtype=wd)
+    U, S, V = _rayleigh_ritz(ops, _orth(Q, dtype=wd), k, "rows", small, dtype=wd)
     return (U, S, V) if m >= n else (V, S, U)
 
 
