@@ -302,6 +302,19 @@ def test_list_equals_separate_calls(device):
     stacked = randomized_svd(torch.stack([mats[0], mats[2]]), k, seed=21)
     torch.testing.assert_close(out[2].U, stacked.U[1], rtol=1e-5, atol=1e-6)
     assert randomized_svd([], 3) == []
+    # One rank per matrix (LASER's rho of each matrix's max rank): buckets split by rank, so here
+    # (same-shape items 0 and 2 at different ranks) every matrix is the first of its bucket and
+    # equals a lone call at its rank.
+    ranks = [7, 3, 4, 2, 6]
+    out = randomized_svd(mats, ranks, seed=21)
+    for M, res, k in zip(mats, out, ranks):
+        check_svd_shapes(res, M.shape, k, F64 if M.dtype == F64 else torch.float32)
+        for a, b in zip(res, randomized_svd(M, k, seed=21)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"rank: expected an int or one int per matrix \(5\)"):
+        randomized_svd(mats, [3, 3])
+    with pytest.raises(ValueError, match=r"rank\[1\]: expected an int <= min\(m, n\) = 30"):
+        randomized_svd(mats, [3, 31, 3, 3, 3])
 
 
 @pytest.mark.parametrize("cond", [1e2, 1e3, 1e4, 1e6, 1e8])

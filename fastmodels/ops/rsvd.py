@@ -440,8 +440,10 @@ def randomized_svd(A, rank: int, *, oversample: int | None = None, n_iter: int |
 
     Args:
         A: a tensor [..., m, n] (float64/32/16, bfloat16), or a list of 2-D tensors of any shapes
-            on one device (bucketed by shape internally; a list of results is returned).
-        rank: k, 1 <= k <= min(m, n) (of every matrix, for a list).
+            on one device (bucketed by shape, dtype and rank internally; a list of results is
+            returned).
+        rank: k, 1 <= k <= min(m, n); for a list, one int for every matrix or a list of one int
+            per matrix (e.g. a fraction of each matrix's max rank, as LASER's rho).
         oversample: extra sketch columns p (default: see :func:`default_oversample_niter`).
         n_iter: power iterations q, each a pass ``A (A^T Y)`` (default: as above).
         method: ``"accurate"`` -- ``||A - U S V^T||_F`` within 1% of the optimal ``||A - A_k||_F``
@@ -508,6 +510,12 @@ def _rsvd_fake(A3, k, p, q, method, seed, backend):
 def _randomized_svd_list(mats: list, rank, **kw) -> list:
     if not mats:
         return []
+    if isinstance(rank, (list, tuple)):  # one rank per matrix
+        if len(rank) != len(mats):
+            raise ValueError(f"rank: expected an int or one int per matrix ({len(mats)}), got {len(rank)} ranks")
+        ranks, name = list(rank), "rank[{}]"
+    else:
+        ranks, name = [rank] * len(mats), "rank"
     device = None
     for i, M in enumerate(mats):
         check_tensor(M, f"A[{i}]", ndim=2, dtypes=FLOAT_DTYPES)
@@ -516,16 +524,16 @@ def _randomized_svd_list(mats: list, rank, **kw) -> list:
         elif M.device != device:
             raise ValueError(f"A[{i}]: expected a tensor on {device} (the device of A[0]), got one on {M.device}")
         check_finite(M, f"A[{i}]")
-        k = check_int(rank, "rank", low=1)
+        k = ranks[i] = check_int(ranks[i], name.format(i), low=1)
         if k > min(M.shape):
-            raise ValueError(f"rank: expected an int <= min(m, n) = {min(M.shape)} for A[{i}] of shape {list(M.shape)}, got {k}")
+            raise ValueError(f"{name.format(i)}: expected an int <= min(m, n) = {min(M.shape)} for A[{i}] of shape {list(M.shape)}, got {k}")
     seed = _resolve_seed(kw.pop("seed"))
     buckets: dict[tuple, list[int]] = {}
     for i, M in enumerate(mats):
-        buckets.setdefault((tuple(M.shape), M.dtype), []).append(i)
+        buckets.setdefault((tuple(M.shape), M.dtype, ranks[i]), []).append(i)
     results: list = [None] * len(mats)
-    for idx in buckets.values():
-        res = randomized_svd(torch.stack([mats[i] for i in idx]), rank, seed=seed, **kw)
+    for (_, _, k), idx in buckets.items():
+        res = randomized_svd(torch.stack([mats[i] for i in idx]), k, seed=seed, **kw)
         for j, i in enumerate(idx):
             results[i] = SVDResult(res.U[j], res.S[j], res.V[j])
     return results
