@@ -274,7 +274,7 @@ def test_backend_empty_batch_and_single_receptor(backend):
 def test_cpu_receptors_are_independent_lanes(R):
     """The C++ kernel runs its receptor loops over R rounded up to 16 lanes: the outputs of R
     receptors equal, bit for bit, the first R of a call with 11 more receptors (no padding lane
-    leaks into a real one, nothing is written past R)."""
+    leaks into a real one)."""
     reason = op_backend_unavailable_reason("electric_image", "cpu", "cpu")
     if reason:
         pytest.skip(reason)

@@ -137,3 +137,13 @@ def test_pushdownify_gpt2_starts_equal_and_trains_depth_table():
     assert type(model.transformer.h[1].attn).__name__ == "GPT2Attention"
     with pytest.raises(ValueError, match="layers"):
         pushdownify_gpt2(model, layers=[5])
+    # a dense tape is checked once in set_stack_tape, not per layer; unchecked negatives read as 0
+    dense = tape.dense()
+    with torch.no_grad():
+        set_stack_tape(model, dense)
+        want = model(ids, use_cache=False).logits
+        neg = torch.where(dense == 0, -3, dense)
+        with pytest.raises(ValueError, match="tape: expected non-negative depths"):
+            set_stack_tape(model, neg)
+        set_stack_tape(model, neg, check_values=False)
+        assert_rms_close(model(ids, use_cache=False).logits, want, 1e-6)

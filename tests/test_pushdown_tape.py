@@ -211,10 +211,13 @@ def test_builder_select_and_clone_for_beam_search():
         # the source builder did not move, and can still finish its own sentences
         assert bld.length == cut
         twin = bld.clone()
+        before = (twin.row, [list(st) for st in twin.stacks], [list(sp) for sp in twin.spans])
         for k in range(cut, n):
             bld.push([a[k] for a in atts])
         assert torch.equal(bld.tape().dense(), StackTape.from_trees(trees).dense())
-        assert twin.length == cut and twin.row.shape == (3, cut)  # the copy shares no state
+        # the copy shares no state: pushing to the source left it as it was
+        assert twin.length == cut and torch.equal(twin.row, before[0])
+        assert twin.stacks == before[1] and twin.spans == before[2]
     with pytest.raises(ValueError, match=r"index\[1\]: expected a sentence index in \[0, 3\)"):
         bld.select([0, 3])
     with pytest.raises(TypeError, match="index: expected a sequence"):
@@ -301,6 +304,9 @@ def test_dense_rows_vs_brute_force(T):
     for rows in range(1, T + 1):
         assert torch.equal(dense_from_compact(depth, boundary, rows), want[:, T - rows :]), rows
     assert torch.equal(StackTape(depth, boundary).dense(), want)
+    for bad in (T + 1, -1):
+        with pytest.raises(ValueError, match="rows: expected an int"):
+            dense_from_compact(depth, boundary, bad)
 
 
 def test_padding_lengths_device_and_validation():

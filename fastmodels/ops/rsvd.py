@@ -14,8 +14,9 @@ Public functions:
 Algorithm (all backends): sketch ``Y = A Omega``; ``q`` power passes ``Y = A (A^T orth(Y))``;
 ``Q = orth(Y)``; ``B^T = A^T Q``; ``B^T = Q_v R`` (CholeskyQR2); ``R = U_r S V_r^T`` (small SVD);
 ``U = Q V_r``, ``V = Q_v U_r``. Orthonormalization is CholeskyQR with a float64 Gram and float64
-Cholesky, with a Householder fallback for the matrices whose Gram is singular or whose result is
-not orthonormal (rank-deficient, all-zero or very ill-conditioned blocks), so no input gives NaN.
+Cholesky (fp32 for the torch_lowrank mode on the CPU, as torch's own QR there), with a
+Householder fallback for the matrices whose Gram is singular or whose result is not orthonormal
+(rank-deficient, all-zero or very ill-conditioned blocks), so no input gives NaN.
 
 Backends: ``reference`` (PyTorch; the sketch from a seeded ``torch.Generator``), ``triton``
 (the Philox sketch and, for narrow sketches, the fused ``A (A^T Y)`` passes of
@@ -50,7 +51,8 @@ register_op("randomized_svd", ("reference", "triton", "cuda"), cpu=("reference",
 
 METHODS = ("accurate", "torch_lowrank")
 # Above this fraction of min(m, n) a randomized sketch costs as much as an exact factorization:
-# method="accurate" then takes the exact route (Gram + float64 eigh + the same Rayleigh-Ritz step).
+# method="accurate" then takes the exact route (Gram + float64 eigh + the same Rayleigh-Ritz step;
+# on the CPU, LAPACK's float64 SVD where that basis would be the whole short side).
 EXACT_ROUTE_FRACTION = 0.25
 # Largest sketch width the CUDA Jacobi kernel handles (one l x l matrix per block).
 _CUDA_JACOBI_MAX = 512
@@ -90,7 +92,8 @@ def default_oversample_niter(rank: int, short: int, method: str = "accurate") ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Orthonormalization: CholeskyQR(2) in float64 with a Householder fallback
+# Orthonormalization: CholeskyQR(2) (float64, or fp32 for torch_lowrank on the CPU) with a
+# Householder fallback
 # ---------------------------------------------------------------------------------------------
 
 
@@ -121,7 +124,8 @@ def _orth(Y: torch.Tensor, *, passes: int = 2, want_r: bool = False, dtype: torc
     are redone with Householder QR, which returns an orthonormal basis for any input
     (rank-deficient, zero). Returns Q (in ``dtype``), and R with Y = Q R when ``want_r``.
 
-    ``dtype=torch.float32`` serves the torch_lowrank mode on fp32 input on the CPU, where
+    ``dtype=torch.float32`` serves the torch_lowrank mode on the CPU for every input but float64
+    (fp16/bf16 are computed in fp32 there), where
     torch.svd_lowrank's own Householder QR works in fp32 too and float64 products would cost a
     third of the call. An fp32 Gram squares the condition number past fp32's range sooner
     (cond(Y) > ~1e3), so there every basis is checked: one of CholeskyQR2 must be orthonormal to
@@ -328,10 +332,14 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
         if k > EXACT_ROUTE_FRACTION * s or l >= s:
             if l >= s and A.device.type == "cpu":
                 # The basis would be the whole short side, and Gram + eigh + Rayleigh-Ritz would
-                # cost three decompositions: LAPACK's float64 SVD is the exact answer at half that
-                # (a call at 1536 x 576, rank 518: 136 against 224 ms on the dev CPU).
-                U, S, Vh = torch.linalg.svd(A.to(torch.float64), full_matrices=False)
-                return U[..., :k], S[..., :k], Vh.mT[..., :k]
+                # cost three decompositions: LAPACK's float64 SVD is the exact answer for less
+                # (1.7-1.8x faster, one thread, tall and wide shapes from 256 x 4096 to
+                # 1536 x 576), run on the tall orientation (LAPACK is 2.7-4x slower on a wide
+                # matrix than on its transpose).
+                X = A.to(torch.float64)
+                U, S, Vh = torch.linalg.svd(X if m >= n else X.mT, full_matrices=False)
+                U, S, V = U[..., :k], S[..., :k], Vh.mT[..., :k]
+                return (U, S, V) if m >= n else (V, S, U)
             work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
             X = work if m <= n else work.mT  # short side as rows
             ops = _TorchOps(X)
@@ -372,8 +380,8 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
     work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
     M = work if m >= n else work.mT  # tall, as torch does
     ops = _TorchOps(M)
-    # torch's QR works in the input's precision: so does this path, on the CPU (float64 products
-    # there cost more than the matmuls with A saved).
+    # torch's QR works in the input's precision (fp32 for fp16/bf16, upcast above): so does this
+    # path, on the CPU (float64 products there cost a third of the call).
     wd = work.dtype if A.device.type == "cpu" else torch.float64
     # Between steps a well-conditioned basis spans the same space as torch's Householder Q; only
     # the last one, which the Rayleigh-Ritz step projects on, must be orthonormal.
@@ -448,12 +456,13 @@ def randomized_svd(A, rank: int, *, oversample: int | None = None, n_iter: int |
         n_iter: power iterations q, each a pass ``A (A^T Y)`` (default: as above).
         method: ``"accurate"`` -- ``||A - U S V^T||_F`` within 1% of the optimal ``||A - A_k||_F``
             on LLM-like spectra, ``||U^T U - I||_max <= 1e-5``; ranks above 25% of min(m, n) take
-            an exact route (Gram + float64 eigh). ``"torch_lowrank"`` -- what
+            an exact route (Gram + float64 eigh, or on the CPU a float64 SVD where rank plus
+            oversampling covers min(m, n)). ``"torch_lowrank"`` -- what
             ``torch.svd_lowrank(A, q=rank, niter=n_iter or 2)`` computes (LASER's edit), no
             oversampling unless ``oversample`` is given, batched.
         seed: the sketch's seed (default: drawn from torch's global generator). Matrix i of a batch
-            (or of a shape bucket of a list) gets its own sketch from (seed, i), so the same seed
-            gives the same result.
+            (or of a bucket of a list: same shape, dtype and rank) gets its own sketch from
+            (seed, i), so the same seed gives the same result.
         backend: "reference", "triton" or "cuda" (default: triton on CUDA, reference on CPU).
 
     Returns:

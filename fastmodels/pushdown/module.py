@@ -109,7 +109,9 @@ class GPT2PushdownAttention(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
         if cache is not None and hasattr(cache, "update") and self.layer_idx is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        y = pushdown_attention(q, k, v, self.depth_emb, self.tape, scale=self.scale, binary=self.binary, backend=self.backend)
+        # set_stack_tape checked the tape once for every layer
+        y = pushdown_attention(q, k, v, self.depth_emb, self.tape, scale=self.scale, binary=self.binary, backend=self.backend,
+                               check_values=False)
         y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, self.embed_dim)))
         return y, None
 
@@ -137,8 +139,17 @@ def pushdownify_gpt2(model: nn.Module, layers: Iterable[int] | None = None, *, m
     return model
 
 
-def set_stack_tape(model: nn.Module, tape: StackTape | torch.Tensor | None) -> None:
-    """Set the tape every converted GPT-2 attention layer of ``model`` uses in its next forward."""
+def set_stack_tape(model: nn.Module, tape: StackTape | torch.Tensor | None, *, check_values: bool = True) -> None:
+    """Set the tape every converted GPT-2 attention layer of ``model`` uses in its next forward.
+
+    A dense tape is checked for negative depths here, once for all layers (one host sync;
+    ``check_values=False`` skips it, e.g. in a decoding loop, and negative depths then read as 0)."""
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+    if check_values and isinstance(tape, torch.Tensor) and tape.numel() and not torch.compiler.is_compiling():
+        low = int(tape.min())
+        if low < 0:
+            raise ValueError(f"tape: expected non-negative depths, got a minimum of {low}")
     found = False
     for m in model.modules():
         if isinstance(m, GPT2PushdownAttention):

@@ -168,7 +168,7 @@ def dense_from_compact(depth: torch.Tensor, boundary: torch.Tensor, rows: int | 
     memory (a decoding step with a KV cache asks for one row).
     """
     B, T = depth.shape
-    rows = T if rows is None else rows
+    rows = T if rows is None else check_int(rows, "rows", low=0, high=T)
     t0 = T - rows  # the first query row asked for
     d = depth.to(torch.int64)
     c = boundary.to(torch.int64)
@@ -360,7 +360,7 @@ def _token_index(a, b: int, *, what: str = "attach"):
     if hasattr(a, "tolist") and not isinstance(a, (list, tuple)):
         a = a.tolist()  # 0-d tensors and NumPy scalars
     if isinstance(a, bool) or not isinstance(a, int):
-        raise TypeError(f"{what}[{b}]: expected None or an int {'token' if what == 'attach' else 'sentence'} index, got {a!r}")
+        raise TypeError(f"{what}[{b}]: expected " + ("None or an int token index" if what == "attach" else "an int sentence index") + f", got {a!r}")
     return a
 
 
@@ -456,7 +456,7 @@ class StackTapeBuilder:
         for n, i in enumerate(index):
             if i is None or not (0 <= i < self.batch_size):
                 raise ValueError(f"index[{n}]: expected a sentence index in [0, {self.batch_size}), got {i}")
-        out = StackTapeBuilder.__new__(StackTapeBuilder)
+        out = type(self).__new__(type(self))
         out.batch_size = check_int(len(index), "index (its length)", low=1)
         out.length = self.length
         out.stacks = [list(self.stacks[i]) for i in index]
