@@ -397,6 +397,11 @@ def test_bad_inputs():
         t.view(-1)[0] = float("inf") if i % 2 else float("nan")
         expect(ValueError, f"{names[i]}: expected finite values", *_bad(args, arena, i, t))
     expect(ValueError, "arena: expected finite arena sides > 0", args, -arena)
+    # the fast path sums every float input: finite values whose sum overflows are no error
+    from fastmodels.ops.efield import _check_values
+
+    big = torch.full_like(args[0], 3e38)
+    _check_values(big, *args[1:6], *args[7:9], arena)
     expect(ValueError, "eps", args, eps=-1.0)
     expect(ValueError, "pole_separation", args, pole_separation=float("nan"))
     expect(TypeError, "per_emitter", args, per_emitter=1)
