@@ -90,7 +90,7 @@ def _demo(args) -> int:
         print(harness.format_table(rows))
     summaries = {}
     out_root = Path(args.out)
-    for name in _progress(list(repros), "reproductions"):
+    for name in _progress(list(repros), "reproductions") if repros else ():  # no empty progress bar
         rep = repros[name]
         try:
             summaries[name] = rep.run(True, out_root / name)
