@@ -218,6 +218,18 @@ def test_builder_select_and_clone_for_beam_search():
         # the copy shares no state: pushing to the source left it as it was
         assert twin.length == cut and torch.equal(twin.row, before[0])
         assert twin.stacks == before[1] and twin.spans == before[2]
+    # Beam expansion as docs/pushdown.md shows it: every beam by each of its candidate attachments
+    # (shift, or reduce back to one of its stack constituents) in one select + push; each row equals
+    # that attachment pushed on a copy of its beam alone.
+    parents, atts = [], []
+    for b, stack in enumerate(bld.stacks):
+        for a in [None] + stack:
+            parents.append(b)
+            atts.append(a)
+    rows = bld.select(parents).push(atts)
+    assert rows.shape == (len(parents), bld.length + 1)
+    for r, (b, a) in enumerate(zip(parents, atts)):
+        assert torch.equal(rows[r], bld.select([b]).push([a])[0])
     with pytest.raises(ValueError, match=r"index\[1\]: expected a sentence index in \[0, 3\)"):
         bld.select([0, 3])
     with pytest.raises(TypeError, match="index: expected a sequence"):
