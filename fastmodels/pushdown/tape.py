@@ -396,7 +396,9 @@ class StackTapeBuilder:
     constituent and every constituent above it (e.g. j = the last token of the constituent it
     attaches to, or its first token). ``row`` is then the depth row S(t, 0..t) of the new token t,
     i.e. the dense tape row a query at t needs; ``tape()`` returns the StackTape, equal to
-    ``StackTape.from_trees`` on the same trees after the last token.
+    ``StackTape.from_trees`` on the same trees after the last token. ``stacks[b]`` lists the start
+    token of each open constituent of sentence b, bottom to top (the valid reduce attachments);
+    ``select(parents)`` reorders sentences for a beam search.
     """
 
     def __init__(self, batch_size: int = 1):
