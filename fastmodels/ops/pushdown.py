@@ -411,6 +411,15 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def check_dense_tape(tape: torch.Tensor) -> None:
+    """A dense tape has no negative depth: one host sync (skipped under torch.compile, where every
+    backend reads negative depths as 0)."""
+    if not _is_compiling() and tape.numel():
+        low = int(tape.min())
+        if low < 0:
+            raise ValueError(f"tape: expected non-negative depths, got a minimum of {low}")
+
+
 @torch.compiler.assume_constant_result
 def _choose_backend(backend: Optional[str], device_type: str) -> str:
     return select_backend(OP, backend, device_type)
@@ -472,8 +481,8 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
         depth, boundary = tape.depth, tape.boundary
     elif isinstance(tape, torch.Tensor):
         check_tensor(tape, "tape", shape=(B, Tq, Tk), dtypes=INT_DTYPES, device=q.device)
-        if check_values and not _is_compiling() and tape.numel() and int(tape.min()) < 0:
-            raise ValueError(f"tape: expected non-negative depths, got a minimum of {int(tape.min())}")
+        if check_values:
+            check_dense_tape(tape)
         dense = tape
     else:
         raise TypeError(f"tape: expected a StackTape or an integer tensor [B, Tq, Tk], got {type(tape).__name__}")

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from fastmodels.ops.pushdown import pushdown_attention
+from fastmodels.ops.pushdown import check_dense_tape, pushdown_attention
 from fastmodels.pushdown.tape import StackTape
 
 __all__ = ["PushdownAttention", "pushdownify_gpt2", "set_stack_tape"]
@@ -146,10 +146,8 @@ def set_stack_tape(model: nn.Module, tape: StackTape | torch.Tensor | None, *, c
     ``check_values=False`` skips it, e.g. in a decoding loop, and negative depths then read as 0)."""
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
-    if check_values and isinstance(tape, torch.Tensor) and tape.numel() and not torch.compiler.is_compiling():
-        low = int(tape.min())
-        if low < 0:
-            raise ValueError(f"tape: expected non-negative depths, got a minimum of {low}")
+    if check_values and isinstance(tape, torch.Tensor):
+        check_dense_tape(tape)
     found = False
     for m in model.modules():
         if isinstance(m, GPT2PushdownAttention):
