@@ -7,6 +7,7 @@ Conventions every op follows (see fastmodels/_dispatch.py and fastmodels/_valida
   torch.compile(fullgraph=True) traces through it;
 - a public function that validates its arguments and takes ``backend=None``.
 """
+from fastmodels.ops.attachment import attachment_scores
 from fastmodels.ops.efield import electric_image, electric_image_reference
 from fastmodels.ops.nextlat import linear_cross_entropy_kl
 from fastmodels.ops.pushdown import pushdown_attention
@@ -22,6 +23,7 @@ from fastmodels.ops.rsvd import (
 __all__ = [
     "IntruderDimensions",
     "SVDResult",
+    "attachment_scores",
     "electric_image",
     "electric_image_reference",
     "intruder_dimensions",
