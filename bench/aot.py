@@ -50,6 +50,23 @@ def unavailable() -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _attachment_launches(K):
+    # fastmodels.ops.attachment: q/keys/feat in fp32/fp16/bf16, a compact int32 tape or a dense
+    # int8/16/32 tape (the op converts others to int32); V = 50 depth rows (2 read in binary mode).
+    # W = 64: the launchers pad feat's rows to a multiple of 16 elements, so an odd W changes only
+    # the alignment of q and keys (same label, hence not compiled separately here).
+    B, T, V, W = 2, 40, 50, 64
+    tapes = [("compact", None), ("dense", torch.int8), ("dense", torch.int16), ("dense", torch.int32)]
+    for dt, binary, (kind, tape_dt) in itertools.product(DTYPES, (False, True), tapes):
+        q, keys, feat = torch.zeros(B, T, W, dtype=dt), torch.zeros(B, T, W, dtype=dt), torch.zeros(V, W, dtype=dt)
+        if kind == "compact":
+            depth, boundary, dense = torch.zeros(B, T, dtype=torch.int32), torch.zeros(B, T, dtype=torch.int32), None
+        else:
+            depth, boundary, dense = None, None, torch.zeros(B, T, T, dtype=tape_dt)
+        K.attachment_fwd(q, keys, feat, depth, boundary, dense, binary)
+        K.attachment_bwd(torch.zeros(B, T, T), q, keys, feat, depth, boundary, dense, binary)
+
+
 def _efield_launches(K):
     # fastmodels.ops.efield converts every input to fp32 before the triton launcher.
     B, N, M, R = 2, 3, 4, 64  # R as in the benchmarks (BLOCK_R = 64)
@@ -110,7 +127,7 @@ def _rsvd_launches(K):
                 K.power_pass(A, torch.zeros(b, 128, l), deterministic=det)
 
 
-LAUNCHERS = {"efield": _efield_launches, "nextlat": _nextlat_launches,
+LAUNCHERS = {"attachment": _attachment_launches, "efield": _efield_launches, "nextlat": _nextlat_launches,
               "pushdown": _pushdown_launches, "rsvd": _rsvd_launches}
 
 

@@ -6,7 +6,7 @@ a dot with a block dim < 16, a shape mismatch in an untaken branch, ptxas errors
 runs the whole GPU pipeline -- frontend, TTIR, TTGIR, LLVM, PTX and ptxas -- for target
 ``GPUTarget("cuda", 90, 32)``, with the exact arguments the GPU launchers pass:
 
-1. Each host launcher (``efield_fwd``, ``lce_kl_fwd``/``lce_kl_bwd``, ``pushdown_attention_fwd``/
+1. Each host launcher (``attachment_fwd``/``_bwd``, ``efield_fwd``, ``lce_kl_fwd``/``lce_kl_bwd``, ``pushdown_attention_fwd``/
    ``_bwd``, ``sketch_omega``/``sketch_matmul``/``power_pass``) is called on small CPU tensors of
    every supported dtype and every flag combination, with each ``*_kernel`` of its module replaced
    by a recorder, so ``kernel[grid](*args, **kwargs)`` is captured instead of launched. No signature
