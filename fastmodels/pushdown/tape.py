@@ -319,6 +319,42 @@ class StackTape:
     def to(self, device) -> "StackTape":
         return StackTape(self.depth.to(device), self.boundary.to(device), self.lengths.to(device))
 
+    # -- attachment-head targets ---------------------------------------------------------------
+
+    def attachment_mask(self) -> torch.Tensor:
+        """[B, T, T] bool: after token t, which keys j are the last token of a constituent on the
+        stack (the reduce choices of token t + 1; j = t is always one). False on padded rows.
+
+        Token j ends a stack constituent at time t iff no node closed by then joins j and j + 1:
+        c_j = min_{j <= k <= t} c_k = D_j - S(t, j)."""
+        B, T = self.depth.shape
+        dense = self.dense()
+        open_joins = self.depth.to(torch.int64)[:, None, :] - dense  # min_{j <= k <= t} c_k
+        t = torch.arange(T, device=self.device)
+        causal = t[None, :] <= t[:, None]  # [t, j]
+        real = t[None, :] < self.lengths[:, None]  # [B, t]
+        return (open_joins == self.boundary.to(torch.int64)[:, None, :]) & causal & real[:, :, None]
+
+    def attachment_targets(self, ignore_index: int = -100) -> torch.Tensor:
+        """[B, T] int64 gold attachments for an attachment head: entry t is how token t + 1
+        attaches, as the index of a column of the head's [T + 1] logits: T for a shift, else the
+        last token j of the lowest stack constituent it reduces with (token t + 1 closes
+        m = S(t + 1, t + 1) nodes, one per constituent popped from the top, so j is the m-th
+        stack constituent end from the right). ``ignore_index`` at each sentence's last token and
+        at padding. ``StackTapeBuilder.push(j)`` replays a target j."""
+        B, T = self.depth.shape
+        out = torch.full((B, T), ignore_index, dtype=torch.int64, device=self.device)
+        if T < 2:
+            return out
+        valid = self.attachment_mask()[:, :-1]  # rows t = 0 .. T - 2
+        closes = (self.depth - self.boundary).to(torch.int64)[:, 1:]  # m of token t + 1
+        from_right = valid.flip(-1).cumsum(-1).flip(-1)  # valid ends j' >= j
+        hit = valid & (from_right == closes[:, :, None])
+        j = torch.where(hit.any(-1), hit.to(torch.int8).argmax(-1), torch.full_like(closes, T))
+        real = torch.arange(1, T, device=self.device)[None, :] < self.lengths[:, None]  # t + 1 real
+        out[:, :-1] = torch.where(real, torch.where(closes > 0, j, T), ignore_index)
+        return out
+
     def row_uniform_fraction(self, block_q: int = 64, block_k: int = 64) -> float:
         """The share of full tiles (query blocks of ``block_q`` rows against key tiles of ``block_k``
         keys that all precede the block) in which every query sees the same stack-tape row: the
@@ -465,6 +501,17 @@ class StackTapeBuilder:
         out.spans = [list(self.spans[i]) for i in index]
         out._rows = self._rows[index]  # advanced indexing copies
         return out
+
+    @property
+    def attach_mask(self) -> torch.Tensor:
+        """[B, t + 1] bool: the last token of each constituent on the stack (the reduce choices
+        of the next token; the last pushed token t is always one). ``push(j)`` with such a j
+        reduces with that constituent and every one above it."""
+        mask = torch.zeros(self.batch_size, self.length, dtype=torch.bool)
+        for b, stack in enumerate(self.stacks):
+            ends = [s - 1 for s in stack[1:]] + ([self.length - 1] if stack else [])
+            mask[b, ends] = True
+        return mask
 
     def clone(self) -> "StackTapeBuilder":
         """An independent copy (``copy.deepcopy`` also works: 278 us against 7.5 us for 200 tokens)."""

@@ -1,0 +1,112 @@
+"""The attachment head of a Pushdown LM (spec section 4): after token t, where does token t + 1
+attach -- shift (a new constituent) or reduce with a stack constituent, named by its last token j.
+
+The authors score key j with a 2-layer ReLU MLP over [k'_j ; E'[S(t, j)]] evaluated on every
+(t, j) pair, which costs more than the whole trunk. Its first layer is linear in the
+concatenation, so W1 [k'_j ; e_d] + b1 = keys_j + depth_feat_d, and its second layer folds into the
+query; :func:`fastmodels.ops.attachment_scores` then computes every pair's score in ~3 W FLOPs
+without a [B, T, T, W] tensor. The same function class, parameterized directly:
+
+    reduce(t, j) = q~_t . (W2 relu(keys_j + depth_feat[S(t, j)]) + b2)
+    shift(t)     = q~_t . s_t
+    q~_t = MLP_q([h_t ; e_{t+1}]),  s_t = MLP_s([h_t ; e_{t+1}]),  keys_j = W_k h_j + b1
+
+with e_{t+1} the embedding of the next token (a synchronous LM predicts the token, then its
+attachment). The authors' relative-position term is not included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmodels.ops.attachment import attachment_scores
+
+__all__ = ["AttachmentHead"]
+
+
+def _mlp(d_in: int, width: int, dropout: float, factory: dict) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, width, **factory), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width, **factory))
+
+
+class AttachmentHead(nn.Module):
+    """Attachment logits over [keys 0 .. Tk - 1 (reduce) ; shift], trained with cross-entropy on
+    ``StackTape.attachment_targets()`` (the shift class is the last column, index Tk).
+
+    ``forward(hidden, next_embed, tape)``: hidden [B, Tq, d_model] (the last layer's output at the
+    query positions), next_embed [B, Tq, d_embed] (embeddings of tokens t + 1), tape a StackTape
+    or a dense [B, Tq, Tk] tape (the same rows the pushdown layers use). Keys come from
+    ``context`` [B, Tk, d_model] (default: ``hidden``) or precomputed ``keys`` (``key_features``
+    of the context: cache them when decoding). ``mask`` [B, Tq, Tk] bool (e.g.
+    ``StackTape.attachment_mask()`` or ``StackTapeBuilder.attach_mask[:, None]``) sets the
+    reduce logits of keys that end no stack constituent to -inf. Returns [B, Tq, Tk + 1] logits
+    in float32 (float64 for float64 parameters).
+
+    Args:
+        d_model: width of the hidden states; d_embed: width of the token embeddings (default
+            d_model).
+        width: width of q~ and of the MLPs (default d_model); hidden: the per-pair MLP's hidden
+            width (default width).
+        max_depth: rows of the depth table (depths clamped to max_depth - 1); binary: index it
+            by S > 0 (Dyck), 2 rows.
+        dropout: in the query and shift MLPs (the per-pair MLP runs fused, without dropout).
+        backend: forwarded to ``fastmodels.ops.attachment_scores``.
+    """
+
+    def __init__(self, d_model: int, width: int | None = None, hidden: int | None = None, max_depth: int = 50,
+                 binary: bool = False, *, d_embed: int | None = None, dropout: float = 0.0, backend: str | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        width = d_model if width is None else width
+        hidden = width if hidden is None else hidden
+        d_embed = d_model if d_embed is None else d_embed
+        for name, value in (("d_model", d_model), ("width", width), ("hidden", hidden), ("d_embed", d_embed)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if max_depth < (2 if binary else 1):
+            raise ValueError(f"max_depth: expected >= {2 if binary else 1}, got {max_depth}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_embed, self.binary, self.backend = d_model, d_embed, binary, backend
+        self.query = _mlp(d_model + d_embed, width, dropout, factory)
+        self.shift = _mlp(d_model + d_embed, width, dropout, factory)
+        self.key = nn.Linear(d_model, hidden, **factory)  # W1's key half, with b1
+        self.depth_feat = nn.Parameter(torch.empty(2 if binary else max_depth, hidden, **factory))  # W1's depth half
+        self.out = nn.Linear(hidden, width, **factory)  # W2, b2
+        nn.init.normal_(self.depth_feat, std=hidden ** -0.5)
+
+    def key_features(self, context: torch.Tensor) -> torch.Tensor:
+        """keys_j = W_k h_j + b1 for hidden states [B, T, d_model]: what a decoder caches."""
+        return self.key(context)
+
+    def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, tape, *, context: torch.Tensor | None = None,
+                keys: torch.Tensor | None = None, mask: torch.Tensor | None = None, check_values: bool = True) -> torch.Tensor:
+        for name, x, width in (("hidden", hidden, self.d_model), ("next_embed", next_embed, self.d_embed)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != width:
+                shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name}: expected a tensor [B, Tq, {width}], got {shape}")
+        if next_embed.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"next_embed: expected [B, Tq] = {list(hidden.shape[:2])} (from hidden), got {list(next_embed.shape[:2])}")
+        if keys is None:
+            keys = self.key_features(hidden if context is None else context)
+        elif context is not None:
+            raise ValueError("context: give context or keys, not both")
+        x = torch.cat([hidden, next_embed.to(hidden.dtype)], dim=-1)
+        qt = self.query(x)  # q~ [B, Tq, width]
+        reduce = attachment_scores(qt @ self.out.weight, keys, self.depth_feat, tape, binary=self.binary,
+                                   backend=self.backend, check_values=check_values)
+        reduce = reduce + (qt @ self.out.bias).to(reduce.dtype)[..., None]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != reduce.shape:
+                shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"mask: expected a bool tensor {list(reduce.shape)} ([B, Tq, Tk]), got {shape}")
+            reduce = reduce.masked_fill(~mask, float("-inf"))
+        shift = (qt * self.shift(x)).sum(-1, keepdim=True).to(reduce.dtype)
+        return torch.cat([reduce, shift], dim=-1)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of [B, Tq, Tk + 1] logits against [B, Tq] targets (from
+        ``StackTape.attachment_targets``); 0 when every target is ignored."""
+        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+        return total / (targets != ignore_index).sum().clamp(min=1)

@@ -1,0 +1,307 @@
+"""The attachment head (spec section 4): the factored score op's reference vs a per-pair loop,
+AttachmentHead vs the authors' per-pair MLP over [k'_j ; E'[S]], gold targets and stack masks vs a
+replay through StackTapeBuilder, decoding against the full forward, bad input, torch.compile."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmodels.ops import attachment_scores
+from fastmodels.pushdown import AttachmentHead, StackTape, StackTapeBuilder
+from fastmodels.pushdown.tape import attachments_from_spans
+
+from helpers import op_backend_unavailable_reason
+
+nltk = pytest.importorskip("nltk")
+
+from test_pushdown_tape import oracle_spans, random_tree  # noqa: E402
+
+
+def random_tapes(rng: random.Random, lengths):
+    """A padded StackTape of random n-ary trees with unary chains, and their (n, spans)."""
+    sentences = []
+    for n in lengths:
+        spans = oracle_spans(random_tree(rng, n)) if n else []
+        sentences.append((n, spans))
+    return StackTape.from_spans(sentences), sentences
+
+
+# ---------------------------------------------------------------------------------------------
+# The op's reference vs a loop over pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def loop_scores(q, keys, feat, S, binary):
+    B, Tq, _ = q.shape
+    Tk, V = keys.shape[1], feat.shape[0]
+    out = torch.full((B, Tq, Tk), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for i in range(Tq):
+            t = Tk - Tq + i
+            for j in range(t + 1):
+                s = int(S[b, i, j])
+                v = int(s > 0) if binary else min(max(s, 0), V - 1)
+                out[b, i, j] = (q[b, i] * torch.relu(keys[b, j] + feat[v])).sum()
+    return out
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("Tq", [9, 3, 1])
+def test_reference_vs_pair_loop(binary, Tq):
+    rng, g = random.Random(1), torch.Generator().manual_seed(1)
+    tape, _ = random_tapes(rng, [9, 6])
+    V, W = 3, 5
+    q = torch.randn(2, Tq, W, generator=g, dtype=torch.float64)
+    keys = torch.randn(2, 9, W, generator=g, dtype=torch.float64)
+    feat = torch.randn(V, W, generator=g, dtype=torch.float64)
+    want = loop_scores(q, keys, feat, tape.dense(rows=Tq), binary)
+    for t in (tape, tape.dense(rows=Tq).to(torch.int16)):
+        got = attachment_scores(q, keys, feat, t, binary=binary, backend="reference")
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_low_precision_inputs_give_float32_scores():
+    g = torch.Generator().manual_seed(2)
+    tape = StackTape.from_trees(["((a b) (c d))"])
+    q, keys, feat = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((1, 4, 8), (1, 4, 8), (3, 8)))
+    got = attachment_scores(q, keys, feat, tape, backend="reference")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, loop_scores(q.double(), keys.double(), feat.double(), tape.dense(), False).float(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# AttachmentHead vs the authors' per-pair MLP
+# ---------------------------------------------------------------------------------------------
+
+
+def authors_form(head: AttachmentHead, hidden, next_embed, S):
+    """q~ . MLP([k'_j ; E'[S(t, j)]]) with the MLP applied to the concatenation of every pair
+    ([B, T, T, d_model + V] inputs), k'_j = h_j and E' = one-hot rows: W1 = [W_k | depth_feat^T]."""
+    B, T, _ = hidden.shape
+    V = head.depth_feat.shape[0]
+    x = torch.cat([hidden, next_embed], -1)
+    qt = head.query(x)
+    idx = (S > 0).long() if head.binary else S.long().clamp(0, V - 1)
+    pair = torch.cat([hidden[:, None].expand(B, T, T, -1), F.one_hot(idx, V).to(hidden.dtype)], -1)
+    W1 = torch.cat([head.key.weight, head.depth_feat.t()], 1)
+    mlp = F.linear(torch.relu(F.linear(pair, W1, head.key.bias)), head.out.weight, head.out.bias)
+    reduce = torch.einsum("btw,btjw->btj", qt, mlp)
+    t = torch.arange(T)
+    reduce = reduce.masked_fill(t[None, :] > t[:, None], float("-inf"))
+    shift = (qt * head.shift(x)).sum(-1, keepdim=True)
+    return torch.cat([reduce, shift], -1)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_head_equals_the_authors_per_pair_mlp(binary):
+    torch.manual_seed(3)
+    tape, _ = random_tapes(random.Random(3), [11, 7, 1])
+    head = AttachmentHead(12, width=10, hidden=9, max_depth=4, binary=binary, d_embed=6, backend="reference").double()
+    hidden, nxt = torch.randn(3, 11, 12, dtype=torch.float64), torch.randn(3, 11, 6, dtype=torch.float64)
+    got = head(hidden, nxt, tape)
+    want = authors_form(head, hidden, nxt, tape.dense())
+    assert got.shape == (3, 11, 12)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    targets = tape.attachment_targets()
+    g_got = torch.autograd.grad(head.loss(got, targets), list(head.parameters()))
+    g_want = torch.autograd.grad(head.loss(want, targets), list(head.parameters()))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_loss_masks_ignored_targets_and_is_zero_when_all_ignored():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    targets = torch.tensor([[0, 3, -100], [-100, -100, 1]])
+    keep = targets != -100
+    want = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(AttachmentHead.loss(logits, targets), want)
+    none = AttachmentHead.loss(logits, torch.full((2, 3), -100))
+    assert none.item() == 0.0
+    (grad,) = torch.autograd.grad(none, logits)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and stack masks vs a replay through StackTapeBuilder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_targets_and_masks_replay_to_the_gold_tape():
+    rng = random.Random(4)
+    for _ in range(40):
+        lengths = [rng.randint(1, 14) for _ in range(3)]
+        tape, sentences = random_tapes(rng, lengths)
+        T = tape.seq_len
+        targets, mask = tape.attachment_targets(), tape.attachment_mask()
+        for b, (n, spans) in enumerate(sentences):
+            gold = attachments_from_spans(n, spans)
+            builder = StackTapeBuilder(1)
+            builder.push(None)
+            for t in range(n - 1):
+                assert torch.equal(mask[b, t, : t + 1], builder.attach_mask[0]), (b, t)
+                assert not mask[b, t, t + 1:].any()
+                target = int(targets[b, t])
+                assert (target == T) == (gold[t + 1] is None)  # shift exactly where the tree shifts
+                if target != T:
+                    assert mask[b, t, target]  # a target is always a legal reduce
+                builder.push(None if target == T else target)
+            assert int(targets[b, n - 1]) == -100 and (targets[b, n:] == -100).all()
+            assert not mask[b, n:].any()
+            assert torch.equal(builder.tape().dense()[0], tape.dense()[b, :n, :n])
+
+
+def test_dyck_targets_reduce_close_brackets_with_their_open_bracket():
+    tape = StackTape.from_brackets(["(()[])", "(("])
+    T = tape.seq_len
+    # "(()[])": token 2 ")" closes "(" at 1, token 4 "]" closes "[" at 3 (the top constituents
+    # end at the open bracket itself), token 5 ")" pops "(" ... "]": 3 constituents, lowest ends at 0
+    assert tape.attachment_targets()[0].tolist() == [T, 1, T, 3, 0, -100]
+    assert tape.attachment_targets()[1].tolist() == [T, -100, -100, -100, -100, -100]
+
+
+def test_builder_attach_mask_before_and_after_reduces():
+    b = StackTapeBuilder(2)
+    b.push([None, None])
+    b.push([None, 0])
+    b.push([None, None])
+    assert b.attach_mask.tolist() == [[True, True, True], [False, True, True]]
+    assert StackTapeBuilder(1).attach_mask.shape == (1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding, bad input, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_backend_or_reference():
+    return "reference" if op_backend_unavailable_reason("attachment_scores", "cpu", "cpu") else "cpu"
+
+
+def test_decoding_one_token_at_a_time_equals_the_full_forward():
+    torch.manual_seed(5)
+    tape, _ = random_tapes(random.Random(5), [10])
+    head = AttachmentHead(8, width=6, max_depth=5, backend=_cpu_backend_or_reference())
+    hidden, nxt = torch.randn(1, 10, 8), torch.randn(1, 10, 8)
+    full = head(hidden, nxt, tape, mask=tape.attachment_mask())
+    keys = head.key_features(hidden)
+    targets = tape.attachment_targets()
+    builder = StackTapeBuilder(1)
+    row = builder.push(None)
+    for t in range(10):
+        step = head(hidden[:, t:t + 1], nxt[:, t:t + 1], row[:, None, :], keys=keys[:, : t + 1],
+                    mask=builder.attach_mask[:, None, :], check_values=False)
+        want = torch.cat([full[:, t:t + 1, : t + 1], full[:, t:t + 1, -1:]], -1)
+        torch.testing.assert_close(step, want, rtol=1e-5, atol=1e-5)
+        if t < 9:
+            target = int(targets[0, t])
+            row = builder.push(None if target == 10 else target)
+
+
+def test_bad_input_errors():
+    q, keys, feat = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(5, 3)
+    tape = StackTape.from_trees(["((a b) (c d))", "(a (b (c d)))"])
+    with pytest.raises(ValueError, match="keys"):
+        attachment_scores(q, keys[:, :, :2], feat, tape)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        attachment_scores(q, keys[:, :3], feat, tape)
+    with pytest.raises(TypeError, match="depth_feat"):
+        attachment_scores(q, keys, feat.double(), tape)
+    with pytest.raises(ValueError, match="depth_feat"):
+        attachment_scores(q, keys, feat[:1], tape, binary=True)
+    with pytest.raises(ValueError, match="StackTape of batch size 2 and length 4"):
+        attachment_scores(q, keys, feat, StackTape.from_trees(["(a b)"]))
+    with pytest.raises(TypeError, match="tape"):
+        attachment_scores(q, keys, feat, tape.dense().float())
+    with pytest.raises(ValueError, match="non-negative"):
+        attachment_scores(q, keys, feat, tape.dense() - 1)
+    with pytest.raises(TypeError, match="tape"):
+        attachment_scores(q, keys, feat, [[0]])
+    head = AttachmentHead(4)
+    with pytest.raises(ValueError, match="next_embed"):
+        head(torch.randn(2, 4, 4), torch.randn(2, 3, 4), tape)
+    with pytest.raises(ValueError, match="mask"):
+        head(torch.randn(2, 4, 4), torch.randn(2, 4, 4), tape, mask=torch.ones(2, 4, 4))
+    with pytest.raises(ValueError, match="max_depth"):
+        AttachmentHead(4, binary=True, max_depth=1)
+
+
+def test_empty_shapes():
+    q, keys, feat = torch.randn(2, 0, 3, requires_grad=True), torch.randn(2, 4, 3), torch.randn(5, 3)
+    out = attachment_scores(q, keys, feat, torch.zeros(2, 0, 4, dtype=torch.int64))
+    assert out.shape == (2, 0, 4)
+    out = attachment_scores(torch.randn(1, 2, 0), torch.randn(1, 2, 0), torch.randn(5, 0), torch.zeros(1, 2, 2, dtype=torch.int64))
+    assert out.tolist() == [[[0.0, float("-inf")], [0.0, 0.0]]]
+
+
+def test_torch_compile_fullgraph_over_the_head():
+    backend = _cpu_backend_or_reference()
+    torch.manual_seed(6)
+    tape, _ = random_tapes(random.Random(6), [7, 5])
+    head = AttachmentHead(8, width=6, max_depth=4, backend=backend)
+    hidden, nxt = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    targets = tape.attachment_targets()
+
+    def step(h, x):
+        return head.loss(head(h, x, tape), targets)
+
+    want = step(hidden, nxt)
+    g_want = torch.autograd.grad(want, list(head.parameters()))
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(hidden, nxt)
+    g_got = torch.autograd.grad(got, list(head.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def beam_step(head, builder, scores, h_t, e_next, keys, k):
+    """One word-synchronous beam step, as docs/pushdown.md shows it: one top-k over every
+    (beam, attachment) candidate, then one select + one push for the survivors."""
+    t = builder.length - 1
+    row = builder.row[:, None, :]  # S(t, .) of every beam, [beams, 1, t + 1]
+    logits = head(h_t, e_next, row, keys=keys, mask=builder.attach_mask[:, None, :], check_values=False)[:, 0]
+    cand = scores[:, None] + logits.log_softmax(-1)  # [beams, t + 2]: reduce at j <= t, or shift (t + 1)
+    top = cand.flatten().topk(min(k, int(torch.isfinite(cand).sum())))
+    parents, choice = top.indices // cand.shape[1], top.indices % cand.shape[1]
+    builder = builder.select(parents)
+    builder.push([None if c == t + 1 else c for c in choice.tolist()])
+    return builder, top.values, parents, choice
+
+
+def test_beam_step_recipe():
+    torch.manual_seed(7)
+    head = AttachmentHead(8, width=6, max_depth=5, backend=_cpu_backend_or_reference())
+    builder = StackTapeBuilder(3)
+    for atts in ([None] * 3, [None, 0, None], [None, None, 1], [2, None, None]):
+        builder.push(atts)
+    t = builder.length - 1
+    h_t, e_next, keys = torch.randn(3, 1, 8), torch.randn(3, 1, 8), torch.randn(3, t + 1, head.key.out_features)
+    scores = torch.tensor([-1.0, -2.0, -0.5])
+    new, new_scores, parents, choice = beam_step(head, builder, scores, h_t, e_next, keys, k=5)
+    logits = head(h_t, e_next, builder.row[:, None, :], keys=keys, mask=builder.attach_mask[:, None, :])[:, 0]
+    for n, (p, c) in enumerate(zip(parents.tolist(), choice.tolist())):
+        assert c == t + 1 or builder.attach_mask[p, c]  # only legal attachments survive
+        torch.testing.assert_close(new_scores[n], scores[p] + logits[p].log_softmax(-1)[c])
+        alone = builder.select([p])
+        alone.push([None if c == t + 1 else c])
+        assert torch.equal(new.row[n], alone.row[0]) and new.stacks[n] == alone.stacks[0]
+    assert new_scores.tolist() == sorted(new_scores.tolist(), reverse=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_opcheck(backend):
+    from fastmodels._dispatch import triton_interpreter_enabled
+    from fastmodels.ops.attachment import _fwd_op
+
+    if backend == "triton" and not triton_interpreter_enabled():
+        pytest.skip("needs the Triton interpreter (or a GPU test run)")
+    if backend == "cpu" and op_backend_unavailable_reason("attachment_scores", "cpu", "cpu"):
+        pytest.skip("cpu backend unavailable")
+    g = torch.Generator().manual_seed(8)
+    tape = StackTape.from_trees(["((a b) (c (d e)))", "(a (b c))"])
+    q, keys = (torch.randn(2, 5, 4, generator=g, requires_grad=True) for _ in range(2))
+    feat = torch.randn(3, 4, generator=g, requires_grad=True)
+    torch.library.opcheck(_fwd_op, (q, keys, feat, tape.depth, tape.boundary, None, False, backend))
+    torch.library.opcheck(_fwd_op, (q[:, -2:], keys, feat, None, None, tape.dense(rows=2).to(torch.int32), True, backend))
