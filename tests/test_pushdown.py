@@ -306,3 +306,24 @@ def test_cpu_backend_many_blocks(monkeypatch, kind):
         got = run("cpu", q, k, v, E, do, t, binary)
         for name, g, r in zip(("out", "dq", "dk", "dv", "d_depth_emb"), got, ref):
             assert_rms_close(g, r, 1e-10, name=name)
+
+
+@pytest.mark.parametrize("backend", op_backends("pushdown_attention"))
+def test_inference_calls_build_no_autograd_node(backend):
+    """Under no_grad (and with inputs that need no gradient) the op runs its forward directly: the
+    same values as with autograd, and no graph. Decoding shapes (one query) and a full block."""
+    dev = backend_device(backend)
+    tape = make_tape([9, 6], 9, device=dev)
+    for Tq in (1, 9):
+        q, k, v, E, _ = make_inputs(2, 3, Tq, 9, 16, 5, False, torch.float32, device=dev)
+        rows = tape.dense()[:, 9 - Tq:]
+        q.requires_grad_(True)
+        want = pushdown_attention(q, k, v, E, rows, backend=backend)
+        assert want.grad_fn is not None
+        with torch.no_grad():
+            got = pushdown_attention(q, k, v, E, rows, backend=backend)
+        assert got.grad_fn is None
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+        got = pushdown_attention(q.detach(), k, v, E, rows, backend=backend)
+        assert got.grad_fn is None
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)

@@ -62,10 +62,12 @@ register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=(
 _BLOCK_BYTES = 3 << 20  # the cpu backend's score block [B, H, BM, Tk] stays near 3 MiB
 
 
-def _block_rows(B: int, H: int, Tk: int, itemsize: int) -> int:
-    """Query rows per block of the cpu backend: 16..256, a multiple of 16."""
+def _block_rows(B: int, H: int, Tq: int, Tk: int, itemsize: int) -> int:
+    """Query rows per block of the cpu backend: 16..256, a multiple of 16, and at most Tq (a
+    decoding step's buffers hold its own rows only: 256-row buffers are fresh mmaps, page-faulted
+    on every call)."""
     rows = _BLOCK_BYTES // max(B * H * Tk * itemsize, 1)
-    return int(min(256, max(16, rows // 16 * 16)))
+    return int(min(256, max(16, rows // 16 * 16), max(Tq, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,9 +191,19 @@ def _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: boo
     kf, vf = k.to(cd), v.to(cd)
     Et = emb.to(cd).transpose(1, 2)  # [H, D, V]
     V = Et.shape[2]
+    bm = _block_rows(B, H, Tq, Tk, qf.element_size())
+    if Tq <= bm:  # one block (decoding steps, short sequences): no staging buffers or copies
+        s = torch.matmul(qf, kf.transpose(-1, -2))
+        qe = torch.matmul(qf, Et)
+        lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
+        blk = _block_dense(dense, 0, Tq, Tk)
+        C.pushdown_fwd_block(
+            s.data_ptr(), qe.data_ptr(), lse.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(blk),
+            B, H, Tq, Tk, off, Tk, V, binary, scale, cd == torch.float64, _threads(),
+        )
+        return torch.matmul(s, vf).to(q.dtype), lse
     out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
-    bm = _block_rows(B, H, Tk, qf.element_size())
     s_buf = torch.empty(B * H * bm * Tk, dtype=cd)
     qe_buf = torch.empty(B * H * bm * V, dtype=cd)
     lse_buf = torch.empty(B * H * bm, dtype=cd)
@@ -233,7 +245,7 @@ def _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: floa
     dk = torch.zeros(B, H, Tk, D, dtype=cd, device=q.device)
     dv = torch.zeros(B, H, Tk, D, dtype=cd, device=q.device)
     demb = torch.zeros(H, V, D, dtype=cd, device=q.device)
-    bm = _block_rows(B, H, Tk, qf.element_size())
+    bm = _block_rows(B, H, Tq, Tk, qf.element_size())
     s_buf = torch.empty(B * H * bm * Tk, dtype=cd)
     dp_buf = torch.empty(B * H * bm * Tk, dtype=cd)
     kd_buf = torch.empty(B * H * Tk * D, dtype=cd)  # dk / dv contributions of a block
@@ -507,4 +519,6 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
     if _is_compiling():
         out, _ = _fwd_op(q, k, v, depth_emb, depth, boundary, dense, scale, binary, chosen)
         return out
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or depth_emb.requires_grad)):
+        return _fwd_impl(q, k, v, depth_emb, depth, boundary, dense, scale, binary, chosen)[0]  # inference: no autograd node
     return _EagerPushdown.apply(q, k, v, depth_emb, depth, boundary, dense, scale, binary, chosen)
