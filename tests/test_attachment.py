@@ -305,3 +305,17 @@ def test_opcheck(backend):
     feat = torch.randn(3, 4, generator=g, requires_grad=True)
     torch.library.opcheck(_fwd_op, (q, keys, feat, tape.depth, tape.boundary, None, False, backend))
     torch.library.opcheck(_fwd_op, (q[:, -2:], keys, feat, None, None, tape.dense(rows=2).to(torch.int32), True, backend))
+
+
+def test_inference_calls_build_no_autograd_node():
+    backend = _cpu_backend_or_reference()
+    g = torch.Generator().manual_seed(9)
+    tape = StackTape.from_trees(["((a b) (c (d e)))"])
+    q = torch.randn(1, 5, 4, generator=g, requires_grad=True)
+    keys, feat = torch.randn(1, 5, 4, generator=g), torch.randn(3, 4, generator=g)
+    want = attachment_scores(q, keys, feat, tape, backend=backend)
+    assert want.grad_fn is not None
+    with torch.no_grad():
+        got = attachment_scores(q, keys, feat, tape, backend=backend)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)

@@ -311,4 +311,6 @@ def attachment_scores(q, keys, depth_feat, tape, *, binary: bool = False, backen
         raise TypeError("q: the triton backend does not support float64 (use backend='reference' or 'cpu')")
     if torch.compiler.is_compiling():
         return _fwd_op(q, keys, depth_feat, depth, boundary, dense, binary, chosen)
+    if not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or depth_feat.requires_grad)):
+        return _fwd_impl(q, keys, depth_feat, depth, boundary, dense, binary, chosen)  # inference: no autograd node
     return _EagerAttachment.apply(q, keys, depth_feat, depth, boundary, dense, binary, chosen)
