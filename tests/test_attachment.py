@@ -3,6 +3,7 @@ AttachmentHead vs the authors' per-pair MLP over [k'_j ; E'[S]], gold targets an
 replay through StackTapeBuilder, decoding against the full forward, bad input, torch.compile."""
 
 import random
+import re
 
 import pytest
 import torch
@@ -222,8 +223,10 @@ def test_bad_input_errors():
     head = AttachmentHead(4)
     with pytest.raises(ValueError, match="next_embed"):
         head(torch.randn(2, 4, 4), torch.randn(2, 3, 4), tape)
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match=r"mask: expected a bool tensor \[2, 4, 4\] \(\[B, Tq, Tk\]\), got float32 \[2, 4, 4\]"):
         head(torch.randn(2, 4, 4), torch.randn(2, 4, 4), tape, mask=torch.ones(2, 4, 4))
+    with pytest.raises(TypeError, match="max_depth"):
+        AttachmentHead(4, max_depth=3.5)
     with pytest.raises(ValueError, match="max_depth"):
         AttachmentHead(4, binary=True, max_depth=1)
 
@@ -256,18 +259,23 @@ def test_torch_compile_fullgraph_over_the_head():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _doc_beam_step() -> str:
+    """The beam-search step of docs/pushdown.md, verbatim (so the docs run as tested)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "pushdown.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "cand.flatten().topk" in b]
+    assert len(blocks) == 1
+    return blocks[0]
+
+
 def beam_step(head, builder, scores, h_t, e_next, keys, k):
-    """One word-synchronous beam step, as docs/pushdown.md shows it: one top-k over every
-    (beam, attachment) candidate, then one select + one push for the survivors."""
-    t = builder.length - 1
-    row = builder.row[:, None, :]  # S(t, .) of every beam, [beams, 1, t + 1]
-    logits = head(h_t, e_next, row, keys=keys, mask=builder.attach_mask[:, None, :], check_values=False)[:, 0]
-    cand = scores[:, None] + logits.log_softmax(-1)  # [beams, t + 2]: reduce at j <= t, or shift (t + 1)
-    top = cand.flatten().topk(min(k, int(torch.isfinite(cand).sum())))
-    parents, choice = top.indices // cand.shape[1], top.indices % cand.shape[1]
-    builder = builder.select(parents)
-    builder.push([None if c == t + 1 else c for c in choice.tolist()])
-    return builder, top.values, parents, choice
+    """One word-synchronous beam step, the docs' code: one top-k over every (beam, attachment)
+    candidate, then one select + one push for the survivors."""
+    ns = {"torch": torch, "head": head, "builder": builder, "beam_scores": scores, "h_t": h_t, "e_next": e_next,
+          "key_cache": keys, "beam_size": k}
+    exec(_doc_beam_step(), ns)
+    return ns["builder"], ns["beam_scores"], ns["parents"], ns["choice"]
 
 
 def test_beam_step_recipe():
@@ -319,3 +327,43 @@ def test_inference_calls_build_no_autograd_node():
         got = attachment_scores(q, keys, feat, tape, backend=backend)
     assert got.grad_fn is None
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+
+
+def test_beam_step_with_fewer_legal_candidates_than_beams():
+    torch.manual_seed(10)
+    head = AttachmentHead(8, width=6, max_depth=5, backend=_cpu_backend_or_reference())
+    builder = StackTapeBuilder(1)
+    builder.push(None)  # t = 0: reduce with token 0, or shift: 2 candidates
+    new, scores, parents, choice = beam_step(head, builder, torch.zeros(1), torch.randn(1, 1, 8), torch.randn(1, 1, 8),
+                                             torch.randn(1, 1, head.key.out_features), k=4)
+    assert sorted(choice.tolist()) == [0, 1] and new.batch_size == 2 and torch.isfinite(scores).all()
+    builder = StackTapeBuilder(2)
+    builder.push([None, None])
+    builder.push([None, 0])  # beam 0: two constituents, beam 1: one; 5 legal of 6 candidates
+    new, scores, parents, choice = beam_step(head, builder, torch.zeros(2), torch.randn(2, 1, 8), torch.randn(2, 1, 8),
+                                             torch.randn(2, 2, head.key.out_features), k=6)
+    assert new.batch_size == 5 and torch.isfinite(scores).all()
+    assert (1, 0) not in list(zip(parents.tolist(), choice.tolist()))  # token 0 is inside beam 1's constituent
+
+
+def test_head_under_cpu_autocast_bfloat16():
+    torch.manual_seed(11)
+    tape, _ = random_tapes(random.Random(11), [9, 5])
+    head = AttachmentHead(8, width=6, max_depth=4, backend=_cpu_backend_or_reference())
+    hidden, nxt = torch.randn(2, 9, 8, requires_grad=True), torch.randn(2, 9, 8)
+    want = head(hidden, nxt, tape, mask=tape.attachment_mask())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(hidden, nxt, tape, mask=tape.attachment_mask())
+        loss = head.loss(got, tape.attachment_targets())
+    assert got.dtype == torch.float32
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got))
+    assert (got[fin] - want[fin]).abs().max() < 0.1 * want[fin].abs().max()  # bf16 operands
+    grads = torch.autograd.grad(loss, [hidden, head.depth_feat])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_inconsistent_compact_tape_is_an_error_for_targets():
+    tape = StackTape(torch.tensor([[0, 2]]), torch.tensor([[0, 0]]))  # token 1 closes 2 nodes, 1 on the stack
+    with pytest.raises(ValueError, match="inconsistent"):
+        tape.attachment_targets()

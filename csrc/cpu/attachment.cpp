@@ -36,7 +36,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -482,12 +484,20 @@ FM_CLONES void bwd_dq_rows(const Problem& p, int64_t b, int64_t i, int64_t nr, c
 // c = u [keys_j + feat_v > 0] goes into dkeys_j and table_v.
 // ---------------------------------------------------------------------------------------------
 
+// c = [k + f > 0] ? u : 0 as a bit mask on u (exactly the select: +0 where masked, even for an
+// infinite u): the baseline x86-64 clone has no blend instruction, and GCC compiled the select
+// there as a branch per element (73.8 ms against 7.4 ms for the AVX-512 backward, B8 T128 W512).
 template <typename T>
 FM_INLINE void flush_run(const T* __restrict k, const T* __restrict f, const T* __restrict u, T* __restrict dk,
                          T* __restrict tv, int64_t W) {
+    using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
 #pragma omp simd
     for (int64_t w = 0; w < W; ++w) {
-        const T c = k[w] + f[w] > T(0) ? u[w] : T(0);
+        U bits;
+        std::memcpy(&bits, &u[w], sizeof(T));
+        bits &= U(0) - U(k[w] + f[w] > T(0));
+        T c;
+        std::memcpy(&c, &bits, sizeof(T));
         dk[w] += c;
         tv[w] += c;
     }

@@ -14,9 +14,11 @@ Backends:
 
 * ``reference`` -- the factored form materialized in PyTorch ([B, Tq, Tk, W] pre-activations),
   float64-capable, autograd by PyTorch: the test oracle.
-* ``cpu`` -- C++ (csrc/cpu/attachment.cpp, OpenMP): one pass per query row for the scores, and for
-  the backward one pass per query row (dq, the depth-table gradient in per-thread tables) and one
-  per key column (dkeys); S is regenerated from the compact tape, never stored.
+* ``cpu`` -- C++ (csrc/cpu/attachment.cpp, OpenMP). The pre-activation depends on a pair only
+  through (key j, depth row v), and down a key column the depth changes only a few times, so the
+  forward and the backward's dkeys/dfeat pass walk key columns in runs of equal depth (relu
+  once per run, then dot products; the depth-table gradient in per-thread tables), and the dq
+  pass walks query rows. S is regenerated from the compact tape, never stored.
 * ``triton`` -- ``fastmodels.kernels.attachment``: the same row and column passes over tiles.
 
 The ``cpu`` and ``triton`` backends are ``torch.library.custom_op``s with fake implementations and
@@ -101,6 +103,14 @@ def _int32_tape(S: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return S.to(torch.int32).contiguous()
 
 
+def _tape_for(backend: str, dense: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A dense tape as the backend reads it: the Triton kernels read int8/int16/int32 tiles as they
+    are (no copy per call), the C++ kernel int32."""
+    if dense is not None and backend == "triton" and dense.dtype in (torch.int8, torch.int16, torch.int32):
+        return dense.contiguous()
+    return _int32_tape(dense)
+
+
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
@@ -108,7 +118,7 @@ def _threads() -> int:
 def _fwd_impl(q, keys, feat, depth, boundary, dense, binary: bool, backend: str) -> torch.Tensor:
     B, Tq, W = q.shape
     Tk, V = keys.shape[1], feat.shape[0]
-    depth, boundary, dense = _int32_tape(depth), _int32_tape(boundary), _int32_tape(dense)
+    depth, boundary, dense = _int32_tape(depth), _int32_tape(boundary), _tape_for(backend, dense)
     if backend == "triton":
         from fastmodels.kernels.attachment import attachment_fwd
 
@@ -130,7 +140,7 @@ def _bwd_impl(grad, q, keys, feat, depth, boundary, dense, binary: bool, backend
     (j > t) score is ignored."""
     B, Tq, W = q.shape
     Tk, V = keys.shape[1], feat.shape[0]
-    depth, boundary, dense = _int32_tape(depth), _int32_tape(boundary), _int32_tape(dense)
+    depth, boundary, dense = _int32_tape(depth), _int32_tape(boundary), _tape_for(backend, dense)
     if backend == "triton":
         from fastmodels.kernels.attachment import attachment_bwd
 

@@ -64,6 +64,8 @@ class AttachmentHead(nn.Module):
         for name, value in (("d_model", d_model), ("width", width), ("hidden", hidden), ("d_embed", d_embed)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int):
+            raise TypeError(f"max_depth: expected an int, got {max_depth!r}")
         if max_depth < (2 if binary else 1):
             raise ValueError(f"max_depth: expected >= {2 if binary else 1}, got {max_depth}")
         factory = {"device": device, "dtype": dtype}
@@ -91,15 +93,20 @@ class AttachmentHead(nn.Module):
             keys = self.key_features(hidden if context is None else context)
         elif context is not None:
             raise ValueError("context: give context or keys, not both")
+        if mask is not None:
+            want = [hidden.shape[0], hidden.shape[1], keys.shape[1]] if keys.dim() == 3 else None
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or list(mask.shape) != want:
+                got = f"{str(mask.dtype).replace('torch.', '')} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"mask: expected a bool tensor {want} ([B, Tq, Tk]), got {got}")
         x = torch.cat([hidden, next_embed.to(hidden.dtype)], dim=-1)
         qt = self.query(x)  # q~ [B, Tq, width]
-        reduce = attachment_scores(qt @ self.out.weight, keys, self.depth_feat, tape, binary=self.binary,
+        # one dtype for the op: the keys' (under torch.autocast the matmuls give bf16/fp16 while
+        # the depth table stays a float32 parameter); the scores are float32 either way
+        dt = keys.dtype
+        reduce = attachment_scores((qt @ self.out.weight).to(dt), keys, self.depth_feat.to(dt), tape, binary=self.binary,
                                    backend=self.backend, check_values=check_values)
         reduce = reduce + (qt @ self.out.bias).to(reduce.dtype)[..., None]
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != reduce.shape:
-                shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"mask: expected a bool tensor {list(reduce.shape)} ([B, Tq, Tk]), got {shape}")
             reduce = reduce.masked_fill(~mask, float("-inf"))
         shift = (qt * self.shift(x)).sum(-1, keepdim=True).to(reduce.dtype)
         return torch.cat([reduce, shift], dim=-1)

@@ -350,8 +350,14 @@ class StackTape:
         closes = (self.depth - self.boundary).to(torch.int64)[:, 1:]  # m of token t + 1
         from_right = valid.flip(-1).cumsum(-1).flip(-1)  # valid ends j' >= j
         hit = valid & (from_right == closes[:, :, None])
-        j = torch.where(hit.any(-1), hit.to(torch.int8).argmax(-1), torch.full_like(closes, T))
         real = torch.arange(1, T, device=self.device)[None, :] < self.lengths[:, None]  # t + 1 real
+        short = real & (closes > valid.sum(-1))
+        if short.any():
+            b, t = (int(i) for i in short.nonzero()[0])
+            raise ValueError(
+                f"tape: inconsistent at sentence {b}: token {t + 1} closes {int(closes[b, t])} nodes (depth - boundary) "
+                f"but only {int(valid[b, t].sum())} constituents are on the stack after token {t}")
+        j = torch.where(hit.any(-1), hit.to(torch.int8).argmax(-1), torch.full_like(closes, T))
         out[:, :-1] = torch.where(real, torch.where(closes > 0, j, T), ignore_index)
         return out
 
