@@ -107,6 +107,24 @@ def _cpp_extension_error() -> str | None:
     return None
 
 
+def cpp_symbol_check(symbol: str, what: str) -> Callable[[str, str], str | None]:
+    """An op's ``check``: its ``cpu`` backend needs ``fastmodels._C.<symbol>``, which an extension
+    built before the op's kernels lacks (a missing extension is reported by the dispatcher)."""
+
+    def check(backend: str, device_type: str) -> str | None:
+        if backend != "cpu":
+            return None
+        try:
+            import fastmodels._C as C
+        except ImportError:
+            return None
+        if not hasattr(C, symbol):
+            return f"fastmodels._C predates the {what} kernels: rebuild it (pip install --no-build-isolation -e .)"
+        return None
+
+    return check
+
+
 def nvcc_path() -> str | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and os.path.exists(os.path.join(home, "bin", "nvcc")):

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from ._host import MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
+from .pushdown import _depth_index, _min_combine  # the same tape helpers as pushdown attention
 from ._tuning import gpu_configs
 
 __all__ = ["attachment_fwd", "attachment_bwd"]
@@ -91,21 +92,6 @@ _KEY = ["W_BUCKET", "V_BUCKET", "COMPACT", "BINARY"]
 # ---------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _min_combine(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
-def _depth_index(S, V, BINARY: tl.constexpr):
-    """Row of feat used by tape value S: [S > 0] (binary) or S clamped to [0, V - 1]."""
-    if BINARY:
-        idx = tl.minimum((S > 0).to(tl.int32), V - 1)
-    else:
-        idx = tl.minimum(tl.maximum(S, 0), V - 1)
-    return idx
 
 
 @triton.jit

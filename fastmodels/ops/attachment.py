@@ -31,43 +31,17 @@ from typing import Optional
 
 import torch
 
-from fastmodels._dispatch import register_op, select_backend
+from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, INT_DTYPES, check_tensor
+from fastmodels.ops.pushdown import _causal_mask, _compute_dtype, _depth_index, _threads
+from fastmodels.ops.pushdown import _int32_tape as _pushdown_int32
 
 __all__ = ["attachment_scores", "attachment_scores_reference"]
 
 OP = "attachment_scores"
 
 
-def _check(backend: str, device_type: str) -> str | None:
-    if backend == "cpu":
-        try:
-            import fastmodels._C as C
-        except ImportError:
-            return None  # the dispatcher reports the missing extension itself
-        if not hasattr(C, "attachment_fwd"):
-            return "fastmodels._C predates the attachment kernels: rebuild it (pip install --no-build-isolation -e .)"
-    return None
-
-
-register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=_check)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _depth_index(S: torch.Tensor, V: int, binary: bool) -> torch.Tensor:
-    """Row of the depth table for tape values S: [S > 0] (binary) or S clamped to [0, V - 1]."""
-    if binary:
-        return (S > 0).to(torch.int64)
-    return S.to(torch.int64).clamp(0, V - 1)
-
-
-def _causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
-    """True where key j is visible to query i (query i sits at absolute position Tk - Tq + i)."""
-    i = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
-    return torch.arange(Tk, device=device)[None, :] <= i
+register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=cpp_symbol_check("attachment_fwd", "attachment"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,13 +68,8 @@ def attachment_scores_reference(q, keys, depth_feat, dense, *, binary: bool = Fa
 
 
 def _int32_tape(S: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """An integer tape as contiguous int32, saturating (depths beyond V - 1 all mean row V - 1;
-    negatives, unchecked under torch.compile, read row 0)."""
-    if S is None:
-        return None
-    if S.dtype == torch.int64:
-        S = S.clamp(0, 2**31 - 1)
-    return S.to(torch.int32).contiguous()
+    """None, or an integer tape as contiguous int32, saturating (pushdown's ``_int32_tape``)."""
+    return None if S is None else _pushdown_int32(S).contiguous()
 
 
 def _tape_for(backend: str, dense: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -109,10 +78,6 @@ def _tape_for(backend: str, dense: Optional[torch.Tensor]) -> Optional[torch.Ten
     if dense is not None and backend == "triton" and dense.dtype in (torch.int8, torch.int16, torch.int32):
         return dense.contiguous()
     return _int32_tape(dense)
-
-
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
 
 
 def _fwd_impl(q, keys, feat, depth, boundary, dense, binary: bool, backend: str) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from fastmodels._dispatch import register_op, select_backend
+from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, INT_DTYPES, check_float, check_tensor
 
 __all__ = [
@@ -46,18 +46,7 @@ __all__ = [
 OP = "pushdown_attention"
 
 
-def _check(backend: str, device_type: str) -> str | None:
-    if backend == "cpu":
-        try:
-            import fastmodels._C as C
-        except ImportError:
-            return None  # the dispatcher reports the missing extension itself
-        if not hasattr(C, "pushdown_fwd_block"):
-            return "fastmodels._C predates the pushdown kernels: rebuild it (pip install --no-build-isolation -e .)"
-    return None
-
-
-register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=_check)
+register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=cpp_symbol_check("pushdown_fwd_block", "pushdown"))
 
 _BLOCK_BYTES = 3 << 20  # the cpu backend's score block [B, H, BM, Tk] stays near 3 MiB
 
