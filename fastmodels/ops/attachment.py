@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
-from fastmodels._validation import FLOAT_DTYPES, INT_DTYPES, check_tensor
-from fastmodels.ops.pushdown import _causal_mask, _compute_dtype, _depth_index, _threads
+from fastmodels._validation import FLOAT_DTYPES, check_tensor
+from fastmodels.ops.pushdown import _causal_mask, _compute_dtype, _depth_index, _threads, unpack_tape
 from fastmodels.ops.pushdown import _int32_tape as _pushdown_int32
 
 __all__ = ["attachment_scores", "attachment_scores_reference"]
@@ -236,9 +236,6 @@ def attachment_scores(q, keys, depth_feat, tape, *, binary: bool = False, backen
     Returns: [B, Tq, Tk] scores in float32 (float64 for float64 inputs), -inf where j > t.
     Differentiable in q, keys and depth_feat.
     """
-    from fastmodels.ops.pushdown import check_dense_tape
-    from fastmodels.pushdown.tape import StackTape
-
     dims: dict = {}
     check_tensor(q, "q", shape=("B", "Tq", "W"), dims=dims, dtypes=FLOAT_DTYPES)
     check_tensor(keys, "keys", shape=("B", "Tk", "W"), dims=dims, dtypes=(q.dtype,), device=q.device)
@@ -254,20 +251,7 @@ def attachment_scores(q, keys, depth_feat, tape, *, binary: bool = False, backen
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
 
-    depth = boundary = dense = None
-    if isinstance(tape, StackTape):
-        if tape.batch_size != B or tape.seq_len != Tk:
-            raise ValueError(f"tape: expected a StackTape of batch size {B} and length {Tk} (from q and keys), got {tape.batch_size} x {tape.seq_len}")
-        if tape.device != q.device:
-            raise ValueError(f"tape: expected a StackTape on {q.device}, got one on {tape.device} (use tape.to(device))")
-        depth, boundary = tape.depth, tape.boundary
-    elif isinstance(tape, torch.Tensor):
-        check_tensor(tape, "tape", shape=(B, Tq, Tk), dtypes=INT_DTYPES, device=q.device)
-        if check_values:
-            check_dense_tape(tape)
-        dense = tape
-    else:
-        raise TypeError(f"tape: expected a StackTape or an integer tensor [B, Tq, Tk], got {type(tape).__name__}")
+    depth, boundary, dense = unpack_tape(tape, B, Tq, Tk, q.device, check_values, keys_name="keys")
 
     cd = _compute_dtype(q.dtype)
     if B * Tq * Tk == 0 or W == 0:

@@ -421,6 +421,26 @@ def check_dense_tape(tape: torch.Tensor) -> None:
             raise ValueError(f"tape: expected non-negative depths, got a minimum of {low}")
 
 
+def unpack_tape(tape, B: int, Tq: int, Tk: int, device, check_values: bool, keys_name: str = "k"):
+    """(depth, boundary, dense) of an op's ``tape`` argument, checked against the batch B, the Tq
+    queries and Tk keys on ``device``: a StackTape gives (depth, boundary, None), a dense integer
+    [B, Tq, Tk] tensor (None, None, tape)."""
+    from fastmodels.pushdown.tape import StackTape
+
+    if isinstance(tape, StackTape):
+        if tape.batch_size != B or tape.seq_len != Tk:
+            raise ValueError(f"tape: expected a StackTape of batch size {B} and length {Tk} (from q and {keys_name}), got {tape.batch_size} x {tape.seq_len}")
+        if tape.device != device:
+            raise ValueError(f"tape: expected a StackTape on {device}, got one on {tape.device} (use tape.to(device))")
+        return tape.depth, tape.boundary, None
+    if isinstance(tape, torch.Tensor):
+        check_tensor(tape, "tape", shape=(B, Tq, Tk), dtypes=INT_DTYPES, device=device)
+        if check_values:
+            check_dense_tape(tape)
+        return None, None, tape
+    raise TypeError(f"tape: expected a StackTape or an integer tensor [B, Tq, Tk], got {type(tape).__name__}")
+
+
 @torch.compiler.assume_constant_result
 def _choose_backend(backend: Optional[str], device_type: str) -> str:
     return select_backend(OP, backend, device_type)
@@ -447,8 +467,6 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
 
     Returns: [B, H, Tq, D] in q's dtype. Differentiable in q, k, v and depth_emb.
     """
-    from fastmodels.pushdown.tape import StackTape
-
     dims: dict = {}
     check_tensor(q, "q", shape=("B", "H", "Tq", "D"), dims=dims, dtypes=FLOAT_DTYPES)
     check_tensor(k, "k", shape=("B", "H", "Tk", "D"), dims=dims, dtypes=(q.dtype,), device=q.device)
@@ -473,20 +491,7 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
         raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     scale = 1.0 / math.sqrt(D) if scale is None else check_float(scale, "scale")
 
-    depth = boundary = dense = None
-    if isinstance(tape, StackTape):
-        if tape.batch_size != B or tape.seq_len != Tk:
-            raise ValueError(f"tape: expected a StackTape of batch size {B} and length {Tk} (from q and k), got {tape.batch_size} x {tape.seq_len}")
-        if tape.device != q.device:
-            raise ValueError(f"tape: expected a StackTape on {q.device}, got one on {tape.device} (use tape.to(device))")
-        depth, boundary = tape.depth, tape.boundary
-    elif isinstance(tape, torch.Tensor):
-        check_tensor(tape, "tape", shape=(B, Tq, Tk), dtypes=INT_DTYPES, device=q.device)
-        if check_values:
-            check_dense_tape(tape)
-        dense = tape
-    else:
-        raise TypeError(f"tape: expected a StackTape or an integer tensor [B, Tq, Tk], got {type(tape).__name__}")
+    depth, boundary, dense = unpack_tape(tape, B, Tq, Tk, q.device, check_values)
 
     if B * H * Tq == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum() + depth_emb.sum())
