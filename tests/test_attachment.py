@@ -227,6 +227,10 @@ def test_bad_input_errors():
         head(torch.randn(2, 4, 4), torch.randn(2, 4, 4), tape, mask=torch.ones(2, 4, 4))
     with pytest.raises(TypeError, match="max_depth"):
         AttachmentHead(4, max_depth=3.5)
+    with pytest.raises(ValueError, match=r"keys: expected a tensor \[B=2, Tk, 4\]"):
+        head(torch.randn(2, 4, 4), torch.randn(2, 4, 4), tape, keys=torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="context: give context or keys"):
+        head(torch.randn(2, 4, 4), torch.randn(2, 4, 4), tape, keys=torch.randn(2, 4, 4), context=torch.randn(2, 4, 4))
     with pytest.raises(ValueError, match="max_depth"):
         AttachmentHead(4, binary=True, max_depth=1)
 

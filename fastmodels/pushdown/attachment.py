@@ -93,8 +93,11 @@ class AttachmentHead(nn.Module):
             keys = self.key_features(hidden if context is None else context)
         elif context is not None:
             raise ValueError("context: give context or keys, not both")
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 3 or keys.shape[0] != hidden.shape[0] or keys.shape[-1] != self.key.out_features:
+            shape = list(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+            raise ValueError(f"keys: expected a tensor [B={hidden.shape[0]}, Tk, {self.key.out_features}] (key_features of the context), got {shape}")
         if mask is not None:
-            want = [hidden.shape[0], hidden.shape[1], keys.shape[1]] if keys.dim() == 3 else None
+            want = [hidden.shape[0], hidden.shape[1], keys.shape[1]]
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or list(mask.shape) != want:
                 got = f"{str(mask.dtype).replace('torch.', '')} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
                 raise ValueError(f"mask: expected a bool tensor {want} ([B, Tq, Tk]), got {got}")
