@@ -33,8 +33,16 @@ import torch
 
 from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, check_tensor
-from fastmodels.ops.pushdown import _causal_mask, _compute_dtype, _depth_index, _threads, unpack_tape
-from fastmodels.ops.pushdown import _int32_tape as _pushdown_int32
+from fastmodels.ops.pushdown import (
+    _causal_mask,
+    _compute_dtype,
+    _depth_index,
+    _int32_tape,
+    _ptr,
+    _threads,
+    _triton_tape,
+    unpack_tape,
+)
 
 __all__ = ["attachment_scores", "attachment_scores_reference"]
 
@@ -67,23 +75,18 @@ def attachment_scores_reference(q, keys, depth_feat, dense, *, binary: bool = Fa
 # ---------------------------------------------------------------------------------------------
 
 
-def _int32_tape(S: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """None, or an integer tape as contiguous int32, saturating (pushdown's ``_int32_tape``)."""
-    return None if S is None else _pushdown_int32(S).contiguous()
-
-
-def _tape_for(backend: str, dense: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A dense tape as the backend reads it: the Triton kernels read int8/int16/int32 tiles as they
-    are (no copy per call), the C++ kernel int32."""
-    if dense is not None and backend == "triton" and dense.dtype in (torch.int8, torch.int16, torch.int32):
-        return dense.contiguous()
-    return _int32_tape(dense)
+def _backend_tape(backend: str, depth, boundary, dense):
+    """The tape as the backend reads it: the Triton kernels take int8/int16/int32 dense tiles as
+    they are (pushdown's ``_triton_tape``), the C++ kernel contiguous int32 (saturating)."""
+    if backend == "triton":
+        return _triton_tape(depth, boundary, dense)
+    return tuple(None if x is None else _int32_tape(x).contiguous() for x in (depth, boundary, dense))
 
 
 def _fwd_impl(q, keys, feat, depth, boundary, dense, binary: bool, backend: str) -> torch.Tensor:
     B, Tq, W = q.shape
     Tk, V = keys.shape[1], feat.shape[0]
-    depth, boundary, dense = _int32_tape(depth), _int32_tape(boundary), _tape_for(backend, dense)
+    depth, boundary, dense = _backend_tape(backend, depth, boundary, dense)
     if backend == "triton":
         from fastmodels.kernels.attachment import attachment_fwd
 
@@ -105,7 +108,7 @@ def _bwd_impl(grad, q, keys, feat, depth, boundary, dense, binary: bool, backend
     (j > t) score is ignored."""
     B, Tq, W = q.shape
     Tk, V = keys.shape[1], feat.shape[0]
-    depth, boundary, dense = _int32_tape(depth), _int32_tape(boundary), _tape_for(backend, dense)
+    depth, boundary, dense = _backend_tape(backend, depth, boundary, dense)
     if backend == "triton":
         from fastmodels.kernels.attachment import attachment_bwd
 
@@ -123,10 +126,6 @@ def _bwd_impl(grad, q, keys, feat, depth, boundary, dense, binary: bool, backend
         dq.data_ptr(), dkeys.data_ptr(), dfeat.data_ptr(), B, Tq, Tk, W, V, binary, cd == torch.float64, _threads(),
     )
     return dq, dkeys, dfeat
-
-
-def _ptr(x) -> int:
-    return 0 if x is None else x.data_ptr()
 
 
 @torch.library.custom_op("fastmodels::attachment_scores_fwd", mutates_args=())
