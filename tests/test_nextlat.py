@@ -38,8 +38,9 @@ def make(N=13, D=20, V=53, M=9, *, dtype=torch.float32, device="cpu", bias=True,
                 teacher_index=teacher_index.to(device), kl_weight=kl_weight.to(device, torch.float64 if dtype == torch.float64 else torch.float32))
 
 
-def run(inputs, backend, grads=("hidden", "weight", "bias", "pred_hidden"), upstream=(1.3, 0.7), to=None):
-    """(ce, kl, {name: grad}) with the given inputs requiring grad."""
+def run(inputs, backend, grads=("hidden", "weight", "bias", "pred_hidden"), upstream=(1.3, 0.7), to=None, reduction="mean"):
+    """(ce, kl, {name: grad}) with the given inputs requiring grad. With reduction="none" the
+    upstream gradient of every row is a different (seeded) number times ``upstream``."""
     args = {}
     for k, v in inputs.items():
         if isinstance(v, torch.Tensor):
@@ -51,17 +52,24 @@ def run(inputs, backend, grads=("hidden", "weight", "bias", "pred_hidden"), upst
         args[k] = v
     ce, kl = linear_cross_entropy_kl(
         args["hidden"], args["weight"], args["targets"], args.get("pred_hidden"), args.get("teacher_index"),
-        bias=args.get("bias"), kl_weight=args.get("kl_weight"), backend=backend,
+        bias=args.get("bias"), kl_weight=args.get("kl_weight"), reduction=reduction, backend=backend,
     )
     wanted = [k for k in grads if isinstance(args.get(k), torch.Tensor)]
-    loss = upstream[0] * ce + upstream[1] * kl
+    if reduction == "none":
+        g = torch.Generator().manual_seed(7)
+        u_ce = torch.randn(ce.shape, generator=g, dtype=torch.float64).to(ce)
+        u_kl = torch.randn(kl.shape, generator=g, dtype=torch.float64).to(kl)
+        loss = upstream[0] * (u_ce * ce).sum() + upstream[1] * (u_kl * kl).sum()
+    else:
+        loss = upstream[0] * ce + upstream[1] * kl
     out = torch.autograd.grad(loss, [args[k] for k in wanted], allow_unused=True) if wanted and loss.requires_grad else [None] * len(wanted)
     return ce, kl, dict(zip(wanted, out))
 
 
-def compare(inputs, backend, dtype, grads=("hidden", "weight", "bias", "pred_hidden")):
-    ce, kl, g = run(inputs, backend, grads)
-    rce, rkl, rg = run(inputs, "reference", grads, to=torch.float64)
+def compare(inputs, backend, dtype, grads=("hidden", "weight", "bias", "pred_hidden"), reduction="mean"):
+    ce, kl, g = run(inputs, backend, grads, reduction=reduction)
+    rce, rkl, rg = run(inputs, "reference", grads, to=torch.float64, reduction=reduction)
+    assert ce.shape == rce.shape and kl.shape == rkl.shape
     tol = dict(dtype=dtype) if dtype != torch.float32 else dict(atol=2e-5, rtol=2e-4)
     assert_close(ce.double(), rce, name="ce", **tol)
     assert_close(kl.double(), rkl, name="kl", **tol)
@@ -163,6 +171,80 @@ def test_low_precision(backend, dtype):
         assert_close(g[k], rg[k], dtype=dtype, name=f"grad {k}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("case", ["basic", "no_bias", "m0", "n1", "odd_v"])
+def test_reduction_matches_reference(backend, reduction, case):
+    for dtype in _dtypes(backend):
+        inputs = make(dtype=dtype, device=backend_device(backend), **CASES[case])
+        compare(inputs, backend, dtype, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grads", [("hidden",), ("weight",), ("bias",), ("pred_hidden",), ()])
+def test_reduction_none_partial_requires_grad(backend, grads):
+    compare(make(device=backend_device(backend)), backend, torch.float32, grads=grads, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reductions_agree(backend):
+    """"none" rows: 0 on ignored and zero-weight rows, and they sum to "sum"; "sum" is "mean" times
+    the row count (CE) and the weight total (KL); with "sum", micro-batches add up to the whole."""
+    x = make(dtype=torch.float64 if backend != "triton" else torch.float32, device=backend_device(backend))
+    tol = dict(atol=1e-5, rtol=1e-5)
+    ce_m, kl_m, _ = run(x, backend, reduction="mean")
+    ce_s, kl_s, _ = run(x, backend, reduction="sum")
+    ce_n, kl_n, _ = run(x, backend, reduction="none")
+    valid = x["targets"] != -100
+    assert not ce_n[~valid].any() and (ce_n[valid] > 0).all()
+    assert not kl_n[x["kl_weight"] == 0].any()
+    assert_close(ce_n.sum(), ce_s, **tol)
+    assert_close(kl_n.sum(), kl_s, **tol)
+    assert_close(ce_s, ce_m * valid.sum(), **tol)
+    assert_close(kl_s, kl_m * x["kl_weight"].sum(), **tol)
+
+    # Gradient accumulation: two micro-batches with different kept-row counts, summed then divided
+    # by the total count, give the whole batch's mean and its hidden gradient.
+    parts = [dict(x), dict(x)]
+    halves = [torch.arange(0, 5), torch.arange(5, x["hidden"].shape[0])]
+    total_ce, grads = 0.0, []
+    for part, rows in zip(parts, halves):
+        part["hidden"] = x["hidden"][rows].clone().requires_grad_()
+        part["targets"] = x["targets"][rows]
+        ce, _ = linear_cross_entropy_kl(part["hidden"], x["weight"], part["targets"], bias=x["bias"], reduction="sum", backend=backend)
+        (grad,) = torch.autograd.grad(ce / valid.sum(), part["hidden"])
+        total_ce, grads = total_ce + ce / valid.sum(), grads + [grad]
+    h = x["hidden"].clone().requires_grad_()
+    ce, _ = linear_cross_entropy_kl(h, x["weight"], x["targets"], bias=x["bias"], backend=backend)
+    (grad,) = torch.autograd.grad(ce, h)
+    assert_close(total_ce, ce, **tol)
+    assert_close(torch.cat(grads), grad, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduction_none_no_grad_and_all_ignored(backend):
+    x = make(device=backend_device(backend))
+    x["targets"][:] = -100
+    x["kl_weight"][:] = 0
+    ce, kl, g = run(x, backend, reduction="none")
+    assert ce.shape == x["targets"].shape and kl.shape == x["teacher_index"].shape
+    assert not ce.any() and not kl.any()
+    for k, v in g.items():
+        assert v is not None and torch.isfinite(v).all() and not v.abs().any(), k
+    y = make(device=backend_device(backend))
+    with torch.no_grad():
+        ce, kl, _ = run(y, backend, grads=(), reduction="none")
+    rce, rkl, _ = run(y, "reference", grads=(), to=torch.float64, reduction="none")
+    assert_close(ce.double(), rce, atol=2e-5, rtol=2e-4)
+    assert_close(kl.double(), rkl, atol=2e-5, rtol=2e-4)
+
+
+def test_bad_reduction():
+    x = make(N=5, M=2)
+    with pytest.raises(ValueError, match="reduction: expected 'mean', 'sum' or 'none', got 'avg'"):
+        linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], reduction="avg")
+
+
 def test_reference_matches_textbook_formulas():
     """The reference against the spec's closed forms (KL value and the pred gradient w W^T (q - p))."""
     inputs = make(dtype=torch.float64, bias=False)
@@ -253,10 +335,17 @@ def test_custom_ignore_index():
 def test_opcheck_chunked():
     x = make(N=7, M=5)
     args = (x["hidden"].requires_grad_(), x["weight"].requires_grad_(), x["bias"].requires_grad_(), x["targets"],
-            x["pred_hidden"].requires_grad_(), x["teacher_index"], x["kl_weight"], -100, True, True, True, False)
+            x["pred_hidden"].requires_grad_(), x["teacher_index"], x["kl_weight"], -100, "mean", True, True, True, False)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked.default, args)
-    args2 = (x["hidden"], x["weight"], None, x["targets"], x["pred_hidden"], x["teacher_index"], x["kl_weight"], -100, False, True, False, True)
+    args2 = (x["hidden"], x["weight"], None, x["targets"], x["pred_hidden"], x["teacher_index"], x["kl_weight"], -100, "sum", False, True, False, True)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked.default, args2)
+    rows = (x["hidden"], x["weight"], x["bias"], x["targets"], x["pred_hidden"], x["teacher_index"], -100, False)
+    torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked_rows.default, rows)
+    g = torch.Generator().manual_seed(3)
+    g_rows = (torch.randn(7, generator=g), torch.randn(5, generator=g))
+    plain = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in rows[:6])
+    torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked_rows_backward.default, (*g_rows, *plain, -100, True, True, True))
+    torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked_rows_backward.default, (*g_rows, *plain, -100, False, True, False))
 
 
 @pytest.mark.no_poison
@@ -272,12 +361,15 @@ def test_opcheck_rows(backend):
 
 @pytest.mark.no_poison
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile(backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile(backend, reduction):
     x = make(device=backend_device(backend))
+    u = torch.linspace(0.5, 1.5, x["hidden"].shape[0], device=x["hidden"].device)
 
     def loss(h, W, b, p):
-        ce, kl = linear_cross_entropy_kl(h, W, x["targets"], p, x["teacher_index"], bias=b, kl_weight=x["kl_weight"], backend=backend)
-        return 1.3 * ce + 0.7 * kl
+        ce, kl = linear_cross_entropy_kl(h, W, x["targets"], p, x["teacher_index"], bias=b, kl_weight=x["kl_weight"],
+                                         reduction=reduction, backend=backend)
+        return 1.3 * (u * ce).sum() + 0.7 * kl.sum() if reduction == "none" else 1.3 * ce + 0.7 * kl
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     leaves = [x[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias", "pred_hidden")]

@@ -1,6 +1,7 @@
 """Fused linear + cross-entropy + KL loss (the NextLat objective's logit-sized part).
 
-``linear_cross_entropy_kl`` computes, for an LM head ``W`` (and optional bias ``b``),
+``linear_cross_entropy_kl`` computes, for an LM head ``W`` (and optional bias ``b``; shown for
+``reduction="mean"``, see the function for ``"sum"`` and ``"none"``),
 
 * ``ce`` -- the mean cross-entropy of ``softmax(W h_s + b)`` against ``targets[s]`` over the rows
   whose target is not ``ignore_index`` (0, with zero gradients, if every row is ignored), and
@@ -18,8 +19,10 @@ Backends:
 * ``reference`` -- full logits, plain autograd: the test oracle.
 * ``cpu``       -- token-chunked PyTorch (Liger-Kernel style): the forward walks the rows in chunks
   whose ``[C, V]`` workspace is bounded, computes the loss and the gradients at once, and the
-  backward only scales them by the upstream gradients. Each chunk's teacher softmax is reused for
-  every predicted row that points into it (predicted rows are grouped by teacher).
+  backward only scales them by the upstream gradients (with ``reduction="none"`` the forward
+  computes the row losses only and the backward walks the chunks again with the per-row upstream
+  gradients). Each chunk's teacher softmax is reused for every predicted row that points into it
+  (predicted rows are grouped by teacher).
 * ``triton``    -- ``fastmodels.kernels.nextlat``: per-row LSE blockwise in the forward, logit tiles
   recomputed in the backward, optional deterministic reductions.
 """
@@ -59,7 +62,7 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def linear_cross_entropy_kl_reference(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index):
+def linear_cross_entropy_kl_reference(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index, reduction="mean"):
     """The objective as written, with full ``[N, V]`` and ``[M, V]`` logits (fp32, or fp64)."""
     cd = _compute_dtype(hidden.dtype)
     W = weight.to(cd)
@@ -67,19 +70,25 @@ def linear_cross_entropy_kl_reference(hidden, weight, targets, pred_hidden, teac
     z = hidden.to(cd) @ W.T
     if b is not None:
         z = z + b
-    valid = targets != ignore_index
     ce_rows = torch.nn.functional.cross_entropy(z, targets.long(), ignore_index=ignore_index, reduction="none")
-    ce = _ratio(ce_rows.sum(), valid.sum().to(cd))
-    if pred_hidden.shape[0] == 0:
-        return ce, ce.new_zeros(())
     logp = torch.log_softmax(z.detach()[teacher_index.long()], dim=-1)
     zs = pred_hidden.to(cd) @ W.detach().T
     if b is not None:
         zs = zs + b.detach()
     logq = torch.log_softmax(zs, dim=-1)
     kl_rows = (logp.exp() * (logp - logq)).sum(-1)
-    w = kl_weight.to(cd)
-    return ce, _ratio((w * kl_rows).sum(), w.sum())
+    return _reduce(ce_rows, kl_rows, targets != ignore_index, kl_weight.to(cd), reduction)
+
+
+def _reduce(ce_rows, kl_rows, valid, w, reduction):
+    """(ce, kl) from per-row losses (differentiable): see ``linear_cross_entropy_kl``'s reduction."""
+    ce_rows = ce_rows * valid  # 0 on ignored rows, whatever a backend left there
+    kl_rows = w * kl_rows
+    if reduction == "none":
+        return ce_rows, kl_rows
+    if reduction == "sum":
+        return ce_rows.sum(), kl_rows.sum()
+    return _ratio(ce_rows.sum(), valid.sum().to(ce_rows.dtype)), _ratio(kl_rows.sum(), w.sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +105,13 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
-def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred, chunk=None):
+def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ignore_index, ce_row_scale, kl_row_scale, grad_hidden, grad_weight, grad_pred, chunk=None):
+    """Per-row losses ``(ce_rows [N], kl_rows [M])`` and the gradients of
+    ``L = sum_s ce_row_scale[s] ce_s + sum_m kl_row_scale[m] KL_m`` for the requested inputs.
+
+    ``ce_rows`` is 0 on ignored rows, ``kl_rows`` is unweighted; the scales must be 0 on ignored
+    rows (they are dL/d(row loss), so any reduction, or an upstream gradient per row, fits).
+    """
     N, D = hidden.shape
     V = weight.shape[0]
     M = pred.shape[0]
@@ -104,26 +119,20 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_
     C = chunk or _chunk_rows(V)
     W = weight.to(cd)
     b = None if bias is None else bias.to(cd)
-
     valid = targets != ignore_index
-    ce_scale = 1.0 / max(int(valid.sum()), 1)
-    w = kl_weight.to(cd)
-    wsum = float(w.sum()) if M else 0.0
-    w_scaled = w / wsum if wsum > 0 else torch.zeros_like(w)
 
-    # Every row of dh and dp is written by exactly one chunk; dw and db accumulate.
+    # Every row of dh, dp and the row losses is written by exactly one chunk; dw and db accumulate.
     dh = torch.empty(N, D, dtype=cd) if grad_hidden else None
     dw = torch.zeros(V, D, dtype=cd) if grad_weight else None
     db = torch.zeros(V, dtype=cd) if (grad_weight and b is not None) else None
     dp = torch.empty(M, D, dtype=cd) if grad_pred else None
-    ce_sum = torch.zeros((), dtype=cd)
-    kl_sum = torch.zeros((), dtype=cd)
+    ce_rows = torch.empty(N, dtype=cd)
+    kl_rows = torch.empty(M, dtype=cd)
 
     # Predicted rows grouped by teacher, so each chunk's teacher softmax serves all its KL rows.
     order = torch.argsort(teacher_index, stable=True)
     t_sorted = teacher_index[order]
     bounds = torch.searchsorted(t_sorted, torch.arange(0, N + C, C, dtype=t_sorted.dtype)).tolist()
-    ce_row_scale = valid.to(cd) * ce_scale  # dL/dce_row_s: 1/count, 0 on ignored rows
     for k, a in enumerate(range(0, N, C)):
         e = min(a + C, N)
         n = e - a
@@ -140,7 +149,7 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_
         y = targets[a:e].long()
         v = valid[a:e]
         y_safe = torch.where(v, y, torch.zeros_like(y))
-        ce_sum -= (logp.gather(1, y_safe[:, None])[:, 0] * v).sum()
+        ce_rows[a:e] = -logp.gather(1, y_safe[:, None])[:, 0] * v
         if hi > lo:
             p_tmp = logp.exp()
             neg_entropy = _rowdot(p_tmp, logp)  # sum_v p log p, per teacher row
@@ -159,15 +168,14 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_
                 logq = torch.addmm(b, hp, W.T) if b is not None else hp @ W.T
                 logq = torch.log_softmax(logq, dim=-1)
             pt = p.index_select(0, t)
-            kl_rows = neg_entropy[t] - _rowdot(pt, logq)  # sum_v p (log p - log q)
-            kl_sum += (w[idx] * kl_rows).sum()
+            kl_rows[idx] = neg_entropy[t] - _rowdot(pt, logq)  # sum_v p (log p - log q)
             if grad_pred:
                 logq.exp_().sub_(pt)  # q - p, in place
                 if c != lo:
-                    dp[idx] = (logq @ W).mul_(w_scaled[idx][:, None])
+                    dp[idx] = (logq @ W).mul_(kl_row_scale[idx][:, None])
             del logq, pt
 
-        s = ce_row_scale[a:e]
+        s = ce_row_scale[a:e] if need_ce else None
         if need_ce:
             p[torch.arange(n), y_safe] -= 1.0  # p - onehot(y); ignored rows carry s = 0
         kl_first = grad_pred and first.numel() > 0
@@ -177,24 +185,34 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_
             if grad_hidden:
                 dh[a:e] = r[:n].mul_(s[:, None])
             if kl_first:
-                dp[first] = r[-first.numel():].mul_(w_scaled[first][:, None])
+                dp[first] = r[-first.numel():].mul_(kl_row_scale[first][:, None])
         if grad_weight:
             dw.addmm_(p.T, h * s[:, None])
             if db is not None:
                 db += s @ p
         del logs, logp, p
 
-    ce = ce_sum * ce_scale
-    kl = kl_sum / wsum if wsum > 0 else torch.zeros((), dtype=cd)
     empty = lambda t: t.new_empty(0)  # noqa: E731
     return (
-        ce,
-        kl,
+        ce_rows,
+        kl_rows,
         dh.to(hidden.dtype) if dh is not None else empty(hidden),
         dw.to(weight.dtype) if dw is not None else empty(weight),
         db.to(bias.dtype) if db is not None else empty(weight),
         dp.to(pred.dtype) if dp is not None else empty(pred),
     )
+
+
+def _reduction_scales(targets, kl_weight, ignore_index, reduction, cd):
+    """(ce_row_scale [N], kl_row_scale [M], ce_norm, kl_norm) of a "mean" or "sum" reduction:
+    the loss is ``sum(ce_rows) / ce_norm`` and ``sum(w kl_rows) / kl_norm`` (norm 0 means loss 0)."""
+    ce_scale = (targets != ignore_index).to(cd)
+    w = kl_weight.to(cd)
+    if reduction == "sum":
+        return ce_scale, w, 1.0, 1.0
+    count = float(ce_scale.sum())
+    wsum = float(w.sum()) if w.numel() else 0.0
+    return ce_scale / max(count, 1.0), (w / wsum if wsum > 0 else torch.zeros_like(w)), max(count, 1.0), wsum
 
 
 @torch.library.custom_op("fastmodels::lce_kl_chunked", mutates_args=(), device_types="cpu")
@@ -207,19 +225,27 @@ def _lce_kl_chunked(
     teacher_index: torch.Tensor,
     kl_weight: torch.Tensor,
     ignore_index: int,
+    reduction: str,
     grad_hidden: bool,
     grad_weight: bool,
     grad_pred: bool,
     check_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce, kl) reduced by ``reduction`` ("mean" or "sum") and their gradients, all in one pass."""
     if check_values:  # the caller skipped them (torch.compile); an index out of range would go unnoticed
         _check_values(targets, teacher_index, kl_weight, hidden.shape[0], weight.shape[0], ignore_index)
+    cd = _compute_dtype(hidden.dtype)
+    ce_scale, kl_scale, ce_norm, kl_norm = _reduction_scales(targets, kl_weight, ignore_index, reduction, cd)
     with torch.no_grad():
-        return _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred)
+        ce_rows, kl_rows, *grads = _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ignore_index,
+                                                        ce_scale, kl_scale, grad_hidden, grad_weight, grad_pred)
+        ce = ce_rows.sum() / ce_norm
+        kl = (kl_weight.to(cd) * kl_rows).sum() / kl_norm if kl_norm > 0 else torch.zeros((), dtype=cd)
+    return (ce, kl, *grads)
 
 
 @_lce_kl_chunked.register_fake
-def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, grad_hidden, grad_weight, grad_pred, check_values):
+def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, reduction, grad_hidden, grad_weight, grad_pred, check_values):
     cd = _compute_dtype(hidden.dtype)
     scalar = hidden.new_empty((), dtype=cd)
     return (
@@ -234,7 +260,7 @@ def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_inde
 
 def _chunked_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
-    ctx.flags = inputs[8:11]
+    ctx.flags = inputs[9:12]
     ctx.save_for_backward(*output[2:])
 
 
@@ -250,10 +276,102 @@ def _chunked_backward(ctx, g_ce, g_kl, *_):
     out_w = _scale(g_ce, dw) if grad_weight else None
     out_b = _scale(g_ce, db) if (grad_weight and ctx.has_bias) else None
     out_p = _scale(g_kl, dp) if grad_pred else None
-    return out_h, out_w, out_b, None, out_p, None, None, None, None, None, None, None
+    return out_h, out_w, out_b, None, out_p, None, None, None, None, None, None, None, None
 
 
 _lce_kl_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+
+
+# reduction="none" on the cpu backend: the gradient of weight and bias mixes every row's upstream
+# factor, which exists only in the backward, so the forward computes the row losses alone and the
+# backward runs the chunked pass again with the upstream gradients as the row scales.
+
+
+@torch.library.custom_op("fastmodels::lce_kl_chunked_rows", mutates_args=(), device_types="cpu")
+def _lce_kl_chunked_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    pred: torch.Tensor,
+    teacher_index: torch.Tensor,
+    ignore_index: int,
+    check_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce_rows [N], 0 on ignored rows; kl_rows [M], unweighted), in the compute dtype."""
+    if check_values:
+        _check_values(targets, teacher_index, None, hidden.shape[0], weight.shape[0], ignore_index)
+    cd = _compute_dtype(hidden.dtype)
+    with torch.no_grad():
+        ce_rows, kl_rows, *_ = _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ignore_index,
+                                                    None, None, False, False, False)
+    return ce_rows.to(cd), kl_rows.to(cd)
+
+
+@_lce_kl_chunked_rows.register_fake
+def _(hidden, weight, bias, targets, pred, teacher_index, ignore_index, check_values):
+    cd = _compute_dtype(hidden.dtype)
+    return hidden.new_empty(hidden.shape[0], dtype=cd), hidden.new_empty(pred.shape[0], dtype=cd)
+
+
+@torch.library.custom_op("fastmodels::lce_kl_chunked_rows_backward", mutates_args=(), device_types="cpu")
+def _lce_kl_chunked_rows_backward(
+    grad_ce_rows: torch.Tensor,
+    grad_kl_rows: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    pred: torch.Tensor,
+    teacher_index: torch.Tensor,
+    ignore_index: int,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_pred: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight, dbias, dpred), each an empty tensor where not requested. ``grad_ce_rows``
+    must be 0 on ignored rows (``_reduce`` masks them before they reach this op)."""
+    cd = _compute_dtype(hidden.dtype)
+    with torch.no_grad():
+        _, _, *grads = _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ignore_index,
+                                            grad_ce_rows.to(cd), grad_kl_rows.to(cd), grad_hidden, grad_weight, grad_pred)
+    return tuple(grads)
+
+
+@_lce_kl_chunked_rows_backward.register_fake
+def _(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, teacher_index, ignore_index, grad_hidden, grad_weight, grad_pred):
+    return (
+        torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if grad_weight else weight.new_empty(0),
+        torch.empty_like(bias) if (grad_weight and bias is not None) else weight.new_empty(0),
+        torch.empty_like(pred) if grad_pred else pred.new_empty(0),
+    )
+
+
+def _chunked_rows_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, pred, teacher_index, ignore_index, _ = inputs
+    ctx.ignore_index = ignore_index
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias if bias is not None else weight.new_empty(0), targets, pred, teacher_index)
+
+
+def _chunked_rows_backward(ctx, g_ce_rows, g_kl_rows):
+    hidden, weight, bias, targets, pred, teacher_index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_hidden, grad_weight, grad_pred = need[0], need[1] or (ctx.has_bias and need[2]), need[4]
+    if not (grad_hidden or grad_weight or grad_pred):
+        return (None,) * 8
+    g_ce_rows = g_ce_rows if g_ce_rows is not None else hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+    g_kl_rows = g_kl_rows if g_kl_rows is not None else hidden.new_zeros(pred.shape[0], dtype=torch.float32)
+    dh, dw, db, dp = _lce_kl_chunked_rows_backward(
+        g_ce_rows, g_kl_rows, hidden, weight, bias if ctx.has_bias else None, targets, pred, teacher_index,
+        ctx.ignore_index, grad_hidden, grad_weight, grad_pred,
+    )
+    return (dh if grad_hidden else None, dw if need[1] else None, db if (ctx.has_bias and need[2]) else None,
+            None, dp if grad_pred else None, None, None, None)
+
+
+_lce_kl_chunked_rows.register_autograd(_chunked_rows_backward, setup_context=_chunked_rows_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,22 +462,20 @@ def _rows_backward(ctx, g_ce_rows, g_lse, g_kl_rows, g_lse_pred):
 _lce_kl_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
-def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, deterministic, check_values):
+def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, reduction, deterministic, check_values):
     if hidden.dtype == torch.float64:
         raise TypeError("hidden: the triton backend takes float32, float16 or bfloat16 inputs, got float64 (use backend='cpu' or 'reference')")
     N = hidden.shape[0]
-    if N == 0:
-        zero = hidden.new_zeros((), dtype=torch.float32)
-        return zero + 0 * hidden.sum() + 0 * weight.sum(), zero.clone()
+    if N == 0:  # no rows, so no predicted rows either (teacher_index points into hidden)
+        zero = 0 * hidden.sum(-1, dtype=torch.float32) + 0 * weight.sum(dtype=torch.float32)
+        if reduction == "none":
+            return zero, 0 * pred.sum(-1, dtype=torch.float32)
+        return zero.sum(), hidden.new_zeros((), dtype=torch.float32)
     ce_rows, _, kl_rows, _ = _lce_kl_rows(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
         pred.contiguous(), teacher_index.long().contiguous(), ignore_index, deterministic, check_values,
     )
-    valid = (targets != ignore_index).to(torch.float32)
-    ce = _ratio((ce_rows * valid).sum(), valid.sum())
-    w = kl_weight.to(torch.float32)
-    kl = _ratio((w * kl_rows).sum(), w.sum())
-    return ce, kl
+    return _reduce(ce_rows, kl_rows, (targets != ignore_index).to(torch.float32), kl_weight.to(torch.float32), reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +552,7 @@ def linear_cross_entropy_kl(
     bias: torch.Tensor | None = None,
     kl_weight: torch.Tensor | None = None,
     ignore_index: int = -100,
+    reduction: str = "mean",
     backend: str | None = None,
     deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,14 +567,20 @@ def linear_cross_entropy_kl(
         bias: optional ``[V]`` bias of the head.
         kl_weight: optional ``[M]`` non-negative per-row KL weights (default ones; 0 masks a row).
         ignore_index: target value of rows without cross-entropy.
+        reduction: ``"mean"`` (default, as below), ``"sum"`` (``ce`` summed over non-ignored rows,
+            ``kl = sum_m w_m KL_m``: the form for gradient accumulation over micro-batches with
+            different row counts) or ``"none"`` (``ce`` ``[N]`` per row, 0 on ignored rows, and
+            ``kl`` ``[M]`` = ``w_m KL_m`` per row; the cpu backend then recomputes the logits in
+            the backward instead of computing the gradients in the forward).
         backend: ``"reference"``, ``"cpu"`` or ``"triton"`` (default: the device's preference).
         deterministic: triton backend only: reductions without atomics (bit-reproducible).
 
     Returns:
-        ``(ce, kl)`` 0-dim tensors (fp32; fp64 for fp64 inputs). ``ce`` is the mean over non-ignored
-        rows (0 if there are none), ``kl = sum_m w_m KL(teacher_m || student_m) / sum_m w_m`` (0 if
-        M = 0 or all weights are 0). hidden, weight and bias get the CE gradient only; pred_hidden
-        gets the KL gradient only (``w_m W^T (q_m - p_m)`` normalised by ``sum w``).
+        ``(ce, kl)`` (fp32; fp64 for fp64 inputs): 0-dim tensors unless ``reduction="none"``. With
+        ``"mean"``, ``ce`` is the mean over non-ignored rows (0 if there are none) and
+        ``kl = sum_m w_m KL(teacher_m || student_m) / sum_m w_m`` (0 if M = 0 or all weights are
+        0). hidden, weight and bias get the CE gradient only; pred_hidden gets the KL gradient only
+        (``w_m W^T (q_m - p_m)``, normalised by ``sum w`` for ``"mean"``).
     """
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
         # Under autocast the matmul operands take autocast's dtype, as F.linear's would (float64
@@ -467,10 +590,13 @@ def linear_cross_entropy_kl(
         cast = lambda t: t.to(low) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t  # noqa: E731
         with torch.autocast(hidden.device.type, enabled=False):
             return linear_cross_entropy_kl(cast(hidden), cast(weight), targets, cast(pred_hidden), teacher_index, bias=cast(bias),
-                                           kl_weight=kl_weight, ignore_index=ignore_index, backend=backend, deterministic=deterministic)
+                                           kl_weight=kl_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                                           deterministic=deterministic)
     device, D = _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     name = _resolve_backend(backend, device.type)
     if pred_hidden is None:
         pred_hidden = hidden.new_empty(0, D)
@@ -480,16 +606,19 @@ def linear_cross_entropy_kl(
     kl_weight = kl_weight.detach()  # a weight, not a parameter: no backend differentiates it
     check_values = torch.compiler.is_compiling()  # _validate skipped the value checks: the fused ops run them
     if name == "reference":
-        return linear_cross_entropy_kl_reference(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
+        return linear_cross_entropy_kl_reference(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index, reduction)
     if name == "triton":
-        return _triton_losses(hidden, weight, bias, targets, pred_hidden, teacher_index, kl_weight, ignore_index, deterministic, check_values)
+        return _triton_losses(hidden, weight, bias, targets, pred_hidden, teacher_index, kl_weight, ignore_index, reduction, deterministic, check_values)
+    args = (
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
+        pred_hidden.contiguous(), teacher_index.long().contiguous(),
+    )
+    if reduction == "none":
+        ce_rows, kl_rows = _lce_kl_chunked_rows(*args, ignore_index, check_values)
+        return _reduce(ce_rows, kl_rows, targets != ignore_index, kl_weight.to(ce_rows.dtype), "none")
     grad_on = torch.is_grad_enabled()
     grad_hidden = grad_on and hidden.requires_grad
     grad_weight = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
     grad_pred = grad_on and pred_hidden.requires_grad
-    out = _lce_kl_chunked(
-        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
-        pred_hidden.contiguous(), teacher_index.long().contiguous(), kl_weight.contiguous(), ignore_index,
-        grad_hidden, grad_weight, grad_pred, check_values,
-    )
+    out = _lce_kl_chunked(*args, kl_weight.contiguous(), ignore_index, reduction, grad_hidden, grad_weight, grad_pred, check_values)
     return out[0], out[1]
