@@ -29,6 +29,9 @@ def _setup(N, D, V, d, dtype, device):
             "pred": pred.requires_grad_(),
             "teacher_index": teacher_index,
             "kl_weight": torch.ones(d * N, device=device),
+            # per-row upstream gradients of the reduction="none" cases
+            "u_ce": (torch.rand(N, generator=g) + 0.5).to(device),
+            "u_kl": (torch.rand(d * N, generator=g) + 0.5).to(device),
         }
 
     return make
@@ -45,12 +48,23 @@ def _fwd_bwd(loss_fn):
     return run
 
 
-def _ours(x):
-    return linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], x["pred"], x["teacher_index"], kl_weight=x["kl_weight"])
+def _fwd_bwd_rows(loss_fn):
+    """reduction="none": per-row losses, each with its own upstream gradient."""
+    def run(x):
+        ce, kl = loss_fn(x, "none")
+        loss = (x["u_ce"] * ce).sum() + (x["u_kl"] * kl).sum()
+        grads = torch.autograd.grad(loss, (x["hidden"], x["weight"], x["pred"]))
+        return (ce.detach(), kl.detach(), *grads)
+
+    return run
 
 
-def _reference(x):
-    return linear_cross_entropy_kl_reference(x["hidden"], x["weight"], x["targets"], x["pred"], x["teacher_index"], None, x["kl_weight"], -100)
+def _ours(x, reduction="mean"):
+    return linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], x["pred"], x["teacher_index"], kl_weight=x["kl_weight"], reduction=reduction)
+
+
+def _reference(x, reduction="mean"):
+    return linear_cross_entropy_kl_reference(x["hidden"], x["weight"], x["targets"], x["pred"], x["teacher_index"], None, x["kl_weight"], -100, reduction)
 
 
 _compiled_reference = None
@@ -63,12 +77,12 @@ def _reference_compiled(x):
     return _compiled_reference(x["hidden"], x["weight"], x["targets"], x["pred"], x["teacher_index"], None, x["kl_weight"], -100)
 
 
-def _error(x, out):
+def _error(x, out, reference=_fwd_bwd(_reference)):
     """Worst RMS-relative error of (ce, kl, dhidden, dweight, dpred) against the fp32 reference
     (computed once per case, after the timed implementations' warm-up call)."""
     if "_ref" not in x:
         try:
-            x["_ref"] = [t.clone() for t in _fwd_bwd(_reference)(x)]
+            x["_ref"] = [t.clone() for t in reference(x)]
         except torch.cuda.OutOfMemoryError:  # the reference itself does not fit: no error figure
             torch.cuda.empty_cache()
             x["_ref"] = None
@@ -102,6 +116,15 @@ def cases(device: str, quick: bool) -> list[Case]:
                 targets={"time_ratio:reference_eager": 1.0, "rms_rel_err": 1e-4, **({} if q else {"mem_ratio:reference_eager": 10.0})},
                 quick=q,
             ))
+        N, D, V = 4096, 256, 32000
+        out.append(Case(
+            op="linear_cross_entropy_kl", name=f"N{N}_D{D}_V{V}_d1_fp32_fwdbwd_rows", device=device,
+            setup=_setup(N, D, V, 1, torch.float32, device),
+            impls={"fastmodels_cpu_chunked": _fwd_bwd_rows(_ours), "reference_eager": _fwd_bwd_rows(_reference)},
+            error=lambda x, out: _error(x, out, _fwd_bwd_rows(_reference)), flops=_flops(N, D, V, 1),
+            targets={"time_ratio:reference_eager": 1.0, "rms_rel_err": 1e-4, "mem_ratio:reference_eager": 10.0},
+            note='reduction="none" with a different upstream gradient per row (the cpu backend recomputes the chunks in the backward)',
+        ))
     elif device == "cuda":
         N, D, V = 8192, 768, 50257
         for d in (1, 4):
