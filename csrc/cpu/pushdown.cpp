@@ -75,15 +75,20 @@ void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
                     x[j] = T(k.scale) * (x[j] + e[idx[j]]);
                     mx = std::max(mx, x[j]);
                 }
-                T sum = 0;
+                // The denominator in double: a float running sum drops the terms below half an ulp
+                // of itself, so over a long peaked row it comes out low by up to ~n ulps, and the
+                // backward's P = exp(x - lse) then sums to more than 1 (the excess reaches dq and
+                // the depth table through the histogram; 7x the fp32 reference's dq error at
+                // T = 4096 on a binary tape).
+                double sum = 0;
                 for (int64_t j = 0; j < n; ++j) {
                     x[j] = std::exp(x[j] - mx);
                     sum += x[j];
                 }
-                const T inv = T(1) / sum;
+                const T inv = T(1.0 / sum);
                 for (int64_t j = 0; j < n; ++j) x[j] *= inv;
                 for (int64_t j = n; j < k.kend; ++j) x[j] = 0;
-                lse[r] = mx + std::log(sum);
+                lse[r] = mx + T(std::log(sum));
             }
         }
     }
@@ -94,6 +99,7 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
 #pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
+        std::vector<double> hacc(k.V);  // the row's depth histogram, summed in double like lse
 #pragma omp for schedule(dynamic, 4)
         for (int64_t bi = 0; bi < k.B * k.m; ++bi) {
             const int64_t b = bi / k.m, i = bi % k.m;
@@ -106,14 +112,15 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
                 const T* e = qe + r * k.V;
                 T* hr = hist + r * k.V;
                 const T l = lse[r], dl = delta[r], sc = T(k.scale);
-                for (int64_t v = 0; v < k.V; ++v) hr[v] = 0;
+                std::fill(hacc.begin(), hacc.end(), 0.0);
                 for (int64_t j = 0; j < n; ++j) {
                     const T p = std::exp(sc * (x[j] + e[idx[j]]) - l);
                     const T ds = sc * p * (g[j] - dl);
                     x[j] = p;
                     g[j] = ds;
-                    hr[idx[j]] += ds;
+                    hacc[idx[j]] += ds;
                 }
+                for (int64_t v = 0; v < k.V; ++v) hr[v] = T(hacc[v]);
                 for (int64_t j = n; j < k.kend; ++j) {
                     x[j] = 0;
                     g[j] = 0;
