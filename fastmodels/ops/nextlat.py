@@ -247,11 +247,13 @@ def _lce_kl_chunked(
 
 @_lce_kl_chunked.register_fake
 def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, reduction, grad_hidden, grad_weight, grad_pred, check_values):
-    cd = _compute_dtype(hidden.dtype)
-    scalar = hidden.new_empty((), dtype=cd)
+    scalar = hidden.new_empty((), dtype=_compute_dtype(hidden.dtype))
+    return (scalar, scalar.clone(), *_fake_grads(hidden, weight, bias, pred, grad_hidden, grad_weight, grad_pred))
+
+
+def _fake_grads(hidden, weight, bias, pred, grad_hidden, grad_weight, grad_pred):
+    """The gradients the chunked ops return: like their input where requested, else empty."""
     return (
-        scalar,
-        scalar.clone(),
         torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
         torch.empty_like(weight) if grad_weight else weight.new_empty(0),
         torch.empty_like(bias) if (grad_weight and bias is not None) else weight.new_empty(0),
@@ -341,12 +343,7 @@ def _lce_kl_chunked_rows_backward(
 
 @_lce_kl_chunked_rows_backward.register_fake
 def _(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, teacher_index, ignore_index, grad_hidden, grad_weight, grad_pred):
-    return (
-        torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if grad_weight else weight.new_empty(0),
-        torch.empty_like(bias) if (grad_weight and bias is not None) else weight.new_empty(0),
-        torch.empty_like(pred) if grad_pred else pred.new_empty(0),
-    )
+    return _fake_grads(hidden, weight, bias, pred, grad_hidden, grad_weight, grad_pred)
 
 
 def _chunked_rows_setup(ctx, inputs, output):
