@@ -362,7 +362,7 @@ def test_opcheck_chunked():
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked.default, args)
     args2 = (x["hidden"], x["weight"], None, x["targets"], x["pred_hidden"], x["teacher_index"], x["kl_weight"], -100, "sum", False, True, False, True)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked.default, args2)
-    rows = (x["hidden"], x["weight"], x["bias"], x["targets"], x["pred_hidden"], x["teacher_index"], -100, False)
+    rows = (x["hidden"], x["weight"], x["bias"], x["targets"], x["pred_hidden"], x["teacher_index"], x["kl_weight"], -100, False)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_chunked_rows.default, rows)
     g = torch.Generator().manual_seed(3)
     g_rows = (torch.randn(7, generator=g), torch.randn(5, generator=g))
@@ -408,15 +408,24 @@ def test_torch_compile(backend, reduction):
 
 @pytest.mark.no_poison
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_bad_indices_raise(backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_bad_indices_raise(backend, reduction):
     """Under torch.compile the host-side range checks are skipped; the fused ops run them instead, so
-    an out-of-range teacher index or target is still an error, not a dropped row or a wild read."""
+    an out-of-range teacher index or target is still an error, not a dropped row or a wild read
+    (and, on the cpu backend, a negative KL weight)."""
     if backend == "reference":
         pytest.skip("the reference backend indexes with PyTorch, which checks its own indices")
     x = make(device=backend_device(backend))
 
-    def loss(targets, teacher_index):
-        return linear_cross_entropy_kl(x["hidden"], x["weight"], targets, x["pred_hidden"], teacher_index, backend=backend)
+    def loss(targets, teacher_index, kl_weight=None):
+        return linear_cross_entropy_kl(x["hidden"], x["weight"], targets, x["pred_hidden"], teacher_index, kl_weight=kl_weight,
+                                       reduction=reduction, backend=backend)
+
+    if backend == "cpu":
+        bad_w = x["kl_weight"].clone()
+        bad_w[1] = -1.0
+        with pytest.raises(ValueError, match="kl_weight"):
+            torch.compile(loss, fullgraph=True, backend="aot_eager")(x["targets"], x["teacher_index"], bad_w)
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     bad_teacher = x["teacher_index"].clone()
@@ -483,6 +492,14 @@ def test_empty_rows(backend):
     assert ce.item() == 0.0 and kl.item() == 0.0
     gh, gw = torch.autograd.grad(ce + kl, (h, W))
     assert gh.shape == (0, 20) and not gw.abs().any() and torch.isfinite(gw).all()
+    # with a bias and (necessarily empty) predicted rows, every input gets a zero gradient
+    b = torch.randn(53, device=dev, requires_grad=True)
+    p = torch.randn(0, 20, device=dev, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.int64, device=dev)
+    for reduction in ("mean", "sum", "none"):
+        ce, kl = linear_cross_entropy_kl(h, W, t, p, t, bias=b, reduction=reduction, backend=backend)
+        grads = torch.autograd.grad(ce.sum() + kl.sum(), (h, W, b, p))
+        assert all(g is not None and not g.abs().any() for g in grads), reduction
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

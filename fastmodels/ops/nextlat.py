@@ -149,8 +149,7 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ign
         y = targets[a:e].long()
         v = valid[a:e]
         y_safe = torch.where(v, y, torch.zeros_like(y))
-        ce_rows[a:e] = -logp.gather(1, y_safe[:, None])[:, 0] * v
-        p_full = logp.exp() if hi > lo else None  # the teachers' softmax, beside their log-softmax
+        ce_rows[a:e] = torch.where(v, -logp.gather(1, y_safe[:, None])[:, 0], 0.0)
         need_ce = grad_hidden or grad_weight
         for c in range(lo, hi, C):
             idx = order[c : min(c + C, hi)]
@@ -161,7 +160,7 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ign
                 hp = pred[idx].to(cd)
                 logq = torch.addmm(b, hp, W.T) if b is not None else hp @ W.T
                 logq = torch.log_softmax(logq, dim=-1)
-            pt = p_full.index_select(0, t)
+            pt = logp.index_select(0, t).exp_()
             # sum_v p (log p - log q) with the difference taken per element: the two O(log V) sums
             # sum p log p and sum p log q cancel to the small KL (100x the error at V = 32000)
             diff = logp.index_select(0, t).sub_(logq)
@@ -173,9 +172,7 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ign
                     dp[idx] = (logq @ W).mul_(kl_row_scale[idx][:, None])
             del logq, pt
 
-        # the softmax replaces the log-softmax in the stacked buffer (one gradient matmul below)
-        p = logp.copy_(p_full) if p_full is not None else logp.exp_()
-        del p_full
+        p = logp.exp_()  # the softmax replaces the log-softmax in the stacked buffer (one gradient matmul below)
         s = ce_row_scale[a:e] if need_ce else None
         if need_ce:
             p[torch.arange(n), y_safe] -= 1.0  # p - onehot(y); ignored rows carry s = 0
@@ -298,12 +295,14 @@ def _lce_kl_chunked_rows(
     targets: torch.Tensor,
     pred: torch.Tensor,
     teacher_index: torch.Tensor,
+    kl_weight: torch.Tensor,
     ignore_index: int,
     check_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ce_rows [N], 0 on ignored rows; kl_rows [M], unweighted), in the compute dtype."""
+    """(ce_rows [N], 0 on ignored rows; kl_rows [M], unweighted), in the compute dtype.
+    ``kl_weight`` is only checked here (under torch.compile); the caller applies it."""
     if check_values:
-        _check_values(targets, teacher_index, None, hidden.shape[0], weight.shape[0], ignore_index)
+        _check_values(targets, teacher_index, kl_weight, hidden.shape[0], weight.shape[0], ignore_index)
     cd = _compute_dtype(hidden.dtype)
     with torch.no_grad():
         ce_rows, kl_rows, *_ = _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ignore_index,
@@ -312,7 +311,7 @@ def _lce_kl_chunked_rows(
 
 
 @_lce_kl_chunked_rows.register_fake
-def _(hidden, weight, bias, targets, pred, teacher_index, ignore_index, check_values):
+def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, check_values):
     cd = _compute_dtype(hidden.dtype)
     return hidden.new_empty(hidden.shape[0], dtype=cd), hidden.new_empty(pred.shape[0], dtype=cd)
 
@@ -347,7 +346,7 @@ def _(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, teacher_i
 
 
 def _chunked_rows_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, pred, teacher_index, ignore_index, _ = inputs
+    hidden, weight, bias, targets, pred, teacher_index, _, ignore_index, _ = inputs
     ctx.ignore_index = ignore_index
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias if bias is not None else weight.new_empty(0), targets, pred, teacher_index)
@@ -358,7 +357,7 @@ def _chunked_rows_backward(ctx, g_ce_rows, g_kl_rows):
     need = ctx.needs_input_grad
     grad_hidden, grad_weight, grad_pred = need[0], need[1] or (ctx.has_bias and need[2]), need[4]
     if not (grad_hidden or grad_weight or grad_pred):
-        return (None,) * 8
+        return (None,) * 9
     g_ce_rows = g_ce_rows if g_ce_rows is not None else hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
     g_kl_rows = g_kl_rows if g_kl_rows is not None else hidden.new_zeros(pred.shape[0], dtype=torch.float32)
     dh, dw, db, dp = _lce_kl_chunked_rows_backward(
@@ -366,7 +365,7 @@ def _chunked_rows_backward(ctx, g_ce_rows, g_kl_rows):
         ctx.ignore_index, grad_hidden, grad_weight, grad_pred,
     )
     return (dh if grad_hidden else None, dw if need[1] else None, db if (ctx.has_bias and need[2]) else None,
-            None, dp if grad_pred else None, None, None, None)
+            None, dp if grad_pred else None, None, None, None, None)
 
 
 _lce_kl_chunked_rows.register_autograd(_chunked_rows_backward, setup_context=_chunked_rows_setup)
@@ -465,10 +464,12 @@ def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight
         raise TypeError("hidden: the triton backend takes float32, float16 or bfloat16 inputs, got float64 (use backend='cpu' or 'reference')")
     N = hidden.shape[0]
     if N == 0:  # no rows, so no predicted rows either (teacher_index points into hidden)
+        # zeros tied to every differentiable input, so each gets a (zero) gradient as elsewhere
         zero = 0 * hidden.sum(-1, dtype=torch.float32) + 0 * weight.sum(dtype=torch.float32)
-        if reduction == "none":
-            return zero, 0 * pred.sum(-1, dtype=torch.float32)
-        return zero.sum(), hidden.new_zeros((), dtype=torch.float32)
+        if bias is not None:
+            zero = zero + 0 * bias.sum(dtype=torch.float32)
+        kl = 0 * pred.sum(-1, dtype=torch.float32)
+        return (zero, kl) if reduction == "none" else (zero.sum(), kl.sum())
     ce_rows, _, kl_rows, _ = _lce_kl_rows(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
         pred.contiguous(), teacher_index.long().contiguous(), ignore_index, deterministic, check_values,
@@ -612,7 +613,7 @@ def linear_cross_entropy_kl(
         pred_hidden.contiguous(), teacher_index.long().contiguous(),
     )
     if reduction == "none":
-        ce_rows, kl_rows = _lce_kl_chunked_rows(*args, ignore_index, check_values)
+        ce_rows, kl_rows = _lce_kl_chunked_rows(*args, kl_weight.contiguous(), ignore_index, check_values)
         return _reduce(ce_rows, kl_rows, targets != ignore_index, kl_weight.to(ce_rows.dtype), "none")
     grad_on = torch.is_grad_enabled()
     grad_hidden = grad_on and hidden.requires_grad
