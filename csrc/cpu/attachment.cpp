@@ -46,6 +46,7 @@
 #endif
 
 #include "fastmodels_cpu.h"
+#include "tape_row.h"
 
 namespace {
 
@@ -70,10 +71,7 @@ struct Problem {
     int64_t chunks_per_batch() const { return (Tk + kColumns - 1) / kColumns; }
 };
 
-inline int32_t depth_index(int32_t s, int32_t vmax, bool binary) {
-    // negative values (unchecked under torch.compile) read row 0
-    return binary ? (s > 0) : std::max(0, std::min(s, vmax));
-}
+using fastmodels::depth_index;
 
 Problem make_problem(uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B, int64_t Tq, int64_t Tk,
                      int64_t W, int64_t V, bool binary) {
@@ -114,22 +112,11 @@ inline int64_t idx_column(const Problem& p, int64_t b, int64_t j, int32_t* idx) 
     return i0;
 }
 
-// Depth index of keys 0..t of query row i (t = off + i) into idx[0..t] (as pushdown.cpp's depth_row).
+// Depth index of keys 0..t of query row i (t = off + i) into idx[0..t].
 inline void idx_row(const Problem& p, int64_t b, int64_t i, int32_t* idx) {
-    const int64_t t = p.off + i;
-    const int32_t vmax = static_cast<int32_t>(p.V - 1);
-    if (p.dense) {
-        const int32_t* row = p.dense + (b * p.Tq + i) * p.Tk;
-        for (int64_t j = 0; j <= t; ++j) idx[j] = depth_index(row[j], vmax, p.binary);
-        return;
-    }
-    const int32_t* d = p.depth + b * p.Tk;
-    const int32_t* c = p.boundary + b * p.Tk;
-    int32_t running = std::numeric_limits<int32_t>::max();
-    for (int64_t j = t; j >= 0; --j) {
-        running = std::min(running, c[j]);
-        idx[j] = depth_index(d[j] - running, vmax, p.binary);
-    }
+    const int32_t* dense = p.dense ? p.dense + (b * p.Tq + i) * p.Tk : nullptr;
+    fastmodels::tape_row(dense, p.depth ? p.depth + b * p.Tk : nullptr, p.boundary ? p.boundary + b * p.Tk : nullptr, p.off + i, static_cast<int32_t>(p.V - 1),
+                         p.binary, idx);
 }
 
 // Helpers are forced inline so that each clone compiles them for its own target.

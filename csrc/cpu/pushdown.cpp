@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "fastmodels_cpu.h"
+#include "tape_row.h"
 
 namespace {
 
@@ -36,24 +37,9 @@ struct Block {
 
 // Depth index of every key 0..t of query row i of batch b into idx[0..t].
 inline void depth_row(const Block& k, int64_t b, int64_t i, int32_t* idx) {
-    const int64_t t = k.t0 + i;
-    const int32_t vmax = static_cast<int32_t>(k.V - 1);
-    if (k.dense) {
-        const int32_t* row = k.dense + (b * k.m + i) * k.kend;
-        for (int64_t j = 0; j <= t; ++j) {
-            const int32_t s = row[j];  // negative values (unchecked under torch.compile) read row 0
-            idx[j] = k.binary ? (s > 0) : std::max(0, std::min(s, vmax));
-        }
-        return;
-    }
-    const int32_t* d = k.depth + b * k.Tk;
-    const int32_t* c = k.boundary + b * k.Tk;
-    int32_t running = std::numeric_limits<int32_t>::max();
-    for (int64_t j = t; j >= 0; --j) {
-        running = std::min(running, c[j]);
-        const int32_t s = d[j] - running;  // >= 0: StackTape checks boundary <= depth
-        idx[j] = k.binary ? (s > 0) : std::max(0, std::min(s, vmax));
-    }
+    const int32_t* dense = k.dense ? k.dense + (b * k.m + i) * k.kend : nullptr;
+    fastmodels::tape_row(dense, k.depth ? k.depth + b * k.Tk : nullptr, k.boundary ? k.boundary + b * k.Tk : nullptr,
+                         k.t0 + i, static_cast<int32_t>(k.V - 1), k.binary, idx);
 }
 
 template <typename T>
