@@ -10,6 +10,9 @@ The C++ CPU kernels in ``csrc/cpu/*.cpp`` build into one pybind11 extension, ``f
 torch. A failed build does not fail the install: the ``cpu`` backends then report why they are
 unavailable (``fastmodels.backends()``), and the reference backends still work. Set
 FASTMODELS_REQUIRE_CPP=1 to make a failed build an error instead, FASTMODELS_BUILD_CPP=0 to skip it.
+The hot loops are compiled for x86-64-v4, v3 and baseline and chosen at load time
+(csrc/include/cpu_simd.h); FASTMODELS_CXXFLAGS adds compiler flags (e.g.
+"-DFASTMODELS_CLONES=0 -march=native" for one build for this machine's CPU).
 
 CUDA C++ sources (``csrc/cuda/*.cu``) are not built here: they are compiled with nvcc on first use
 on a GPU machine and cached (see fastmodels/_cuda.py). A wheel therefore ships ``csrc/`` inside the
@@ -47,7 +50,7 @@ if cpu_sources:
             "fastmodels._C",
             cpu_sources,
             include_dirs=[os.path.join("csrc", "include")],
-            extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-math-errno", *openmp],
+            extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-math-errno", *openmp, *os.environ.get("FASTMODELS_CXXFLAGS", "").split()],
             extra_link_args=openmp,
             cxx_std=17,
         )

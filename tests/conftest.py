@@ -8,15 +8,36 @@
   kernel never writes fails the comparison. Mark a test ``no_poison`` to opt out (torch.compile
   tests, which would otherwise trace the patched allocator).
 - Every test starts from torch.manual_seed(0).
+- FASTMODELS_TEST_C_EXTENSION=<path of a built _C module> runs the suite against that build of
+  the C++ extension instead of the installed one (tests/test_cpu_isa.py uses it).
 """
+
+import importlib.util
+import os
+import sys
 
 import pytest
 import torch
 
-from helpers import DEVICE, INTERPRET, poisoned_allocators
+_C_EXTENSION = os.environ.get("FASTMODELS_TEST_C_EXTENSION")
+if _C_EXTENSION:  # run against another build of fastmodels._C (tests/test_cpu_isa.py), loaded first
+    _spec = importlib.util.spec_from_file_location("fastmodels._C", _C_EXTENSION)
+    _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+    sys.modules["fastmodels._C"] = _module
+    import fastmodels
+
+    fastmodels._C = _module
+
+from helpers import DEVICE, INTERPRET, poisoned_allocators  # noqa: E402 - after the extension override
 
 
 def pytest_configure(config):
+    if _C_EXTENSION:
+        from fastmodels import _C
+
+        if _C.__file__ != _C_EXTENSION:
+            raise pytest.UsageError(f"FASTMODELS_TEST_C_EXTENSION: loaded {_C.__file__}, not {_C_EXTENSION}")
     config.addinivalue_line("markers", "no_poison: do not NaN-poison fresh allocations in this test")
 
 

@@ -45,17 +45,11 @@
 #include <omp.h>
 #endif
 
+#include "cpu_simd.h"
 #include "fastmodels_cpu.h"
 #include "tape_row.h"
 
 namespace {
-
-// x86-64-v4 (AVX-512) / v3 (AVX2 + FMA) clones of the hot loops, chosen at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FM_CLONES
-#endif
 
 constexpr int64_t kColumns = 16;  // key columns per task of the column passes
 
@@ -118,13 +112,6 @@ inline void idx_row(const Problem& p, int64_t b, int64_t i, int32_t* idx) {
     fastmodels::tape_row(dense, p.depth ? p.depth + b * p.Tk : nullptr, p.boundary ? p.boundary + b * p.Tk : nullptr, p.off + i, static_cast<int32_t>(p.V - 1),
                          p.binary, idx);
 }
-
-// Helpers are forced inline so that each clone compiles them for its own target.
-#if defined(__GNUC__)
-#define FM_INLINE inline __attribute__((always_inline))
-#else
-#define FM_INLINE inline
-#endif
 
 // Rows per tile of the column passes: a tile of q (about 16 KB) stays in L1 while the chunk's
 // kColumns columns use it.

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "efield_math.h"
 #include "fastmodels_cpu.h"
 
@@ -33,12 +34,6 @@ struct Scratch {
     // Per fish: receptor offsets and normals in the world frame, accumulators.
     std::vector<float> ox, oy, nx, ny, n3x, n3y, acc, tmp;  // n3 = 3 n (see dipole_signal)
 };
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FM_CLONES
-#endif
 
 FM_CLONES void efield_env(const float* fish_pos, const float* heading, const float* eod, const float* obj_pos,
                           const float* obj_radius, const float* obj_contrast, const uint8_t* obj_mask,

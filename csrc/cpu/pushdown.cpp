@@ -16,8 +16,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "fastmodels_cpu.h"
 #include "tape_row.h"
 
@@ -43,6 +45,77 @@ inline void depth_row(const Block& k, int64_t b, int64_t i, int32_t* idx) {
 }
 
 template <typename T>
+FM_INLINE T exp_row(T x) {
+    if constexpr (std::is_same_v<T, float>)
+        return fastmodels::exp_simd(x);
+    else
+        return std::exp(x);
+}
+
+// One forward row: x[0..n) = scale (s + QE[idx]) -> softmax P in place, x[n..kend) = 0, *lse.
+template <typename T>
+FM_CLONES void fwd_row(T* __restrict x, const T* __restrict e, const int32_t* __restrict idx, int64_t n, int64_t kend,
+                       T scale, T* lse) {
+    T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) {
+        const T y = scale * (x[j] + e[idx[j]]);
+        x[j] = y;
+        mx = mx > y ? mx : y;
+    }
+    // The denominator in double: a float running sum drops the terms below half an ulp of itself,
+    // so over a long peaked row it comes out low by up to ~n ulps, and the backward's
+    // P = exp(x - lse) then sums to more than 1 (the excess reaches dq and the depth table through
+    // the histogram; 7x the fp32 reference's dq error at T = 4096 on a binary tape).
+    // (Two loops: GCC 12 leaves a float exp summed into a double reduction unvectorized.)
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] = exp_row(x[j] - mx);
+    double sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) sum += x[j];
+    const T inv = T(1.0 / sum);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+    for (int64_t j = n; j < kend; ++j) x[j] = 0;
+    *lse = mx + T(std::log(sum));
+}
+
+// One backward row: P = exp(scale (s + QE[idx]) - lse) over x, dS = scale P (dP - delta) over g,
+// the row's depth histogram hr[v] = sum_j dS[j] [idx[j] = v] (summed in double in four tables,
+// one per j mod 4, so that runs of one depth do not chain every add on the one before it).
+template <typename T>
+FM_CLONES void bwd_row(T* __restrict x, T* __restrict g, const T* __restrict e, const int32_t* __restrict idx, int64_t n,
+                       int64_t kend, int64_t V, T scale, T l, T dl, double* __restrict hacc, T* __restrict hr) {
+    // The logits exactly as the forward rounded them, in a loop of their own: fused into the exp's
+    // argument they would be contracted to fma(scale, s + QE, -lse) on FMA targets, and P would
+    // then differ from the forward's P element by element (2.7x the fp32 reference's dq error on
+    // the long peaked rows of the tests, through the histogram).
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] = scale * (x[j] + e[idx[j]]);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+        const T p = exp_row(x[j] - l);
+        x[j] = p;
+        g[j] = scale * p * (g[j] - dl);
+    }
+    std::fill(hacc, hacc + 4 * V, 0.0);
+    double *h0 = hacc, *h1 = hacc + V, *h2 = hacc + 2 * V, *h3 = hacc + 3 * V;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        h0[idx[j]] += g[j];
+        h1[idx[j + 1]] += g[j + 1];
+        h2[idx[j + 2]] += g[j + 2];
+        h3[idx[j + 3]] += g[j + 3];
+    }
+    for (; j < n; ++j) h0[idx[j]] += g[j];
+    for (int64_t v = 0; v < V; ++v) hr[v] = T((h0[v] + h1[v]) + (h2[v] + h3[v]));
+    for (int64_t jj = n; jj < kend; ++jj) {
+        x[jj] = 0;
+        g[jj] = 0;
+    }
+}
+
+template <typename T>
 void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
 #pragma omp parallel num_threads(threads)
     {
@@ -54,27 +127,7 @@ void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
             depth_row(k, b, i, idx.data());
             for (int64_t h = 0; h < k.H; ++h) {
                 const int64_t r = (b * k.H + h) * k.m + i;
-                T* x = s + r * k.kend;
-                const T* e = qe + r * k.V;
-                T mx = -std::numeric_limits<T>::infinity();
-                for (int64_t j = 0; j < n; ++j) {
-                    x[j] = T(k.scale) * (x[j] + e[idx[j]]);
-                    mx = std::max(mx, x[j]);
-                }
-                // The denominator in double: a float running sum drops the terms below half an ulp
-                // of itself, so over a long peaked row it comes out low by up to ~n ulps, and the
-                // backward's P = exp(x - lse) then sums to more than 1 (the excess reaches dq and
-                // the depth table through the histogram; 7x the fp32 reference's dq error at
-                // T = 4096 on a binary tape).
-                double sum = 0;
-                for (int64_t j = 0; j < n; ++j) {
-                    x[j] = std::exp(x[j] - mx);
-                    sum += x[j];
-                }
-                const T inv = T(1.0 / sum);
-                for (int64_t j = 0; j < n; ++j) x[j] *= inv;
-                for (int64_t j = n; j < k.kend; ++j) x[j] = 0;
-                lse[r] = mx + T(std::log(sum));
+                fwd_row<T>(s + r * k.kend, qe + r * k.V, idx.data(), n, k.kend, T(k.scale), lse + r);
             }
         }
     }
@@ -85,7 +138,7 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
 #pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
-        std::vector<double> hacc(k.V);  // the row's depth histogram, summed in double like lse
+        std::vector<double> hacc(4 * k.V);
 #pragma omp for schedule(dynamic, 4)
         for (int64_t bi = 0; bi < k.B * k.m; ++bi) {
             const int64_t b = bi / k.m, i = bi % k.m;
@@ -93,24 +146,8 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
             depth_row(k, b, i, idx.data());
             for (int64_t h = 0; h < k.H; ++h) {
                 const int64_t r = (b * k.H + h) * k.m + i;
-                T* x = s + r * k.kend;
-                T* g = dp + r * k.kend;
-                const T* e = qe + r * k.V;
-                T* hr = hist + r * k.V;
-                const T l = lse[r], dl = delta[r], sc = T(k.scale);
-                std::fill(hacc.begin(), hacc.end(), 0.0);
-                for (int64_t j = 0; j < n; ++j) {
-                    const T p = std::exp(sc * (x[j] + e[idx[j]]) - l);
-                    const T ds = sc * p * (g[j] - dl);
-                    x[j] = p;
-                    g[j] = ds;
-                    hacc[idx[j]] += ds;
-                }
-                for (int64_t v = 0; v < k.V; ++v) hr[v] = T(hacc[v]);
-                for (int64_t j = n; j < k.kend; ++j) {
-                    x[j] = 0;
-                    g[j] = 0;
-                }
+                bwd_row<T>(s + r * k.kend, dp + r * k.kend, qe + r * k.V, idx.data(), n, k.kend, k.V, T(k.scale), lse[r],
+                           delta[r], hacc.data(), hist + r * k.V);
             }
         }
     }
