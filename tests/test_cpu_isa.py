@@ -7,6 +7,7 @@ conftest.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -54,17 +55,10 @@ def test_cpu_kernels_on_one_isa(variant, tmp_path):
     env = dict(os.environ, FASTMODELS_TEST_C_EXTENSION=str(so))
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not triton and not gpu", "-k", "cpu", *CPU_TESTS]
-    if "xdist" in sys.modules or _has_xdist():
+    if importlib.util.find_spec("xdist") is not None:
         cmd += ["-p", "no:xdist"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = res.stdout[-4000:] + res.stderr[-2000:]
     assert res.returncode == 0, tail
     assert " passed" in res.stdout and " failed" not in res.stdout, tail
 
-
-def _has_xdist() -> bool:
-    try:
-        import xdist  # noqa: F401
-    except ImportError:
-        return False
-    return True
