@@ -378,7 +378,7 @@ def test_opcheck_rows(backend):
         pytest.skip("the rows op is the triton backend's")
     x = make(N=7, M=5, device=backend_device(backend))
     args = (x["hidden"].requires_grad_(), x["weight"].requires_grad_(), x["bias"].requires_grad_(), x["targets"],
-            x["pred_hidden"].requires_grad_(), x["teacher_index"], -100, False, True)
+            x["pred_hidden"].requires_grad_(), x["teacher_index"], x["kl_weight"], -100, False, True)
     torch.library.opcheck(torch.ops.fastmodels.lce_kl_rows.default, args)
 
 
@@ -411,8 +411,8 @@ def test_torch_compile(backend, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compiled_bad_indices_raise(backend, reduction):
     """Under torch.compile the host-side range checks are skipped; the fused ops run them instead, so
-    an out-of-range teacher index or target is still an error, not a dropped row or a wild read
-    (and, on the cpu backend, a negative KL weight)."""
+    an out-of-range teacher index or target is still an error, not a dropped row or a wild read,
+    and so is a negative KL weight."""
     if backend == "reference":
         pytest.skip("the reference backend indexes with PyTorch, which checks its own indices")
     x = make(device=backend_device(backend))
@@ -421,11 +421,10 @@ def test_compiled_bad_indices_raise(backend, reduction):
         return linear_cross_entropy_kl(x["hidden"], x["weight"], targets, x["pred_hidden"], teacher_index, kl_weight=kl_weight,
                                        reduction=reduction, backend=backend)
 
-    if backend == "cpu":
-        bad_w = x["kl_weight"].clone()
-        bad_w[1] = -1.0
-        with pytest.raises(ValueError, match="kl_weight"):
-            torch.compile(loss, fullgraph=True, backend="aot_eager")(x["targets"], x["teacher_index"], bad_w)
+    bad_w = x["kl_weight"].clone()
+    bad_w[1] = -1.0
+    with pytest.raises(ValueError, match="kl_weight"):
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(x["targets"], x["teacher_index"], bad_w)
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     bad_teacher = x["teacher_index"].clone()

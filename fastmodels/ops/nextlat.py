@@ -384,21 +384,23 @@ def _lce_kl_rows(
     targets: torch.Tensor,
     pred: torch.Tensor,
     teacher_index: torch.Tensor,
+    kl_weight: torch.Tensor,
     ignore_index: int,
     deterministic: bool,
     check_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce_rows [N], lse [N], kl_rows [M], lse_pred [M]), fp32. ``deterministic`` is for the backward."""
+    """(ce_rows [N], lse [N], kl_rows [M], lse_pred [M]), fp32. ``deterministic`` is for the backward;
+    ``kl_weight`` is only checked here (the caller applies it)."""
     from fastmodels.kernels.nextlat import lce_kl_fwd
 
     if check_values:  # the caller skipped them (torch.compile); the kernels would read out of bounds
-        _check_values(targets, teacher_index, None, hidden.shape[0], weight.shape[0], ignore_index)
+        _check_values(targets, teacher_index, kl_weight, hidden.shape[0], weight.shape[0], ignore_index)
 
     return lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index)
 
 
 @_lce_kl_rows.register_fake
-def _(hidden, weight, bias, targets, pred, teacher_index, ignore_index, deterministic, check_values):
+def _(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, deterministic, check_values):
     N, M = hidden.shape[0], pred.shape[0]
     f = torch.float32
     return hidden.new_empty(N, dtype=f), hidden.new_empty(N, dtype=f), hidden.new_empty(M, dtype=f), hidden.new_empty(M, dtype=f)
@@ -436,7 +438,7 @@ def _(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, teacher_i
 
 
 def _rows_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, pred, teacher_index, ignore_index, deterministic, _ = inputs
+    hidden, weight, bias, targets, pred, teacher_index, _, ignore_index, deterministic, _ = inputs
     _, lse, _, lse_pred = output
     ctx.ignore_index = ignore_index
     ctx.has_bias = bias is not None
@@ -453,7 +455,7 @@ def _rows_backward(ctx, g_ce_rows, g_lse, g_kl_rows, g_lse_pred):
         g_ce_rows.float(), g_kl_rows.float(), hidden, weight, bias, targets, pred, teacher_index, lse, lse_pred,
         ctx.ignore_index, ctx.deterministic,
     )
-    return dh, dw, (db if ctx.has_bias else None), None, dp, None, None, None, None
+    return dh, dw, (db if ctx.has_bias else None), None, dp, None, None, None, None, None
 
 
 _lce_kl_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
@@ -472,7 +474,7 @@ def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight
         return (zero, kl) if reduction == "none" else (zero.sum(), kl.sum())
     ce_rows, _, kl_rows, _ = _lce_kl_rows(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.long().contiguous(),
-        pred.contiguous(), teacher_index.long().contiguous(), ignore_index, deterministic, check_values,
+        pred.contiguous(), teacher_index.long().contiguous(), kl_weight.contiguous(), ignore_index, deterministic, check_values,
     )
     return _reduce(ce_rows, kl_rows, (targets != ignore_index).to(torch.float32), kl_weight.to(torch.float32), reduction)
 
