@@ -50,7 +50,7 @@ if cpu_sources:
             "fastmodels._C",
             cpu_sources,
             include_dirs=[os.path.join("csrc", "include")],
-            extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-math-errno", *openmp, *os.environ.get("FASTMODELS_CXXFLAGS", "").split()],
+            extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", *openmp, *os.environ.get("FASTMODELS_CXXFLAGS", "").split()],
             extra_link_args=openmp,
             cxx_std=17,
         )

@@ -4,7 +4,8 @@ CPU (fp32, B=2, H=4, D=64, V=50): ours (the default cpu backend), plain causal a
 torch's scaled_dot_product_attention (the speed/memory yardstick: no depth term), the simple gather
 reference, and the authors' materialized form q . (k + E[S]) (T=256 only: at T=1024 it needs
 gigabytes). Issue targets: T=1024 at most 1.5x SDPA's time and 2x its peak memory; T=256 at least
-10x less peak memory than the materialized form.
+10x less peak memory than the materialized form. Also a small LM's training shape (B=32, H=4,
+T=128, D=32: the Dyck reproduction's attention), without a target.
 
 CUDA (bf16, B=4, H=16, T in {512, 1024, 2048, 4096}, D in {64, 128}): ours (Triton), SDPA's flash
 backend, FlexAttention with the equivalent score_mod (compiled; the depth-table gradient flows
@@ -178,21 +179,23 @@ def _fwd_bwd_flops(B, H, T, D, V):
 def cases(device: str, quick: bool) -> list[Case]:
     out = []
     if device == "cpu":
-        B, H, D, V = 2, 4, 64, 50
-        for T, threads in ((256, None), (1024, None), (1024, 1)):
+        V = 50
+        # the issue's shapes (B2 H4 D64), then a small LM's training shape (no target): many short
+        # sequences, as in the Dyck reproduction (width 128, 4 heads)
+        for B, H, T, D, threads in ((2, 4, 256, 64, None), (2, 4, 1024, 64, None), (2, 4, 1024, 64, 1), (32, 4, 128, 32, None)):
             impls = {"fastmodels": _ours, "sdpa_causal": _sdpa, "gather_reference": _reference}
             targets = {}
             if T == 256:
                 impls["materialized"] = _materialized
                 targets["mem_ratio:materialized"] = 10.0
-            else:
+            elif T == 1024:
                 targets["time_ratio:sdpa_causal"] = 1 / 1.5
                 targets["mem_ratio:sdpa_causal"] = 1 / 2.0
             tag = "" if threads is None else f" {threads} thread"
             out.append(Case(
                 op="pushdown_attention", name=f"fwd+bwd fp32 B{B} H{H} T{T} D{D} V{V}{tag}", device="cpu",
                 setup=_setup(B, H, T, D, V, torch.float32, "cpu", threads), impls=impls, error=_error,
-                error_name="max_rms_rel_err", flops=lambda x, T=T: _fwd_bwd_flops(B, H, T, D, V),
+                error_name="max_rms_rel_err", flops=lambda x, B=B, H=H, T=T, D=D: _fwd_bwd_flops(B, H, T, D, V),
                 targets=targets, quick=T == 256 and threads is None,
                 note="error: worst RMS-relative error of out, dq, dk, dv (and dE) vs float64; sdpa_causal is plain causal attention (no depth term), timed as the yardstick",
             ))

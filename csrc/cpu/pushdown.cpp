@@ -81,8 +81,9 @@ FM_CLONES void fwd_row(T* __restrict x, const T* __restrict e, const int32_t* __
 }
 
 // One backward row: P = exp(scale (s + QE[idx]) - lse) over x, dS = scale P (dP - delta) over g,
-// the row's depth histogram hr[v] = sum_j dS[j] [idx[j] = v] (summed in double in four tables,
-// one per j mod 4, so that runs of one depth do not chain every add on the one before it).
+// the row's depth histogram hr[v] = sum_j dS[j] [idx[j] = v], summed in double. A long row
+// (n >= 4 V) sums into four tables, one per j mod 4, so that runs of one depth do not chain every
+// add on the one before it; hacc holds 4 V doubles.
 template <typename T>
 FM_CLONES void bwd_row(T* __restrict x, T* __restrict g, const T* __restrict e, const int32_t* __restrict idx, int64_t n,
                        int64_t kend, int64_t V, T scale, T l, T dl, double* __restrict hacc, T* __restrict hr) {
@@ -98,20 +99,26 @@ FM_CLONES void bwd_row(T* __restrict x, T* __restrict g, const T* __restrict e, 
         x[j] = p;
         g[j] = scale * p * (g[j] - dl);
     }
-    std::fill(hacc, hacc + 4 * V, 0.0);
-    double *h0 = hacc, *h1 = hacc + V, *h2 = hacc + 2 * V, *h3 = hacc + 3 * V;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        h0[idx[j]] += g[j];
-        h1[idx[j + 1]] += g[j + 1];
-        h2[idx[j + 2]] += g[j + 2];
-        h3[idx[j + 3]] += g[j + 3];
+    if (n >= 4 * V) {
+        std::fill(hacc, hacc + 4 * V, 0.0);
+        double *h0 = hacc, *h1 = hacc + V, *h2 = hacc + 2 * V, *h3 = hacc + 3 * V;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            h0[idx[j]] += g[j];
+            h1[idx[j + 1]] += g[j + 1];
+            h2[idx[j + 2]] += g[j + 2];
+            h3[idx[j + 3]] += g[j + 3];
+        }
+        for (; j < n; ++j) h0[idx[j]] += g[j];
+        for (int64_t v = 0; v < V; ++v) hr[v] = T((h0[v] + h1[v]) + (h2[v] + h3[v]));
+    } else {
+        std::fill(hacc, hacc + V, 0.0);
+        for (int64_t j = 0; j < n; ++j) hacc[idx[j]] += g[j];
+        for (int64_t v = 0; v < V; ++v) hr[v] = T(hacc[v]);
     }
-    for (; j < n; ++j) h0[idx[j]] += g[j];
-    for (int64_t v = 0; v < V; ++v) hr[v] = T((h0[v] + h1[v]) + (h2[v] + h3[v]));
-    for (int64_t jj = n; jj < kend; ++jj) {
-        x[jj] = 0;
-        g[jj] = 0;
+    for (int64_t j = n; j < kend; ++j) {
+        x[j] = 0;
+        g[j] = 0;
     }
 }
 
@@ -134,7 +141,7 @@ void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
 }
 
 template <typename T>
-void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* delta, T* hist, int threads) {
+void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* delta, T* hist, int64_t hist_ld, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
@@ -147,7 +154,7 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
             for (int64_t h = 0; h < k.H; ++h) {
                 const int64_t r = (b * k.H + h) * k.m + i;
                 bwd_row<T>(s + r * k.kend, dp + r * k.kend, qe + r * k.V, idx.data(), n, k.kend, k.V, T(k.scale), lse[r],
-                           delta[r], hacc.data(), hist + r * k.V);
+                           delta[r], hacc.data(), hist + ((b * k.H + h) * hist_ld + i) * k.V);
             }
         }
     }
@@ -178,19 +185,20 @@ void register_pushdown(pybind11::module_& m) {
         "Pushdown attention forward block: scores (in place -> P), lse.");
     m.def(
         "pushdown_bwd_block",
-        [](uintptr_t s, uintptr_t dp, uintptr_t qe, uintptr_t lse, uintptr_t delta, uintptr_t hist, uintptr_t depth,
-           uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk,
-           int64_t V, bool binary, double scale, bool fp64, int threads) {
+        [](uintptr_t s, uintptr_t dp, uintptr_t qe, uintptr_t lse, uintptr_t delta, uintptr_t hist, int64_t hist_ld,
+           uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t kend, int64_t t0,
+           int64_t Tk, int64_t V, bool binary, double scale, bool fp64, int threads) {
             const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, scale, depth, boundary, dense);
             pybind11::gil_scoped_release release;
             if (fp64)
                 bwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<double*>(dp), reinterpret_cast<const double*>(qe),
-                                  reinterpret_cast<const double*>(lse), reinterpret_cast<const double*>(delta), reinterpret_cast<double*>(hist), threads);
+                                  reinterpret_cast<const double*>(lse), reinterpret_cast<const double*>(delta), reinterpret_cast<double*>(hist), hist_ld, threads);
             else
                 bwd_block<float>(k, reinterpret_cast<float*>(s), reinterpret_cast<float*>(dp), reinterpret_cast<const float*>(qe),
-                                 reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta), reinterpret_cast<float*>(hist), threads);
+                                 reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta), reinterpret_cast<float*>(hist), hist_ld, threads);
         },
-        "Pushdown attention backward block: P over s, dS over dp, depth histogram.");
+        "Pushdown attention backward block: P over s, dS over dp, the block's rows of the depth histogram\n"
+        "[B, H, hist_ld, V] (hist points at the block's first row).");
 }
 
 }  // namespace fastmodels
