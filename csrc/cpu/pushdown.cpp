@@ -141,7 +141,7 @@ void fwd_block(const Block& k, T* s, const T* qe, T* lse, int threads) {
 }
 
 template <typename T>
-void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* delta, T* hist, int64_t hist_ld, int threads) {
+void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* delta, T* hist, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
@@ -154,7 +154,7 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
             for (int64_t h = 0; h < k.H; ++h) {
                 const int64_t r = (b * k.H + h) * k.m + i;
                 bwd_row<T>(s + r * k.kend, dp + r * k.kend, qe + r * k.V, idx.data(), n, k.kend, k.V, T(k.scale), lse[r],
-                           delta[r], hacc.data(), hist + ((b * k.H + h) * hist_ld + i) * k.V);
+                           delta[r], hacc.data(), hist + r * k.V);
             }
         }
     }
@@ -185,20 +185,19 @@ void register_pushdown(pybind11::module_& m) {
         "Pushdown attention forward block: scores (in place -> P), lse.");
     m.def(
         "pushdown_bwd_block",
-        [](uintptr_t s, uintptr_t dp, uintptr_t qe, uintptr_t lse, uintptr_t delta, uintptr_t hist, int64_t hist_ld,
-           uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t kend, int64_t t0,
-           int64_t Tk, int64_t V, bool binary, double scale, bool fp64, int threads) {
+        [](uintptr_t s, uintptr_t dp, uintptr_t qe, uintptr_t lse, uintptr_t delta, uintptr_t hist, uintptr_t depth,
+           uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t kend, int64_t t0, int64_t Tk,
+           int64_t V, bool binary, double scale, bool fp64, int threads) {
             const Block k = make_block(B, H, mrows, kend, t0, Tk, V, binary, scale, depth, boundary, dense);
             pybind11::gil_scoped_release release;
             if (fp64)
                 bwd_block<double>(k, reinterpret_cast<double*>(s), reinterpret_cast<double*>(dp), reinterpret_cast<const double*>(qe),
-                                  reinterpret_cast<const double*>(lse), reinterpret_cast<const double*>(delta), reinterpret_cast<double*>(hist), hist_ld, threads);
+                                  reinterpret_cast<const double*>(lse), reinterpret_cast<const double*>(delta), reinterpret_cast<double*>(hist), threads);
             else
                 bwd_block<float>(k, reinterpret_cast<float*>(s), reinterpret_cast<float*>(dp), reinterpret_cast<const float*>(qe),
-                                 reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta), reinterpret_cast<float*>(hist), hist_ld, threads);
+                                 reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta), reinterpret_cast<float*>(hist), threads);
         },
-        "Pushdown attention backward block: P over s, dS over dp, the block's rows of the depth histogram\n"
-        "[B, H, hist_ld, V] (hist points at the block's first row).");
+        "Pushdown attention backward block: P over s, dS over dp, depth histogram.");
 }
 
 }  // namespace fastmodels
