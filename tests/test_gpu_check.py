@@ -42,6 +42,10 @@ if args[:1] == ["-"]:  # the summary script on stdin: the real interpreter
 if args[:2] == ["-m", "pytest"]:
     xml = next(a.split("=", 1)[1] for a in args if a.startswith("--junitxml="))
     phase = os.path.basename(xml)[len("gpu_tests_"):-len(".xml")]
+    if os.environ.get("FAKE_CUTOFF"):  # killed at its limit: per-test lines and the -rfE summary, no JUnit file
+        print(f"[gw0] [ 10%] PASSED tests/test_a.py::test_one\n[gw1] [ 20%] FAILED tests/test_a.py::test_two_{phase}\n"
+              f"[gw0] [ 30%] SKIPPED tests/test_a.py::test_three\nFAILED tests/test_a.py::test_two_{phase} - AssertionError: off")
+        sys.exit(124)
     failing = f"tests.test_fake::test_fails_in_{phase}"
     with open(xml, "w") as f:
         f.write('<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="3" failures="1" errors="0" '
@@ -141,3 +145,17 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
     if res.returncode == 0:
         pytest.skip("torch sees a CUDA device")
     assert res.returncode == 2 and "torch sees no CUDA device" in res.stderr
+
+
+def test_gpu_check_summary_of_a_cut_off_phase(tmp_path):
+    """A phase killed by its time limit leaves no JUnit file: the summary counts the per-test lines
+    and takes the failure messages from pytest's short summary."""
+    res, results, _ = _run(tmp_path, FAKE_CUTOFF="1", GPU_CHECK_OPS="electric_image", GPU_CHECK_PROFILE="0", GPU_CHECK_TEST_TIMEOUT="20")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    row = json.loads((results / "gpu_tests.jsonl").read_text())
+    for phase, ph in row["phases"].items():
+        assert (ph["passed_before_cutoff"], ph["failed_before_cutoff"], ph["skipped_before_cutoff"]) == (1, 1, 1)
+        assert ph["exit_code"] == 124 and "cut off by the time limit: True" in ph["note"]
+        assert row["failure_messages"][f"tests/test_a.py::test_two_{phase}"] == "AssertionError: off"
+    assert row["failed_tests"] == ["tests/test_a.py::test_two_priority", "tests/test_a.py::test_two_rest"]
+    assert row["exit_code"] == 124
