@@ -43,6 +43,7 @@ start=$(date +%s)
 # per-phase test logs and junit files stay out of $RESULTS (the device tool returns at most 8 files:
 # $RESULTS holds cuda.jsonl, profile.jsonl, gpu_tests.jsonl and four logs, even when cut off)
 SCRATCH="$(mktemp -d)"
+trap 'rm -rf "$SCRATCH"' EXIT
 elapsed() { echo "[$(( $(date +%s) - start )) s]"; }
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
