@@ -294,7 +294,17 @@ def environment(device: str) -> dict:
         "dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
+        "cpp_simd_target": _cpp_simd_target() if device == "cpu" else None,
     }
+
+
+def _cpp_simd_target() -> str | None:
+    """The code the C++ extension's per-ISA hot loops run here (None without the extension)."""
+    try:
+        from fastmodels import _C
+    except ImportError:
+        return None
+    return _C.simd_target() if hasattr(_C, "simd_target") else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,16 +25,25 @@ def _info(args) -> int:
 
     cuda = torch.cuda.is_available()
     devices = ["cpu"] + (["cuda"] if cuda else [])
+    try:
+        from fastmodels import _C
+
+        cpp = f"built, hot loops run {_C.simd_target()} code, OpenMP threads {_C.openmp_threads()}"
+        simd = _C.simd_target()
+    except ImportError as exc:
+        cpp, simd = f"not built ({exc})", None
     report = {d: fastmodels.backends(d) for d in devices}
     if args.json:  # JSON only, so the output pipes into a JSON reader
         facts = {"fastmodels": fastmodels.__version__, "python": platform.python_version(), "torch": torch.__version__,
                  "triton": triton_version, "cuda_device": torch.cuda.get_device_name() if cuda else None,
-                 "triton_interpret": triton_interpreter_enabled(), "nvcc": nvcc_path(), "cpu_threads": torch.get_num_threads()}
+                 "triton_interpret": triton_interpreter_enabled(), "nvcc": nvcc_path(), "cpu_threads": torch.get_num_threads(),
+                 "cpp_simd_target": simd}
         print(json.dumps({**facts, "backends": report}, indent=2))
         return 0
     print(f"fastmodels {fastmodels.__version__}  python {platform.python_version()}  torch {torch.__version__}  triton {triton_version}")
     print(f"CUDA visible: {cuda}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
     print(f"TRITON_INTERPRET: {'on' if triton_interpreter_enabled() else 'off'}   nvcc: {nvcc_path() or 'not found'}   CPU threads: {torch.get_num_threads()}")
+    print(f"C++ extension (cpu backends): {cpp}")
     for d, ops in report.items():
         print(f"\nbackends for {d} tensors:")
         for op, r in ops.items():

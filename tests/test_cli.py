@@ -16,6 +16,12 @@ def test_info_json_lists_every_op():
     assert info["torch"] and "cpu" in info["backends"]
     for op, entry in info["backends"]["cpu"].items():
         assert entry["default"] in entry["available"], op
+    try:
+        from fastmodels import _C
+    except ImportError:
+        assert info["cpp_simd_target"] is None
+    else:
+        assert info["cpp_simd_target"] == _C.simd_target()
 
 
 def test_demo_on_a_missing_gpu_is_a_clean_error():

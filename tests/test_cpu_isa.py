@@ -67,6 +67,20 @@ def _exp_rows_vectorized(funcs: dict, clones: tuple) -> None:
             assert any("cvtdq2ps" in funcs[f] for f in found), f"{found}: the exp loop is not vectorized"
 
 
+V4_FLAGS = V3_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def test_simd_target_is_this_cpus():
+    """fastmodels._C.simd_target() (shown by `fastmodels info`, recorded in CPU bench rows) names
+    the clone the loader picks for this CPU."""
+    C = pytest.importorskip("fastmodels._C")
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags")
+    expected = "x86-64-v4" if V4_FLAGS <= flags else "x86-64-v3" if V3_FLAGS <= flags else "x86-64 (baseline)"
+    assert C.simd_target() == expected
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
 def test_installed_extension_vectorizes_exp_in_every_clone():
     """The loaded extension's x86-64-v4, v3 and baseline clones all vectorize the exp loops (with
@@ -104,6 +118,10 @@ def test_cpu_kernels_on_one_isa(variant, tmp_path):
         _exp_rows_vectorized(funcs, ("",))
     else:
         assert b"arch_x86_64_v4" not in so.read_bytes(), "FASTMODELS_CLONES=0 still built per-ISA clones"
+    load = ("import importlib.util as u, sys; s = u.spec_from_file_location('fastmodels._C', sys.argv[1]); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.simd_target())")
+    target = subprocess.run([sys.executable, "-c", load, str(so)], capture_output=True, text=True, check=True).stdout.strip()
+    assert target == "one build for the compiler's target (no per-ISA clones)"
     env = dict(os.environ, FASTMODELS_TEST_C_EXTENSION=str(so))
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not triton and not gpu", "-k", "cpu", *CPU_TESTS]

@@ -9,6 +9,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu_simd.h"
 #include "fastmodels_cpu.h"
 
 namespace py = pybind11;
@@ -22,5 +23,7 @@ PYBIND11_MODULE(_C, m) {
         return 1;
 #endif
     }, "Threads OpenMP would use (1 if built without OpenMP).");
+    m.def("simd_target", &fastmodels::simd_target,
+          "The code the per-ISA (x86-64-v4 / v3 / baseline) hot loops run on this CPU.");
     fastmodels::register_all(m);
 }

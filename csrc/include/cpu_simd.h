@@ -28,6 +28,19 @@
 
 namespace fastmodels {
 
+// Which code the FM_CLONES functions run on this CPU (what the load-time resolver picks), or the
+// single target of a FASTMODELS_CLONES=0 build.
+inline const char* simd_target() {
+#if FASTMODELS_CLONES && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";
+    if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3";
+    return "x86-64 (baseline)";
+#else
+    return "one build for the compiler's target (no per-ISA clones)";
+#endif
+}
+
 // exp(x) in float that the compiler vectorizes inside `omp simd` loops (std::exp is a scalar libm
 // call unless the whole build uses -ffast-math). x = n ln2 + r with n an integer and |r| <= ln2/2;
 // exp(r) by its degree-7 Taylor polynomial (truncation below 6e-9 relative, under a tenth of an
