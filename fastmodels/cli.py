@@ -27,11 +27,11 @@ def _info(args) -> int:
     devices = ["cpu"] + (["cuda"] if cuda else [])
     try:
         from fastmodels import _C
-
-        cpp = f"built, hot loops run {_C.simd_target()} code, OpenMP threads {_C.openmp_threads()}"
-        simd = _C.simd_target()
     except ImportError as exc:
         cpp, simd = f"not built ({exc})", None
+    else:
+        simd = _C.simd_target() if hasattr(_C, "simd_target") else None  # an extension built before it had one
+        cpp = f"built, hot loops run {simd or 'unreported'} code, OpenMP threads {_C.openmp_threads()}"
     report = {d: fastmodels.backends(d) for d in devices}
     if args.json:  # JSON only, so the output pipes into a JSON reader
         facts = {"fastmodels": fastmodels.__version__, "python": platform.python_version(), "torch": torch.__version__,
