@@ -43,6 +43,9 @@ from typing import Any, Callable
 
 import torch
 
+from fastmodels._dispatch import cpp_simd_target
+
+
 def _default_results_dir() -> Path:
     here = Path(__file__).resolve().parent
     if (here.parent / "pyproject.toml").exists():  # a source checkout or an editable install
@@ -294,17 +297,8 @@ def environment(device: str) -> dict:
         "dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
-        "cpp_simd_target": _cpp_simd_target() if device == "cpu" else None,
+        "cpp_simd_target": cpp_simd_target() if device == "cpu" else None,
     }
-
-
-def _cpp_simd_target() -> str | None:
-    """The code the C++ extension's per-ISA hot loops run here (None without the extension)."""
-    try:
-        from fastmodels import _C
-    except ImportError:
-        return None
-    return _C.simd_target() if hasattr(_C, "simd_target") else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,16 @@ def _cpp_extension_error() -> str | None:
     return None
 
 
+def cpp_simd_target() -> str | None:
+    """The code the C++ extension's per-ISA hot loops run on this CPU ("x86-64-v4", ...); None
+    without the extension or with one built before it reported this."""
+    if _cpp_extension_error() is not None:
+        return None
+    import fastmodels._C as C
+
+    return C.simd_target() if hasattr(C, "simd_target") else None
+
+
 def cpp_symbol_check(symbol: str, what: str) -> Callable[[str, str], str | None]:
     """An op's ``check``: its ``cpu`` backend needs ``fastmodels._C.<symbol>``, which an extension
     built before the op's kernels lacks (a missing extension is reported by the dispatcher)."""

@@ -21,17 +21,12 @@ def _info(args) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    from fastmodels._dispatch import nvcc_path, triton_interpreter_enabled
+    from fastmodels._dispatch import _cpp_extension_error, cpp_simd_target, nvcc_path, triton_interpreter_enabled
 
     cuda = torch.cuda.is_available()
     devices = ["cpu"] + (["cuda"] if cuda else [])
-    try:
-        from fastmodels import _C
-    except ImportError as exc:
-        cpp, simd = f"not built ({exc})", None
-    else:
-        simd = _C.simd_target() if hasattr(_C, "simd_target") else None  # an extension built before it had one
-        cpp = f"built, hot loops run {simd or 'unreported'} code, OpenMP threads {_C.openmp_threads()}"
+    simd, cpp_error = cpp_simd_target(), _cpp_extension_error()
+    cpp = cpp_error or f"built, hot loops run {simd or 'unreported'} code"
     report = {d: fastmodels.backends(d) for d in devices}
     if args.json:  # JSON only, so the output pipes into a JSON reader
         facts = {"fastmodels": fastmodels.__version__, "python": platform.python_version(), "torch": torch.__version__,

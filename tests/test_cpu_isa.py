@@ -85,7 +85,7 @@ def test_simd_target_is_this_cpus():
 def test_installed_extension_vectorizes_exp_in_every_clone():
     """The loaded extension's x86-64-v4, v3 and baseline clones all vectorize the exp loops (with
     GCC's default -ftrapping-math only the AVX-512 clone did: the v3 and baseline clones ran them
-    scalar, about 6x slower, on every CPU without AVX-512)."""
+    scalar; in a v3 build the exp loop alone took 2.63 instead of 0.45 ns per element)."""
     C = pytest.importorskip("fastmodels._C")
     _exp_rows_vectorized(_functions(Path(C.__file__)), ("arch_x86_64_v4", "arch_x86_64_v3", ".default"))
 
