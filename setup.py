@@ -50,6 +50,8 @@ if cpu_sources:
             "fastmodels._C",
             cpu_sources,
             include_dirs=[os.path.join("csrc", "include")],
+            # the shared headers: editing only one of them must rebuild (build_ext compares times)
+            depends=sorted(glob.glob(os.path.join("csrc", "include", "*.h"))),
             extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", *openmp, *os.environ.get("FASTMODELS_CXXFLAGS", "").split()],
             extra_link_args=openmp,
             cxx_std=17,
