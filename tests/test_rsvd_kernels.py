@@ -128,6 +128,28 @@ def test_sketch_matmul_edge_cases_and_errors(device):
         k.sketch_matmul(torch.randn(1, 4, 5, device=device), 3, 1.5)
 
 
+@triton_only
+def test_wide_sketches_span_several_column_tiles(device):
+    """l > 128 (rank 512 on a GPU takes l = 768): the sketch and the power pass tile l over a
+    grid axis, and each column tile must use its own columns of Omega and of Y. Omega's Philox
+    counters give every row its own ceil(l / 4) groups of four normals, so no two entries of one
+    Omega coincide (a stride of l // 4 made rows share groups when l % 4 != 0)."""
+    k = _rsvd_kernels()
+    for l in (5, 150):
+        om = k.sketch_omega(1, 20, l, 7, device)
+        assert om.unique().numel() == om.numel(), f"l={l}: repeated normals in Omega"
+    A = torch.randn(2, 20, 24, device=device)
+    for transpose in (False, True):
+        Y = k.sketch_matmul(A, 150, 7, transpose=transpose)
+        opA = A.transpose(1, 2) if transpose else A
+        ref = opA.double() @ k.sketch_omega(2, opA.shape[2], 150, 7, device).double()
+        assert_rms_close(Y, ref, 2e-6, f"Y (transpose={transpose})")
+    Y = torch.randn(2, 20, 150, device=device)
+    ref = A.double() @ (A.double().transpose(1, 2) @ Y.double())
+    for deterministic in (True, False):
+        assert_rms_close(k.power_pass(A, Y, deterministic=deterministic), ref, 2e-6, "Z")
+
+
 # ----------------------------------------------------------------------------------------------
 # power_pass
 # ----------------------------------------------------------------------------------------------
