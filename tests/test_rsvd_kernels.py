@@ -32,6 +32,10 @@ SKETCH_CASES = [
     (3, 70, 37, 20),
     (1, 37, 70, 16),
     (3, 1, 5, 1),
+    # tile multiples (BM = BK = 16 under the interpreter): the unmasked path, EVEN_M only, EVEN_K only
+    (2, 32, 48, 20),
+    (1, 32, 37, 5),
+    (1, 37, 32, 5),
 ]
 
 
@@ -434,6 +438,19 @@ def test_jacobi_cuda_source_under_emulation(jacobi_emulation, b, r, c, use_share
     _check_svd(B, U, S, V)
     Ur, Sr, Vr = _jacobi().jacobi_svd(B, "reference")
     torch.testing.assert_close(S, Sr, rtol=0, atol=1e-6 * Sr.abs().max().item())
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e-4])
+def test_jacobi_is_scale_invariant(jacobi_emulation, scale):
+    """The rotation test |gamma| > tol sqrt(alpha beta) compares a cosine with tol, so it must not
+    depend on B's magnitude (the rSVD's small factor has A's scale): the reference port and the
+    CUDA source both factor B * 1e4 and B * 1e-4 as well as B."""
+    for r, c in ((9, 6), (5, 8)):
+        B = (torch.randn(2, r, c, generator=torch.Generator().manual_seed(11)) * scale).contiguous()
+        U, S, V = _jacobi().jacobi_svd(B, "reference")
+        _check_svd(B, U, S, V)
+        assert_rms_close(S, _jacobi().jacobi_svd(B / scale, "reference")[1].double() * scale, 1e-6, "S")
+        _check_svd(B, *jacobi_emulation(B, 1))
 
 
 def test_jacobi_cuda_source_under_emulation_rank_deficient_and_zero(jacobi_emulation):
