@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # the tests of every op with a C++ cpu backend; -k cpu keeps that backend's cases
 CPU_TESTS = ["tests/test_pushdown.py", "tests/test_pushdown_cpu_softmax_ulps.py", "tests/test_attachment.py", "tests/test_attachment_cpu.py",
-             "tests/test_efield.py", "tests/test_efield_parameters.py"]
+             "tests/test_efield.py"]
 VARIANTS = {"x86-64-v3": "-march=x86-64-v3", "baseline": "-march=x86-64"}
 # /proc/cpuinfo flags a CPU needs to run x86-64-v3 code (LZCNT shows as abm or lzcnt)
 V3_FLAGS = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}
