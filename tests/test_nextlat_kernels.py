@@ -121,6 +121,28 @@ def test_forward_custom_ignore_index(device):
     assert (out[0][y == 5] == 0).all()
 
 
+def test_forward_v_split_ending_inside_a_tile(device, monkeypatch):
+    """On a GPU the V splits are whole 128-column chunks while a config may use BV = 256 (the KL
+    pass's first tile), so a tile can cross the end of its split: the kernels must mask columns
+    (and the target column) at the split end, not only at V. Here splits of 48 columns, BV = 32
+    under the interpreter and 64-256 on a GPU."""
+    k = _kernels()
+    monkeypatch.setattr(k, "_v_chunk", lambda rows, V, dev: (48, -(-V // 48)))
+    h, W, b, y, p, t = _inputs(device, 13, 40, 100, 7, True)
+    _check_fwd(k.lce_kl_fwd(h, W, b, y, p, t, IGNORE), _ref_rows(*(x.double() for x in (h, W, b)), y, p.double(), t, IGNORE))
+
+
+def test_forward_wide_logit_range(device):
+    """Logits near +60 in the first V tile and near -60 after it (a spread beyond 88): the online
+    LSE's running max must stay the row's max, or exp(old max - new max) overflows."""
+    k = _kernels()
+    h, W, b, y, p, t = _inputs(device, 5, 16, 100, 3, True)
+    W = W * 0.1
+    b = torch.where(torch.arange(100, device=device) < 20, 60.0, -60.0) + torch.randn(100, device=device)
+    y[1] = 50  # a target in a far, low tile
+    _check_fwd(k.lce_kl_fwd(h, W, b, y, p, t, IGNORE), _ref_rows(*(x.double() for x in (h, W, b)), y, p.double(), t, IGNORE))
+
+
 def _run_bwd(device, shape, deterministic, dtype=torch.float32, n_ignored=None):
     N, D, V, M, bias = shape
     h, W, b, y, p, t = _inputs(device, N, D, V, M, bias, dtype=dtype, n_ignored=n_ignored)
