@@ -126,9 +126,9 @@ def tree_to_unlabeled(tree) -> str:
 
 def test_incremental_builder_matches_shift_reduce_and_from_trees():
     rng = random.Random(2)
-    for _ in range(300):
+    for i in range(310):
         B = rng.randint(1, 3)
-        n = rng.randint(1, 15)
+        n = rng.randint(1, 15) if i < 300 else rng.randint(16, 70)  # the last ones grow the row buffer
         trees = [random_tree(rng, n) for _ in range(B)]
         sims = [shift_reduce(set(oracle_spans(t)), n) for t in trees]
         builder = StackTapeBuilder(B)
@@ -138,6 +138,7 @@ def test_incremental_builder_matches_shift_reduce_and_from_trees():
             assert row.shape == (B, k + 1)
             for b, (_, want_row) in enumerate(steps):
                 assert row[b].tolist() == want_row
+        assert torch.equal(builder.select(list(range(B))[::-1]).row, builder.row.flip(0))  # copies keep it
         final = builder.tape()
         ref = StackTape.from_trees(trees)
         assert torch.equal(final.depth, ref.depth) and torch.equal(final.boundary, ref.boundary)
@@ -391,3 +392,12 @@ def test_row_uniform_fraction_edges():
     assert StackTape.from_trees(["(a b)"]).row_uniform_fraction() == 0.0  # no full tile
     with pytest.raises(ValueError, match="block_q"):
         StackTape.from_trees(["(a b)"]).row_uniform_fraction(block_q=0)
+
+
+def test_lengths_beyond_the_tape_are_refused():
+    tape = StackTape.from_trees(["((a b) c)"])
+    with pytest.raises(ValueError, match="lengths"):
+        StackTape(tape.depth, tape.boundary, torch.tensor([4]))  # T + 1
+    with pytest.raises(ValueError, match="lengths"):
+        StackTape(tape.depth, tape.boundary, torch.tensor([-1]))
+    assert StackTape(tape.depth, tape.boundary, torch.tensor([3])).lengths.tolist() == [3]
