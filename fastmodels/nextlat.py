@@ -28,7 +28,8 @@ Masks (``loss_mask`` and packed documents):
   document).
 * Padding: ``attention_mask [B, T]`` (the Hugging Face one: True/1 for real tokens). A padding
   token takes part in no term: no CE row, KL row or SmoothL1 rollout starts at, ends at or passes
-  through one (unlike ``loss_mask``, which leaves SmoothL1 on).
+  through one (unlike ``loss_mask``, which leaves SmoothL1 on), and its hidden state is never read
+  (it may be anything, NaN included, and gets a zero gradient).
 
 Each term is a mean over its valid rows (SmoothL1: over their elements) per horizon, averaged over
 the d horizons; a horizon without a valid row contributes 0.
@@ -41,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastmodels._validation import FLOAT_DTYPES, check_float, check_int, check_tensor
 from fastmodels.ops.nextlat import linear_cross_entropy_kl
 
 
@@ -61,6 +63,8 @@ def _weight_and_bias(lm_head):
 
 def _embed(embedding, input_ids):
     if isinstance(embedding, torch.Tensor):
+        if embedding.dim() != 2:
+            raise ValueError(f"embedding: expected a [V, E] weight tensor, got shape {list(embedding.shape)}")
         table, lookup = embedding, lambda ids: torch.nn.functional.embedding(ids, embedding)
     elif callable(embedding):
         table, lookup = getattr(embedding, "weight", None), embedding
@@ -91,17 +95,10 @@ class NextLatHead(nn.Module):
     def __init__(self, d_model: int, d_embed: int | None = None, horizon: int = 1, mlp_hidden: int | None = None,
                  lambda_h: float = 1.0, lambda_kl: float = 1.0, *, backend: str | None = None, deterministic: bool = False):
         super().__init__()
-        for name, v in (("d_model", d_model), ("horizon", horizon)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        d_embed = d_model if d_embed is None else d_embed
-        mlp_hidden = 4 * d_model if mlp_hidden is None else mlp_hidden
-        for name, v in (("d_embed", d_embed), ("mlp_hidden", mlp_hidden)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        for name, v in (("lambda_h", lambda_h), ("lambda_kl", lambda_kl)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+        d_model, horizon = check_int(d_model, "d_model", low=1), check_int(horizon, "horizon", low=1)
+        d_embed = d_model if d_embed is None else check_int(d_embed, "d_embed", low=1)
+        mlp_hidden = 4 * d_model if mlp_hidden is None else check_int(mlp_hidden, "mlp_hidden", low=1)
+        lambda_h, lambda_kl = check_float(lambda_h, "lambda_h", low=0.0), check_float(lambda_kl, "lambda_kl", low=0.0)
         self.d_model, self.d_embed, self.horizon = d_model, d_embed, horizon
         if not isinstance(deterministic, bool):
             raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
@@ -120,9 +117,24 @@ class NextLatHead(nn.Module):
         """One step: h + MLP(LN([h ; e]))."""
         return h + self.mlp(self.norm(torch.cat([h, e], dim=-1)))
 
+    def _check_hidden(self, hidden) -> None:
+        """hidden: a [B, T, d_model] tensor of the parameters' dtype (any float dtype under autocast)."""
+        check_tensor(hidden, "hidden")
+        if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
+            raise ValueError(f"hidden: expected shape [B, T, {self.d_model}], got {list(hidden.shape)}")
+        param_dtype = self.norm.weight.dtype
+        if hidden.dtype != param_dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise TypeError(f"hidden: expected {param_dtype} (the dtype of this NextLatHead's parameters; convert the "
+                            f"head with .to(dtype) or run under torch.autocast), got {hidden.dtype}")
+
     def rollout(self, hidden: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
-        """[h^(1), ..., h^(d)]: h^(i) is [B, T - i, D], row j predicting position j + i."""
-        T = hidden.shape[1]
+        """[h^(1), ..., h^(d)]: h^(i) is [B, T - i, D], row j predicting position j + i.
+
+        ``hidden [B, T, D]``; ``emb [B, T, E]`` the embedded tokens (cast to hidden's dtype)."""
+        self._check_hidden(hidden)
+        B, T, _ = hidden.shape
+        check_tensor(emb, "emb", shape=(B, T, self.d_embed), dtypes=FLOAT_DTYPES)
+        emb = emb.to(hidden.dtype)
         preds, h = [], hidden
         for i in range(1, min(self.horizon, T - 1) + 1):
             h = self.transition(h[:, : T - i], emb[:, i:])
@@ -138,20 +150,16 @@ class NextLatHead(nn.Module):
         ``loss_mask``, ``doc_ids``/``doc_start`` and ``attention_mask`` are [B, T]; see the module
         docstring.
         """
-        if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
-            raise ValueError(f"hidden: expected shape [B, T, {self.d_model}], got {list(hidden.shape)}")
+        self._check_hidden(hidden)
         B, T, D = hidden.shape
+        check_tensor(input_ids, "input_ids", dtypes=(torch.int32, torch.int64))  # what the embedding lookup takes
         if input_ids.shape != (B, T):
             raise ValueError(f"input_ids: expected shape [{B}, {T}] (that of hidden), got {list(input_ids.shape)}")
         if doc_ids is not None and doc_start is not None:
             raise ValueError("doc_ids and doc_start: pass at most one")
         for name, m in (("loss_mask", loss_mask), ("doc_ids", doc_ids), ("doc_start", doc_start), ("attention_mask", attention_mask)):
-            if m is not None and m.shape != (B, T):
+            if m is not None and check_tensor(m, name).shape != (B, T):
                 raise ValueError(f"{name}: expected shape [{B}, {T}] (that of input_ids), got {list(m.shape)}")
-        param_dtype = self.norm.weight.dtype
-        if hidden.dtype != param_dtype and not torch.is_autocast_enabled(hidden.device.type):
-            raise TypeError(f"hidden: expected {param_dtype} (the dtype of this NextLatHead's parameters; convert the "
-                            f"head with .to(dtype) or run under torch.autocast), got {hidden.dtype}")
         weight, bias = _weight_and_bias(lm_head)
         emb = _embed(embedding, input_ids).to(hidden.dtype)
         if emb.shape[-1] != self.d_embed:
@@ -161,7 +169,7 @@ class NextLatHead(nn.Module):
         seg = None
         if doc_ids is not None or doc_start is not None or attention_mask is not None:
             new = torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
-            new[:, 0] = True
+            new[:, :1] = True  # (T may be 0)
             if doc_ids is not None:
                 new[:, 1:] |= doc_ids[:, 1:] != doc_ids[:, :-1]
             if doc_start is not None:
@@ -170,6 +178,8 @@ class NextLatHead(nn.Module):
                 pad = ~attention_mask.bool()
                 new |= pad
                 new[:, 1:] |= pad[:, :-1]
+                # whatever the LM left at padding (NaN from a fully masked attention row) stays out
+                hidden = hidden.masked_fill(pad[..., None], 0)
             seg = new.long().cumsum(1)
 
         def same_doc(i: int) -> torch.Tensor:  # [B, T - i]: positions j .. j + i inside one segment

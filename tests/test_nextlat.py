@@ -320,6 +320,8 @@ def test_bad_inputs():
         f(h, W, y, backend="nope")
     with pytest.raises(TypeError, match="ignore_index"):
         f(h, W, y, ignore_index=1.5)
+    with pytest.raises(ValueError, match="ignore_index"):  # was an OverflowError from the comparison
+        f(h, W, y, ignore_index=2**70)
 
 
 def test_value_checks_sync_once():
@@ -480,6 +482,27 @@ def test_cpu_backend_refuses_double_backward():
     (g,) = torch.autograd.grad(ce**2, h, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad((g**2).sum(), h)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cpu_backend_refuses_gradient_penalty(reduction):
+    """A constant upstream gradient (``ce`` itself, as in a gradient penalty) must not let the
+    saved first-order gradients through as constants: the penalty term would silently get no
+    second derivative (total.backward() gave only the first-order part)."""
+    x = make(dtype=torch.float64)
+    h = x["hidden"].detach().clone().requires_grad_()
+    p = x["pred_hidden"].detach().clone().requires_grad_()
+    loss = {b: linear_cross_entropy_kl(h, x["weight"], x["targets"], p, x["teacher_index"], reduction=reduction, backend=b)
+            for b in ("cpu", "reference")}
+    ce, kl = loss["cpu"]
+    gh, gp = torch.autograd.grad(ce + kl, (h, p), create_graph=True)
+    for g, r in zip((gh, gp), torch.autograd.grad(sum(loss["reference"]), (h, p))):  # first order: still exact
+        assert_close(g, r)
+    for penalty in ((gh**2).sum(), (gp**2).sum()):
+        with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+            (ce + kl + penalty).backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+            torch.autograd.grad(ce + kl + penalty, (h, p), retain_graph=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -138,16 +138,21 @@ def test_reused_document_labels_are_runs():
         assert_close(x, r, atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("pad_value", ["random", "nan"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padding_takes_part_in_no_term(side):
+def test_padding_takes_part_in_no_term(side, pad_value):
     """attention_mask: a padded sequence gives exactly the loss of the unpadded one (SmoothL1
-    included, which loss_mask leaves on), and the hidden states at padding get no gradient."""
+    included, which loss_mask leaves on), and the hidden states at padding get no gradient, even
+    when they are NaN (what an LM can leave in a fully masked attention row)."""
     head = NextLatHead(D, E, horizon=2, mlp_hidden=H).double()
     emb, lin, hidden, ids, _, _ = setup(torch.float64, "cpu", False, True)
     n, p = 5, 2
     real_h, real_ids = hidden[:1, :n].detach(), ids[:1, :n]
     alone = head(real_h, real_ids, emb, lin)
     pad_h = 5 * torch.randn(1, p, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if pad_value == "nan":
+        pad_h[0, 0, 1:] = float("nan")
+        pad_h[0, -1] = float("inf")
     pad_ids = torch.zeros(1, p, dtype=ids.dtype)
     cat = (lambda real, pad: torch.cat([real, pad], 1)) if side == "right" else (lambda real, pad: torch.cat([pad, real], 1))
     h = cat(real_h, pad_h).requires_grad_()
@@ -196,6 +201,11 @@ def test_weight_tensors_and_single_token():
         assert_close(x, y)
     one = head(hidden[:, :1], ids[:, :1], emb, lin)
     assert all(v.item() == 0 for v in one)
+    # empty sequences (T = 0) with masks: zeros, like without them (was an IndexError)
+    z = torch.zeros(B, 0, dtype=torch.long)
+    for masks in (dict(attention_mask=z), dict(doc_ids=z), dict(doc_start=z.bool(), loss_mask=z.bool())):
+        empty = head(hidden[:, :0], ids[:, :0], emb, lin, **masks)
+        assert all(v.item() == 0 for v in empty), masks
 
 
 def test_bad_inputs():
@@ -227,6 +237,50 @@ def test_bad_inputs():
         NextLatHead(D, lambda_kl=-1.0)
     with pytest.raises(TypeError, match="deterministic: expected a bool"):
         NextLatHead(D, deterministic=1)
+
+
+def test_bad_input_types():
+    """Non-tensors, wrong id dtypes and wrongly typed constructor arguments are TypeErrors naming
+    the argument (not an AttributeError, or a RuntimeError from inside the embedding lookup), and
+    a non-finite loss weight is refused."""
+    head = NextLatHead(D, E, horizon=1, mlp_hidden=H).double()
+    emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)
+    with pytest.raises(TypeError, match="hidden: expected a torch.Tensor"):
+        head(hidden.tolist(), ids, emb, lin)
+    with pytest.raises(TypeError, match="input_ids: expected a torch.Tensor"):
+        head(hidden, ids.tolist(), emb, lin)
+    for bad in (ids.float(), ids.to(torch.int16), ids.bool()):
+        with pytest.raises(TypeError, match="input_ids: expected dtype"):
+            head(hidden, bad, emb, lin)
+    for name in ("loss_mask", "doc_ids", "doc_start", "attention_mask"):
+        with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor"):
+            head(hidden, ids, emb, lin, **{name: mask.tolist()})
+    with pytest.raises(ValueError, match=r"embedding: expected a \[V, E\] weight tensor"):
+        head(hidden, ids, emb.weight[0], lin)
+    for kw in (dict(d_model=float(D)), dict(horizon=2.0), dict(mlp_hidden="16"), dict(lambda_h="1")):
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            NextLatHead(**{"d_model": D, **kw})
+    for kw in (dict(lambda_h=float("inf")), dict(lambda_kl=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            NextLatHead(D, **kw)
+
+
+def test_rollout_checks_its_inputs():
+    """rollout() validates hidden [B, T, D] and emb [B, T, E] like forward (it is public, for
+    evaluation) instead of failing inside torch.cat or the LayerNorm."""
+    head = NextLatHead(D, E, horizon=2, mlp_hidden=H).double()
+    emb, lin, hidden, ids, mask, doc = setup(torch.float64, "cpu", False, True)
+    e = emb(ids)
+    assert [tuple(p.shape) for p in head.rollout(hidden, e)] == [(B, T - 1, D), (B, T - 2, D)]
+    for bad in (e[:, :3], e[:1], e[..., :-1], ids):
+        with pytest.raises(ValueError, match="emb: expected shape"):
+            head.rollout(hidden, bad)
+    with pytest.raises(TypeError, match="emb: expected a torch.Tensor"):
+        head.rollout(hidden, None)
+    with pytest.raises(ValueError, match="hidden: expected shape"):
+        head.rollout(hidden[0], e[0])
+    with pytest.raises(TypeError, match="hidden: expected torch.float64"):
+        head.rollout(hidden.float(), e)
 
 
 @pytest.mark.no_poison

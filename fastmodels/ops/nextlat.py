@@ -261,21 +261,42 @@ def _fake_grads(hidden, weight, bias, pred, grad_hidden, grad_weight, grad_pred)
 def _chunked_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
     ctx.flags = inputs[9:12]
-    ctx.save_for_backward(*output[2:])
+    # output[0] (a scalar) anchors the double-backward guard of _chunked_backward to the inputs
+    ctx.save_for_backward(output[0], *output[2:])
 
 
 def _scale(grad, unit):
     return unit * grad.to(unit.dtype)
 
 
-@torch.autograd.function.once_differentiable  # the saved gradients are constants: no double backward
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes the cpu backend's gradients through under ``create_graph=True``, tied (via ``anchor``,
+    an output of the fused op) to the op's inputs, so that differentiating them again raises here.
+    ``once_differentiable`` alone does not cover a constant upstream gradient (``ce`` itself, not
+    ``ce**2``): it then returns the saved gradients as constants, detached from the inputs, and a
+    gradient penalty on them would silently get no second derivative."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"{OP}: the cpu backend computes its gradients in the forward; they cannot be differentiated "
+                           "again (double backward); use backend='reference' for second derivatives")
+
+
 def _chunked_backward(ctx, g_ce, g_kl, *_):
-    dh, dw, db, dp = ctx.saved_tensors
+    anchor, dh, dw, db, dp = ctx.saved_tensors
     grad_hidden, grad_weight, grad_pred = ctx.flags
-    out_h = _scale(g_ce, dh) if grad_hidden else None
-    out_w = _scale(g_ce, dw) if grad_weight else None
-    out_b = _scale(g_ce, db) if (grad_weight and ctx.has_bias) else None
-    out_p = _scale(g_kl, dp) if grad_pred else None
+    with torch.no_grad():  # the saved gradients are constants: no double backward (guarded below)
+        outs = [_scale(g_ce, dh) if grad_hidden else None, _scale(g_ce, dw) if grad_weight else None,
+                _scale(g_ce, db) if (grad_weight and ctx.has_bias) else None, _scale(g_kl, dp) if grad_pred else None]
+    if torch.is_grad_enabled() and anchor.requires_grad:  # create_graph=True
+        given = [i for i, o in enumerate(outs) if o is not None]
+        for i, o in zip(given, _NoDoubleBackward.apply(anchor, *(outs[i] for i in given))):
+            outs[i] = o
+    out_h, out_w, out_b, out_p = outs
     return out_h, out_w, out_b, None, out_p, None, None, None, None, None, None, None, None
 
 
@@ -534,7 +555,7 @@ def _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weig
         if pred_hidden is None:
             raise ValueError("kl_weight: given without pred_hidden/teacher_index")
         check_tensor(kl_weight, "kl_weight", shape=("M",), dims=dims, dtypes=_FLOATS)
-    check_int(ignore_index, "ignore_index")
+    check_int(ignore_index, "ignore_index", low=-(2**63), high=2**63 - 1)  # compared with int64 targets
     device = check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias, pred_hidden=pred_hidden, teacher_index=teacher_index, kl_weight=kl_weight)
     # Data-dependent checks cost a host sync. While torch.compile traces they are skipped here and
     # run inside the fused custom ops instead (they execute on real tensors in the compiled graph).
