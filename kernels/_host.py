@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 
-MAX_GRID_YZ = 65535  # CUDA's limit on launch grid axes 1 and 2 (axis 0 allows 2**31 - 1)
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on launch grid axis 0
+MAX_GRID_YZ = 65535  # and on axes 1 and 2
 
 
 def interpreting() -> bool:

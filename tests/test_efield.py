@@ -409,6 +409,7 @@ def test_bad_inputs():
     expect(ValueError, "pole_separation", args, pole_separation=float("nan"))
     expect(TypeError, "per_emitter", args, per_emitter=1)
     expect(ValueError, "backend", args, backend="fast")
+    expect(TypeError, "check_values: expected a bool", args, check_values="no")  # a truthy string still checked
     # Skipping value checks is explicit.
     t = args[4].clone()
     t[0, 0] = -1.0
@@ -424,6 +425,32 @@ def test_receptor_ring():
         receptor_ring(0)
     with pytest.raises(ValueError, match="radius"):
         receptor_ring(4, -1.0)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(R=4.0), TypeError, "R: expected an int"),
+    (dict(R=4, radius=True), TypeError, "radius: expected a float"),
+    (dict(R=4, radius=1e39), ValueError, "radius: expected a number representable in float32"),  # inf positions
+    (dict(R=4, offset=float("nan")), ValueError, "offset: expected a finite number"),  # NaN receptors
+    (dict(R=4, offset=None), TypeError, "offset: expected a float"),
+    (dict(R=4, dtype=torch.int64), TypeError, "dtype: expected a floating-point"),  # a ring rounded to 0 / +-1
+    (dict(R=4, dtype="float32"), TypeError, "dtype: expected a floating-point"),
+])
+def test_receptor_ring_bad_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        receptor_ring(**kw)
+
+
+def test_cuda_launch_refuses_more_blocks_than_one_grid():
+    """The cuda launcher runs one block per (environment, fish): B * N past CUDA's 2**31 - 1 blocks
+    is refused before the launch (past int32, B would also wrap silently in the ctypes call).
+    The inputs are stride-0 views: nothing is allocated and no GPU is needed."""
+    from fastmodels.ops.efield import _run_cuda
+
+    big = lambda *shape: torch.zeros(1).expand(*shape)  # noqa: E731
+    x = {"fish_pos": big(2**30, 2, 2), "obj_pos": big(2**30, 1, 2), "rec_pos": big(8, 2)}
+    with pytest.raises(ValueError, match=r"B \* N = 2147483648 environment-fish pairs"):
+        _run_cuda(x, None, None, 1.0, 1e-3, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------

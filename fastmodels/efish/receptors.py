@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from fastmodels._validation import check_float, check_int
+
 
 def receptor_ring(R: int, radius: float = 1.0, *, offset: float = 0.0, dtype=torch.float32, device=None):
     """``R`` receptors on a circle of ``radius`` cm around the fish centre, at uniform angles
@@ -13,10 +15,15 @@ def receptor_ring(R: int, radius: float = 1.0, *, offset: float = 0.0, dtype=tor
 
     Returns ``(receptor_pos [R, 2], receptor_normal [R, 2])`` for :func:`fastmodels.ops.electric_image`.
     """
-    if isinstance(R, bool) or not isinstance(R, int) or R < 1:
-        raise ValueError(f"R: expected an int >= 1, got {R!r}")
-    if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+    R = check_int(R, "R", low=1)
+    radius = check_float(radius, "radius")
+    if radius <= 0:
         raise ValueError(f"radius: expected a finite number > 0, got {radius!r}")
+    offset = check_float(offset, "offset")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    if radius > torch.finfo(dtype).max:
+        raise ValueError(f"radius: expected a number representable in {str(dtype).replace('torch.', '')}, got {radius!r}")
     angle = offset + 2 * math.pi * torch.arange(R, dtype=torch.float64, device=device) / R
     normal = torch.stack((angle.cos(), angle.sin()), -1)
     return (radius * normal).to(dtype), normal.to(dtype)

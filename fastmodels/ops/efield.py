@@ -180,10 +180,15 @@ def _cuda_lib():
 
 
 def _run_cuda(x, active, comm, pole_separation, eps, image_strength):
-    lib = _cuda_lib()
+    from fastmodels.kernels._host import MAX_GRID_X
+
     B, N, _ = x["fish_pos"].shape
     M = x["obj_pos"].shape[1]
     R = x["rec_pos"].shape[0]
+    if B * N > MAX_GRID_X:  # one block per (environment, fish); ctypes would also wrap B past int32
+        raise ValueError(f"electric_image (cuda): B * N = {B * N} environment-fish pairs, more than the {MAX_GRID_X} "
+                         "blocks of one launch; split the batch")
+    lib = _cuda_lib()
     dev = active.device.index
     smem = lib.fm_efield_shared_bytes(N, M)  # what one (environment, fish) block stages (efield.cu)
     if dev not in _SMEM_LIMIT:
@@ -381,6 +386,8 @@ def electric_image(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contras
         raise TypeError(f"per_emitter: expected a bool, got {type(per_emitter).__name__}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected a str or None, got {type(backend).__name__}")
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     if check_values and not torch.compiler.is_compiling():
         _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, receptor_pos, receptor_normal, arena)
     args = (fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos, receptor_normal,
