@@ -223,7 +223,8 @@ def attachment_fwd_kernel(
             b_q = _rows_chunk(q, b, o_i, m_i, o_w, m_w, Tq, W)
             b_k = _rows_chunk(keys, b, o_j, m_j, o_w, m_w, Tk, W)
             pre = b_k[None, :, :] + _feat_tile(feat, idx, o_w, m_w, SF, V, BINARY)
-            acc += tl.sum(b_q[:, None, :] * tl.maximum(pre, 0.0), axis=2)
+            # relu keeps NaN (as torch.relu and the C++ backend): tl.maximum's default drops it
+            acc += tl.sum(b_q[:, None, :] * tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL), axis=2)
         tl.store(p_o, tl.where(vis, acc, float("-inf")), mask=m_o)
 
 
@@ -248,7 +249,7 @@ def _dq_tile(b_dq, R, g, keys, feat, dep, bnd, dense, b, n0, o_i, o_t, m_i, o_w,
     b_g = tl.load(g + (b * Tq + o_i[:, None]) * Tk + o_j[None, :], mask=vis, other=0.0).to(tl.float32)
     b_k = _rows_chunk(keys, b, o_j, m_j, o_w, m_w, Tk, W)
     pre = b_k[None, :, :] + _feat_tile(feat, idx, o_w, m_w, SF, V, BINARY)
-    b_dq += tl.sum(b_g[:, :, None] * tl.maximum(pre, 0.0), axis=1)
+    b_dq += tl.sum(b_g[:, :, None] * tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL), axis=1)
     return b_dq, R
 
 

@@ -371,3 +371,13 @@ def test_inconsistent_compact_tape_is_an_error_for_targets():
     tape = StackTape(torch.tensor([[0, 2]]), torch.tensor([[0, 0]]))  # token 1 closes 2 nodes, 1 on the stack
     with pytest.raises(ValueError, match="inconsistent"):
         tape.attachment_targets()
+
+
+def test_head_context_of_the_wrong_width_is_named():
+    with pytest.raises(ValueError, match="d_model: expected a positive int, got True"):
+        AttachmentHead(True)
+    head = AttachmentHead(16, width=8, max_depth=5)
+    tape = StackTape.from_trees(["((a b) c)"])
+    h, e = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+    with pytest.raises(ValueError, match=r"context: expected a tensor \[B=1, Tk, 16\]"):
+        head(h, e, tape, context=torch.randn(1, 3, 5))

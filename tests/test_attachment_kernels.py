@@ -208,3 +208,23 @@ def test_public_op(kind, backend, device):
     assert_rms_close(out[vis], rout[vis], TOL, "scores")
     for name, a, r in zip(("q", "keys", "depth_feat"), leaves, ref):
         assert_rms_close(a.grad, r.grad, TOL, f"d{name}")
+
+
+def test_nan_in_keys_or_features_propagates_like_the_reference(device):
+    """relu(NaN) is NaN (torch.relu, the C++ backend): a NaN key or depth feature must reach the
+    scores and dq it touches, not be dropped by tl.maximum's default NaN handling."""
+    B, Tq, Tk, W, V = 1, 5, 5, 4, 3
+    S = torch.tensor([[[0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [2, 2, 1, 0, 0], [2, 2, 1, 1, 0]]], dtype=torch.int32)
+    for which in ("keys", "feat"):
+        q, keys, feat = make_inputs(B, Tq, Tk, W, V, device=device)
+        if which == "keys":
+            keys[0, 1, 2] = float("nan")
+        else:
+            feat[1, 0] = float("nan")
+        out = kernels.attachment_fwd(q, keys, feat, None, None, S.to(device), False)
+        g = torch.ones(B, Tq, Tk, device=device).masked_fill(~causal(Tq, Tk).to(device), 0.0)
+        dq = kernels.attachment_bwd(g, q, keys, feat, None, None, S.to(device), False)[0]
+        ref, rdq, _, _ = reference(q, keys, feat, S, False, g.cpu())
+        assert ref.isnan().any() and rdq.isnan().any()
+        assert torch.equal(out.isnan().cpu(), ref.isnan()), which
+        assert torch.equal(dq.isnan().cpu(), rdq.isnan()), which

@@ -171,3 +171,39 @@ def test_pushdownify_gpt2_starts_equal_and_trains_depth_table():
             set_stack_tape(model, neg)
         set_stack_tape(model, neg, check_values=False)
         assert_rms_close(model(ids, use_cache=False).logits, want, 1e-6)
+
+
+def test_module_constructor_and_cache_errors():
+    """Bad constructor arguments and KV caches are named, not a ZeroDivisionError or a torch.cat error."""
+    with pytest.raises(ValueError, match="n_heads: expected an int >= 1"):
+        PushdownAttention(32, 0)
+    with pytest.raises(ValueError, match="n_heads: expected an int >= 1"):
+        PushdownAttention(32, -4)
+    with pytest.raises(ValueError, match="d_model: expected an int >= 1"):
+        PushdownAttention(0, 4)
+    with pytest.raises(TypeError, match="max_depth: expected an int"):
+        PushdownAttention(32, 4, max_depth=2.5)
+    with pytest.raises(TypeError, match="binary: expected a bool"):
+        PushdownAttention(32, 4, binary="no")
+    m = PushdownAttention(32, 4, backend="reference")
+    x = torch.randn(2, 4, 32)
+    dense = StackTape.from_trees(["((a b) (c d))", "(a (b (c d)))"]).dense()
+    with pytest.raises(TypeError, match="cache: expected a dict"):
+        m(x, dense, cache=[])
+    cache = {}
+    m(x[:1, :3], dense[:1, :3, :3], cache)  # a cache of batch 1
+    with pytest.raises(ValueError, match=r"cache\['k'\]: expected shape \[2, 4, T_past, 8\]"):
+        m(x[:, 3:], dense[:, 3:], cache)
+    with pytest.raises(TypeError, match=r"cache\['v'\]: expected a torch.Tensor"):
+        m(x[:1, 3:], dense[:1, 3:], {"k": cache["k"]})
+
+
+def test_pushdownify_gpt2_refuses_bad_arguments_before_converting():
+    model = _tiny_gpt2()
+    with pytest.raises(ValueError, match="layers: index 5 is out of range"):
+        pushdownify_gpt2(model, layers=[0, 5])
+    with pytest.raises(TypeError, match="layers"):
+        pushdownify_gpt2(model, layers=[1.0])
+    with pytest.raises(ValueError, match="max_depth: expected an int >= 1"):
+        pushdownify_gpt2(model, max_depth=0)
+    assert all(type(b.attn).__name__ == "GPT2Attention" for b in model.transformer.h)  # none converted

@@ -401,3 +401,67 @@ def test_lengths_beyond_the_tape_are_refused():
     with pytest.raises(ValueError, match="lengths"):
         StackTape(tape.depth, tape.boundary, torch.tensor([-1]))
     assert StackTape(tape.depth, tape.boundary, torch.tensor([3])).lengths.tolist() == [3]
+
+
+def test_dense_from_compact_checks_its_tensors():
+    """Mismatched depth/boundary shapes would broadcast into a wrong tape: refused, as are floats."""
+    from fastmodels.pushdown import dense_from_compact
+
+    tape = StackTape.from_trees(["((a b) (c d))", "(a (b (c d)))"])
+    d, c = tape.depth, tape.boundary
+    for bad_c in (c[:1], c[:, :1], torch.cat([c, c], 1)):
+        with pytest.raises(ValueError, match="boundary: expected shape"):
+            dense_from_compact(d, bad_c)
+    with pytest.raises(TypeError, match="depth: expected dtype"):
+        dense_from_compact(d.float(), c)
+    with pytest.raises(TypeError, match="depth: expected a torch.Tensor"):
+        dense_from_compact(d.tolist(), c)
+    assert torch.equal(dense_from_compact(d.long(), c.to(torch.int16), 2), tape.dense()[:, 2:])
+
+
+def test_stack_tape_values_and_lengths_must_fit():
+    """int64 values beyond int32 would wrap when stored; float lengths would be truncated."""
+    with pytest.raises(ValueError, match=r"depth: expected values <= 2147483647"):
+        StackTape(torch.tensor([[2**32, 2**32]]), torch.tensor([[2**32, 0]]))
+    tape = StackTape.from_trees(["((a b) c)"])
+    with pytest.raises(TypeError, match="lengths: expected integer lengths"):
+        StackTape(tape.depth, tape.boundary, torch.tensor([2.7]))
+    with pytest.raises(TypeError, match="lengths: expected a sequence"):
+        StackTape(tape.depth, tape.boundary, "3")
+    assert StackTape(tape.depth, tape.boundary, [2]).lengths.tolist() == [2]
+    empty = torch.zeros(0, 3, dtype=torch.int32)
+    assert StackTape(empty, empty, []).lengths.shape == (0,)
+
+
+def test_constructor_arguments_are_named_in_errors():
+    with pytest.raises(TypeError, match="trees: expected a list of trees"):
+        StackTape.from_trees(None)
+    with pytest.raises(TypeError, match="tree: expected an nltk.Tree"):
+        StackTape.from_trees([None])
+    with pytest.raises(ValueError, match="pad_to: expected an int >= 0"):
+        StackTape.from_trees([], pad_to=-1)
+    with pytest.raises(TypeError, match="pad_to: expected an int"):
+        StackTape.from_trees(["(a b)"], pad_to=3.7)
+    assert StackTape.from_trees(["(a b)"], pad_to=torch.tensor(4)).seq_len == 4
+    with pytest.raises(TypeError, match="strings: expected a str"):
+        StackTape.from_brackets(None)
+    with pytest.raises(TypeError, match="pairs: expected a dict"):
+        StackTape.from_brackets(["()"], pairs=5)
+    with pytest.raises(ValueError, match="pairs: a token cannot both open and close"):
+        StackTape.from_brackets(["||"], pairs={"|": "|"})  # every "|" would open: a silent flat tape
+
+
+def test_refused_push_changes_no_sentence():
+    """A push refused for one sentence must leave the others as they were (beam-search code may
+    catch the error and go on)."""
+    bld = StackTapeBuilder(2)
+    bld.push([None, None])
+    bld.push([None, None])
+    with pytest.raises(ValueError, match=r"attach\[1\]: token 7 is not on the stack"):
+        bld.push([0, 7])
+    assert bld.length == 2 and bld.stacks == [[0, 1], [0, 1]] and bld.spans == [[], []]
+    bld.push([0, None])
+    fresh = StackTapeBuilder(2)
+    for attach in ([None, None], [None, None], [0, None]):
+        fresh.push(attach)
+    assert torch.equal(bld.tape().dense(), fresh.tape().dense())

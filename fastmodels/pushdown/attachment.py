@@ -62,7 +62,7 @@ class AttachmentHead(nn.Module):
         hidden = width if hidden is None else hidden
         d_embed = d_model if d_embed is None else d_embed
         for name, value in (("d_model", d_model), ("width", width), ("hidden", hidden), ("d_embed", d_embed)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if isinstance(max_depth, bool) or not isinstance(max_depth, int):
             raise TypeError(f"max_depth: expected an int, got {max_depth!r}")
@@ -89,6 +89,10 @@ class AttachmentHead(nn.Module):
                 raise ValueError(f"{name}: expected a tensor [B, Tq, {width}], got {shape}")
         if next_embed.shape[:2] != hidden.shape[:2]:
             raise ValueError(f"next_embed: expected [B, Tq] = {list(hidden.shape[:2])} (from hidden), got {list(next_embed.shape[:2])}")
+        if context is not None and (not isinstance(context, torch.Tensor) or context.dim() != 3
+                                    or context.shape[0] != hidden.shape[0] or context.shape[-1] != self.d_model):
+            shape = list(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context: expected a tensor [B={hidden.shape[0]}, Tk, {self.d_model}] (d_model), got {shape}")
         if keys is None:
             keys = self.key_features(hidden if context is None else context)
         elif context is not None:

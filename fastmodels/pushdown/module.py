@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from fastmodels._validation import check_int, check_tensor
 from fastmodels.ops.pushdown import check_dense_tape, pushdown_attention
 from fastmodels.pushdown.tape import StackTape
 
@@ -38,10 +39,13 @@ class PushdownAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, max_depth: int = 50, binary: bool = False, dropout: float = 0.0, bias: bool = True, *, per_head_table: bool = False, backend: str | None = None, device=None, dtype=None):
         super().__init__()
+        n_heads = check_int(n_heads, "n_heads", low=1)
+        d_model = check_int(d_model, "d_model", low=1)
         if d_model % n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
-        if max_depth < (2 if binary else 1):
-            raise ValueError(f"max_depth: expected >= {2 if binary else 1}, got {max_depth}")
+        if not isinstance(binary, bool):
+            raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
+        max_depth = check_int(max_depth, "max_depth", low=2 if binary else 1)
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.binary, self.backend = binary, backend
@@ -60,7 +64,13 @@ class PushdownAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
-            if "k" in cache:
+            if not isinstance(cache, dict):
+                raise TypeError(f"cache: expected a dict (empty on the first call), got {type(cache).__name__}")
+            if "k" in cache or "v" in cache:
+                dims = {}
+                for name in ("k", "v"):  # [B, H, T_past, head_dim], as an earlier call stored them
+                    check_tensor(cache.get(name), f"cache[{name!r}]", shape=(B, self.n_heads, "T_past", self.head_dim), dims=dims,
+                                 dtypes=(k.dtype,), device=k.device)
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
@@ -129,11 +139,16 @@ def pushdownify_gpt2(model: nn.Module, layers: Iterable[int] | None = None, *, m
     blocks = getattr(transformer, "h", None)
     if blocks is None:
         raise TypeError(f"model: expected a Hugging Face GPT-2 model (with .transformer.h or .h), got {type(model).__name__}")
+    if not isinstance(binary, bool):
+        raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
+    check_int(max_depth, "max_depth", low=1)  # a binary table has 2 rows whatever max_depth is
     chosen = range(len(blocks)) if layers is None else list(layers)
-    for i in chosen:
+    for i in chosen:  # all indices first: a refused call converts no block
+        check_int(i, "layers (an index)")
         if not -len(blocks) <= i < len(blocks):
             raise ValueError(f"layers: index {i} is out of range for {len(blocks)} blocks")
-        block = blocks[i]
+    for i in chosen:
+        block = blocks[int(i)]
         if not isinstance(block.attn, GPT2PushdownAttention):
             block.attn = GPT2PushdownAttention(block.attn, max_depth, binary, per_head_table, backend)
     return model

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from fastmodels._validation import check_int
+from fastmodels._validation import INT_DTYPES, check_int, check_tensor
 
 __all__ = ["StackTape", "StackTapeBuilder", "tree_spans", "attachments_from_spans", "dense_from_compact"]
 
@@ -121,6 +121,8 @@ def tree_spans(tree, *, labeled: bool = False) -> tuple[int, list[tuple[int, int
     [c_1 [c_2 [... [c_{n-1} c_n]]]], i.e. binary nodes over c_i..c_n for i = 1..n-1; unary nodes
     add nothing.
     """
+    if not isinstance(tree, str) and _children(tree) is None:
+        raise TypeError(f"tree: expected an nltk.Tree, a nested list or a bracket string, got {type(tree).__name__}")
     if isinstance(tree, str):
         if labeled:
             import nltk
@@ -167,6 +169,9 @@ def dense_from_compact(depth: torch.Tensor, boundary: torch.Tensor, rows: int | 
     S(t, j) = D_j - min_{j <= k <= t} c_k for j <= t, 0 for j > t. Costs O(B rows T) time and
     memory (a decoding step with a KV cache asks for one row).
     """
+    dims: dict = {}
+    check_tensor(depth, "depth", shape=("B", "T"), dims=dims, dtypes=INT_DTYPES)
+    check_tensor(boundary, "boundary", shape=("B", "T"), dims=dims, dtypes=INT_DTYPES, device=depth.device)
     B, T = depth.shape
     rows = T if rows is None else check_int(rows, "rows", low=0, high=T)
     t0 = T - rows  # the first query row asked for
@@ -207,6 +212,8 @@ class StackTape:
                 raise ValueError(f"{name}: expected shape [B, T], got {list(x.shape)}")
             if x.numel() and int(x.min()) < 0:
                 raise ValueError(f"{name}: expected non-negative values, got a minimum of {int(x.min())}")
+            if x.dtype == torch.int64 and x.numel() and int(x.max()) > 2**31 - 1:  # stored as int32
+                raise ValueError(f"{name}: expected values <= {2**31 - 1} (stored as int32), got a maximum of {int(x.max())}")
         if depth.shape != boundary.shape:
             raise ValueError(f"boundary: expected the shape of depth {list(depth.shape)}, got {list(boundary.shape)}")
         if depth.device != boundary.device:
@@ -222,7 +229,13 @@ class StackTape:
         B, T = depth.shape
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64)
-        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=depth.device)
+        try:
+            lengths = torch.as_tensor(lengths, device=depth.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"lengths: expected a sequence or 1-D tensor of ints, got {lengths!r}") from None
+        if lengths.dtype not in INT_DTYPES and lengths.numel():
+            raise TypeError(f"lengths: expected integer lengths, got dtype {str(lengths.dtype).replace('torch.', '')}")
+        lengths = lengths.to(torch.int64)
         if lengths.shape != (B,):
             raise ValueError(f"lengths: expected shape [{B}], got {list(lengths.shape)}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
@@ -237,7 +250,9 @@ class StackTape:
     def from_spans(cls, sentences: Sequence[tuple[int, Iterable[tuple[int, int]]]], *, pad_to: int | None = None, device=None) -> "StackTape":
         """From (number of tokens, binary spans [a, b]) per sentence; padded to the longest."""
         lengths = [int(n) for n, _ in sentences]
-        T = max(lengths, default=0) if pad_to is None else int(pad_to)
+        if isinstance(pad_to, torch.Tensor) and pad_to.dim() == 0 and pad_to.dtype in INT_DTYPES:
+            pad_to = int(pad_to)
+        T = max(lengths, default=0) if pad_to is None else check_int(pad_to, "pad_to", low=0)
         if lengths and max(lengths) > T:
             raise ValueError(f"pad_to: expected >= the longest sentence ({max(lengths)}), got {T}")
         depth = torch.zeros(len(sentences), T, dtype=torch.int32)
@@ -260,6 +275,8 @@ class StackTape:
         ("((The dog) (is happy))") unless ``labeled=True`` (PTB style, parsed by nltk)."""
         if isinstance(trees, str) or _children(trees) is not None and _is_single_tree(trees):
             trees = [trees]
+        if not isinstance(trees, (list, tuple)):
+            raise TypeError(f"trees: expected a list of trees (nltk.Tree, nested lists or bracket strings), a tree or a string, got {type(trees).__name__}")
         return cls.from_spans([tree_spans(t, labeled=labeled) for t in trees], pad_to=pad_to, device=device)
 
     @classmethod
@@ -273,10 +290,19 @@ class StackTape:
         """
         if isinstance(strings, str):
             strings = [strings]
+        if not isinstance(strings, (list, tuple)):
+            raise TypeError(f"strings: expected a str or a list of str or token sequences, got {type(strings).__name__}")
+        if pairs is not None and not isinstance(pairs, dict):
+            raise TypeError(f"pairs: expected a dict of open to close tokens, got {type(pairs).__name__}")
         pairs = dict(pairs) if pairs is not None else {"(": ")", "[": "]", "{": "}", "<": ">"}
         closers = {c: o for o, c in pairs.items()}
+        both = set(pairs) & set(closers)
+        if both:
+            raise ValueError(f"pairs: a token cannot both open and close a bracket, got {sorted(map(repr, both))} in {pairs}")
         sentences = []
         for s in strings:
+            if not isinstance(s, str) and not isinstance(s, (list, tuple)):
+                raise TypeError(f"strings: expected each entry to be a str or a token sequence, got {type(s).__name__}")
             toks = [ch for ch in s if not ch.isspace()] if isinstance(s, str) else list(s)
             stack: list[int] = []  # constituent starts, as in StackTapeBuilder
             spans: list[tuple[int, int]] = []
@@ -469,6 +495,10 @@ class StackTapeBuilder:
             raise ValueError(f"attach: expected {self.batch_size} entries (one per sentence), got {len(attach)}")
         attach = [_token_index(a, b) for b, a in enumerate(attach)]
         k = self.length
+        for b, a in enumerate(attach):  # all entries first: a refused push changes no sentence
+            stack = self.stacks[b]
+            if a is not None and a != -1 and (not (0 <= a < k) or not stack or a < stack[0]):
+                raise ValueError(f"attach[{b}]: token {a} is not on the stack of sentence {b} (tokens 0..{k - 1}, stack starts {stack})")
         if k >= self._rows.shape[1]:
             grown = torch.zeros(self.batch_size, 2 * self._rows.shape[1], dtype=torch.int64)
             grown[:, :k] = self._rows[:, :k]
@@ -478,8 +508,6 @@ class StackTapeBuilder:
             if a is None or a == -1:
                 stack.append(k)
                 continue
-            if not (0 <= a < k) or not stack or a < stack[0]:
-                raise ValueError(f"attach[{b}]: token {a} is not on the stack of sentence {b} (tokens 0..{k - 1}, stack starts {stack})")
             popped = _reduce(stack, a)
             for start in popped:  # one new binary node [start, k] per pop
                 self._rows[b, start:k] += 1
