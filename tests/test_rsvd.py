@@ -564,9 +564,112 @@ def test_bad_inputs():
         randomized_svd([A, A * float("nan")], 2)
     with pytest.raises(ValueError, match="A: expected finite values"):
         randomized_svd(A * float("nan"), 2, method="torch_lowrank")
-    from fastmodels.ops.rsvd import _check_finite_batch  # its fast pass sums each matrix
+    from fastmodels.ops.rsvd import _check_finite_batch  # its fast pass reduces each matrix
 
     _check_finite_batch(torch.full((2, 3, 3), 3e38), "A")  # finite entries whose sum overflows: fine
+
+
+def _check_power_of_two_scaled(dtype, e: int, method: str, backend: str) -> None:
+    """randomized_svd of X * 2**e equals that of X (U, V) with S scaled by 2**e."""
+    device = "cuda" if backend == "cuda" else DEVICE
+    X0 = spectrum_matrix("mp", 40, 70).to(dtype)
+    X = (X0.double() * 2.0**e).to(dtype)  # exact: a power of two, within the dtype's range
+    assert torch.equal(X.double() * 2.0**-e, X0.double())
+    base = randomized_svd(X0.to(device), 3, method=method, seed=2, backend=backend)
+    res = randomized_svd(X.to(device), 3, method=method, seed=2, backend=backend)
+    check_svd_shapes(res, X.shape, 3, base.S.dtype)
+    torch.testing.assert_close(res.S.double() * 2.0**-e, base.S.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(res.U, base.U, rtol=0, atol=1e-5)
+    torch.testing.assert_close(res.V, base.V, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["accurate", "torch_lowrank"])
+@pytest.mark.parametrize("dtype,e", [(torch.float32, 70), (torch.float32, 120), (torch.float32, -85), (torch.bfloat16, 70),
+                                     (torch.bfloat16, -85), (torch.float16, 15), (torch.float64, 600), (torch.float64, -600)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_extreme_scales_match_the_scaled_factorization(dtype, e, method):
+    """Finite matrices far from unit scale: the power passes form sigma_1^2-sized values, which
+    overflowed fp32 from entries ~1e19 (a LinAlgError from deep inside linalg.svd) and underflowed
+    below ~1e-23 (a zero sketch: singular values 30% off, silently). They are factored scaled by
+    a power of two, so the factors equal those of the unit-scale matrix."""
+    _check_power_of_two_scaled(dtype, e, method, "reference")
+
+
+@pytest.mark.parametrize("backend", op_backends("randomized_svd"))
+@pytest.mark.parametrize("dtype,e", [(torch.float32, 70), (torch.float16, 15)], ids=["fp32", "fp16"])
+def test_extreme_scales_kernel_backends(dtype, e, backend):
+    """The kernel backends round W = A^T Q to A's dtype: fp16 entries up to 55000 (legal) made
+    it overflow past 65504 (NaN, then a LinAlgError) where the reference succeeded."""
+    _check_power_of_two_scaled(dtype, e, "accurate", backend)
+
+
+@pytest.mark.parametrize("backend", op_backends("randomized_svd", include_reference=True))
+def test_fp16_rescale_keeps_the_small_entries(backend):
+    """An fp16 matrix past the kernel backends' safe range is scaled down only to just under it:
+    scaled to max |A| < 1, its 0.01-sized entries would fall into fp16's subnormals (2^-24 below 1)
+    and the singular values they carry would lose three digits (measured 1.3e-3)."""
+    device = "cuda" if backend == "cuda" else DEVICE
+    g = torch.Generator().manual_seed(0)
+    A = 0.01 * (torch.randn(40, 2, generator=g, dtype=F64) @ torch.randn(2, 70, generator=g, dtype=F64))
+    A[0, 0] = 3e4
+    A = A.half()
+    exact = torch.linalg.svdvals(A.double())[:3]
+    S = randomized_svd(A.to(device), 3, seed=0, backend=backend).S.cpu().double()
+    torch.testing.assert_close(S, exact, rtol=1e-5, atol=0)
+
+
+def test_singular_values_beyond_the_result_range_are_refused():
+    with pytest.raises(ValueError, match=r"A: its largest singular value exceeds the range of the float32 result"):
+        randomized_svd(torch.full((40, 70), 3e38), 3, seed=0)
+    with pytest.raises(ValueError, match=r"\(matrix 1 of the batch\) exceeds the range of the float32 result"):
+        randomized_svd(torch.stack([torch.ones(40, 70), torch.full((40, 70), 3e38)]).bfloat16(), 3, method="torch_lowrank", seed=0)
+
+
+def test_factor_arguments_on_another_device_are_refused():
+    """singular_value_grads, low_rank(svd=) and intruder_dimensions(base_svd=) name the argument
+    on the wrong device (meta here: a CPU-only check) instead of failing inside a matmul or,
+    for V, returning garbage."""
+    A = torch.randn(12, 20)
+    U, S, V = randomized_svd(A, 3, seed=0, backend="reference")
+    G = torch.randn(12, 20)
+    for args, name in (((U, S, V, G.to("meta")), "G"), ((U, S, V.to("meta"), G), "V"), ((U, S.to("meta"), V, G), "S")):
+        with pytest.raises(ValueError, match=rf"{name}: expected a tensor on cpu, got one on meta"):
+            singular_value_grads(*args)
+    W = spectrum_matrix("power", 16, 24, b=1)[0]
+    Xb = torch.linalg.svd(W, full_matrices=False).U
+    with pytest.raises(ValueError, match="base_svd: expected a tensor on cpu, got one on meta"):
+        intruder_dimensions(W, W, k=4, base_svd=Xb.to("meta"))
+
+
+def test_low_rank_svd_of_mixed_dtypes():
+    """svd= factors of different dtypes (e.g. float32 U, float64 S, fp16 V) were a dtype-mismatch
+    RuntimeError from the matmul: they are combined in one working dtype."""
+    A = spectrum_matrix("mp", 40, 70, b=1)[0].float()
+    U, S, V = randomized_svd(A, 5, seed=0, backend="reference")
+    want = low_rank(A, [2, 5], svd=(U, S, V))
+    got = low_rank(A, [2, 5], svd=(U, S.double(), V.half()))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=5e-3 * w.abs().max().item())
+
+
+def test_intruder_base_svd_edge_cases():
+    """base_svd: an empty tuple and NaN are clear errors; a full SVD (full_matrices=True) of a tall
+    W_base, whose columns past n span W_base^T's null space, gives the default answer."""
+    m, n = 96, 40
+    W = spectrum_matrix("power", m, n, b=1, seed=3)[0]
+    g = torch.Generator().manual_seed(4)
+    B, A = torch.randn(m, 2, dtype=F64, generator=g), torch.randn(2, n, dtype=F64, generator=g)
+    tuned = (W, B, A, 0.5)
+    default = intruder_dimensions(W, tuned, k=6)
+    assert default.count >= 1  # the LoRA directions leave W_base's column space
+    full = intruder_dimensions(W, tuned, k=6, base_svd=torch.linalg.svd(W))  # U is [96, 96]
+    torch.testing.assert_close(full.max_cos, default.max_cos, rtol=0, atol=1e-6)
+    assert full.count == default.count
+    with pytest.raises(ValueError, match="base_svd: expected a tensor .* got an empty sequence"):
+        intruder_dimensions(W, W, k=4, base_svd=())
+    with pytest.raises(ValueError, match="base_svd: expected finite values"):
+        intruder_dimensions(W, W, k=4, base_svd=torch.full((m, n), float("nan"), dtype=F64))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,13 +27,14 @@ precision with fp32 accumulation; the same torch orthonormalization) and
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
 import torch
 
 from fastmodels._dispatch import register_op, select_backend
-from fastmodels._validation import FLOAT_DTYPES, check_choice, check_finite, check_float, check_int, check_tensor, has_nonfinite
+from fastmodels._validation import FLOAT_DTYPES, check_choice, check_finite, check_float, check_int, check_tensor
 
 __all__ = [
     "SVDResult",
@@ -421,13 +422,68 @@ def _check_matrix(A, name: str) -> torch.Tensor:
     return A
 
 
-def _check_finite_batch(A3: torch.Tensor, name: str) -> None:
-    """NaN/inf input would fail deep inside linalg with a misleading message: say so up front
-    (one pass over A, then an exact look only at the matrices it flags)."""
-    for i in has_nonfinite(A3, dims=(1, 2)).nonzero()[:, 0].tolist():
-        if not bool(torch.isfinite(A3[i]).all()):
-            where = f" (matrix {i} of the batch)" if A3.shape[0] > 1 else ""
-            raise ValueError(f"{name}: expected finite values, found NaN or inf{where}")
+def _check_finite_batch(A3: torch.Tensor, name: str) -> torch.Tensor:
+    """NaN/inf input would fail deep inside linalg with a misleading message: say so up front.
+    Returns max |A| of each matrix ([b], A's dtype) for :func:`_rescale`. amax and amin of each
+    matrix (NaN propagates through both, +inf shows in amax, -inf in amin) cost less than an fp32
+    sum for bf16/fp16 on the CPU, and no finite input gives a false alarm."""
+    hi, lo = A3.amax(dim=(1, 2)), A3.amin(dim=(1, 2))
+    bad = ~(torch.isfinite(hi) & torch.isfinite(lo))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        where = f" (matrix {i} of the batch)" if A3.shape[0] > 1 else ""
+        raise ValueError(f"{name}: expected finite values, found NaN or inf{where}")
+    return torch.maximum(hi, -lo)
+
+
+# Power passes form sigma_1^2-sized values (A (A^T Q)) in the work precision, and the kernel
+# backends round W = A^T Q (entries up to a column norm of A) to A's dtype: matrices whose max |A|
+# puts these outside the dtype's range (fp32 overflow from sigma_1 ~ 2e19, underflow of sigma_1^2
+# below ~1e-23; fp16's W past 65504) are factored scaled by a power of two (exact), and S unscaled.
+def _safe_amax(dtype: torch.dtype, m: int, n: int) -> tuple[float, float]:
+    """(low, high): max |A| of a matrix that needs no rescaling lies in [low, high)."""
+    if dtype == torch.float64:
+        return 2.0**-400, 2.0**400 / math.sqrt(m * n)
+    if dtype == torch.float16:  # W = A^T Q in fp16: entries <= a column norm <= amax sqrt(m) (or sqrt(n))
+        return 0.0, 2.0**14 / math.sqrt(max(m, n))
+    return 2.0**-40, 2.0**40 / math.sqrt(m * n)  # fp32 work: sigma_1^2 * width within 2^+-126
+
+
+def _ldexp2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """x * 2**e (e an integer tensor broadcast against x) in two steps by factors of x's dtype, each
+    exact (powers of two), so that 2**e itself need not be representable in that dtype."""
+    h = torch.div(e, 2, rounding_mode="floor")
+    two = torch.tensor(2.0, dtype=torch.float64, device=x.device)
+    return x * two.pow(h).to(x.dtype) * two.pow(e - h).to(x.dtype)
+
+
+def _rescale(A3: torch.Tensor, amax: torch.Tensor):
+    """(A3 with every out-of-range matrix scaled by a power of two, exponents [b]) or (A3, None)
+    when no matrix needs it (the usual case: one comparison on [b]). Scaled, max |A| lies in
+    [0.5, 1), or for fp16 (whose only limit is overflow, and whose subnormals start 2^-24 below 1)
+    just under the safe bound. The scaled copy keeps A's dtype; in-range matrices get a factor 1."""
+    low, high = _safe_amax(A3.dtype, *A3.shape[-2:])
+    a = amax.to(torch.float64)
+    flag = ((a >= high) | (a < low)) & (a > 0)  # all-zero matrices need nothing
+    if not bool(flag.any()):
+        return A3, None
+    top = math.floor(math.log2(high)) if A3.dtype == torch.float16 else 0  # scaled max |A| < 2**top
+    e = torch.where(flag, torch.frexp(a).exponent - top, 0).to(torch.int64)
+    return _ldexp2(A3, -e[:, None, None]), e
+
+
+def _unscale(S: torch.Tensor, e: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """S of the scaled matrices back to A's scale (float64); an error where it leaves the range of
+    the result's dtype (float32 for fp32/bf16/fp16 input)."""
+    S = _ldexp2(S.to(torch.float64), e[:, None])
+    out = torch.float64 if dtype == torch.float64 else torch.float32
+    big = ~(S.amax(dim=-1) <= torch.finfo(out).max)
+    if bool(big.any()):
+        i = int(big.nonzero()[0, 0])
+        where = f" (matrix {i} of the batch)" if S.shape[0] > 1 else ""
+        raise ValueError(f"{name}: its largest singular value{where} exceeds the range of the {str(out).replace('torch.', '')} "
+                         f"result ({torch.finfo(out).max:.3g}); scale A down")
+    return S
 
 
 def _resolve_seed(seed) -> int:
@@ -502,9 +558,12 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
 def _rsvd_op(A3: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The factorization of a [b, m, n] batch as one opaque op (torch.compile traces around it).
     No autograd: a randomized factorization (weights that require grad may be passed)."""
-    _check_finite_batch(A3, "A")  # here, so that it also runs in a compiled graph
+    amax = _check_finite_batch(A3, "A")  # here, so that it also runs in a compiled graph
     with torch.no_grad():
-        U, S, V = _rsvd_bucket(A3, k, p, q, method, seed, backend)
+        X, e = _rescale(A3, amax)
+        U, S, V = _rsvd_bucket(X, k, p, q, method, seed, backend)
+        if e is not None:
+            S = _unscale(S, e, A3.dtype, "A")
         U, S, V = _finish(U, S, V, A3.dtype)
     return U.contiguous(), S.contiguous(), V.contiguous()
 
@@ -585,6 +644,9 @@ def low_rank(A, ranks, *, oversample: int | None = None, n_iter: int | None = No
     else:
         _check_factorization(svd, A, kmax)
     U, S, V = svd
+    # one working dtype for factors of mixed dtypes (svd=), at least float32
+    dt = torch.float64 if torch.float64 in (U.dtype, S.dtype, V.dtype) else torch.float32
+    U, S, V = U.to(dt), S.to(dt), V.to(dt)
     with torch.no_grad():
         outs = [((U[..., :r] * S[..., None, :r]) @ V[..., :r].mT).to(A.dtype) for r in rank_list]
     return outs[0] if single else outs
@@ -602,9 +664,9 @@ def singular_value_grads(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, G: t
     batch = list(U.shape[:-2])
     names = [f"b{i}" for i in range(len(batch))]
     check_tensor(U, "U", shape=(*names, "m", "k"), dims=dims)
-    check_tensor(S, "S", shape=(*names, "k"), dims=dims, dtypes=FLOAT_DTYPES)
-    check_tensor(V, "V", shape=(*names, "n", "k"), dims=dims, dtypes=FLOAT_DTYPES)
-    check_tensor(G, "G", shape=(*names, "m", "n"), dims=dims, dtypes=FLOAT_DTYPES)
+    check_tensor(S, "S", shape=(*names, "k"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device)
+    check_tensor(V, "V", shape=(*names, "n", "k"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device)
+    check_tensor(G, "G", shape=(*names, "m", "n"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device)
     dt = torch.float64 if U.dtype == torch.float64 else torch.float32
     GV = G.to(dt) @ V.to(dt)  # [..., m, k]
     return (U.to(dt) * GV).sum(dim=-2)
@@ -641,15 +703,20 @@ def _top_left_exact(W: torch.Tensor, k: int, lora=None) -> torch.Tensor:
     return _orth(Uk[None])[0]  # normalizes; orthonormal even where sigma_i = 0
 
 
-def _left_vectors(base_svd, m: int, n: int) -> torch.Tensor:
+def _left_vectors(base_svd, m: int, n: int, device: torch.device) -> torch.Tensor:
+    if isinstance(base_svd, (tuple, list)) and not base_svd:
+        raise ValueError("base_svd: expected a tensor [m, s] or a tuple whose first element is one, got an empty sequence")
     Xb = base_svd[0] if isinstance(base_svd, (tuple, list)) else base_svd
-    check_tensor(Xb, "base_svd", shape=(m, None), dtypes=FLOAT_DTYPES)
+    check_tensor(Xb, "base_svd", shape=(m, None), dtypes=FLOAT_DTYPES, device=device)
+    check_finite(Xb, "base_svd")
     if Xb.shape[1] < min(m, n):
         raise ValueError(
             f"base_svd: expected all min(m, n) = {min(m, n)} left singular vectors of W_base (e.g. "
             f"torch.linalg.svd(W_base, full_matrices=False)), got {Xb.shape[1]}: against a truncated "
             f"basis every direction outside it would count as an intruder")
-    return Xb
+    # Columns past min(m, n) (full_matrices=True of a tall W_base) span the null space of W_base^T:
+    # not directions of W_base, and counting them would hide intruders that point there.
+    return Xb[:, : min(m, n)]
 
 
 def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float = 0.5, base_svd=None) -> IntruderDimensions:
@@ -667,7 +734,8 @@ def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float =
         k, eps: the paper's defaults, 10 and 0.5.
         base_svd: optionally all left singular vectors of W_base (a tensor [m, s], s >= min(m, n),
             or a tuple whose first element is it, e.g. ``torch.linalg.svd(W_base,
-            full_matrices=False)``); computed with ``torch.linalg.svd`` otherwise.
+            full_matrices=False)``; only its first min(m, n) columns are used); computed with
+            ``torch.linalg.svd`` otherwise.
 
     Returns:
         ``IntruderDimensions(count, indices, max_cos)`` (max_cos [k] float32).
@@ -695,7 +763,7 @@ def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float =
     if base_svd is None:
         Xb = torch.linalg.svd(W_base.to(dt), full_matrices=False).U
     else:
-        Xb = _left_vectors(base_svd, m, n)
+        Xb = _left_vectors(base_svd, m, n, W_base.device)
     cos = (Xb.to(torch.float64).mT @ Y).abs()  # [s, k]; unit vectors
     max_cos = cos.amax(dim=0).to(torch.float32)
     indices = (max_cos < eps).nonzero().squeeze(1)
