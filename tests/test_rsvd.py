@@ -708,17 +708,6 @@ def test_backend_torch_lowrank_and_edges(backend, shape):
     assert (z.S == 0).all() and orth_defect(z.U) <= 1e-5
 
 
-def test_docs_example_runs():
-    # The LASER-style example in docs/rsvd.md runs as written.
-    import pathlib
-    import re
-
-    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "rsvd.md").read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if b.startswith("import torch")]
-    assert len(blocks) == 1
-    exec(compile(blocks[0], "docs/rsvd.md", "exec"), {"print": lambda *a, **k: None})
-
-
 @pytest.mark.no_poison
 def test_custom_op_opcheck_and_compile():
     from fastmodels.ops.rsvd import _rsvd_op
