@@ -420,7 +420,8 @@ def test_dense_from_compact_checks_its_tensors():
 
 
 def test_stack_tape_values_and_lengths_must_fit():
-    """int64 values beyond int32 would wrap when stored; float lengths would be truncated."""
+    """int64 values beyond int32 would wrap when stored; float lengths would be truncated. The
+    checked tensors cannot be swapped afterwards: the kernels read them as contiguous int32."""
     with pytest.raises(ValueError, match=r"depth: expected values <= 2147483647"):
         StackTape(torch.tensor([[2**32, 2**32]]), torch.tensor([[2**32, 0]]))
     tape = StackTape.from_trees(["((a b) c)"])
@@ -429,6 +430,9 @@ def test_stack_tape_values_and_lengths_must_fit():
     with pytest.raises(TypeError, match="lengths: expected a sequence"):
         StackTape(tape.depth, tape.boundary, "3")
     assert StackTape(tape.depth, tape.boundary, [2]).lengths.tolist() == [2]
+    for name in ("depth", "boundary", "lengths"):
+        with pytest.raises(AttributeError):
+            setattr(tape, name, getattr(tape, name).long())
     empty = torch.zeros(0, 3, dtype=torch.int32)
     assert StackTape(empty, empty, []).lengths.shape == (0,)
 

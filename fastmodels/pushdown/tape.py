@@ -240,9 +240,10 @@ class StackTape:
             raise ValueError(f"lengths: expected shape [{B}], got {list(lengths.shape)}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise ValueError(f"lengths: expected values in [0, {T}], got {lengths.tolist()}")
-        self.depth = depth.to(torch.int32).contiguous()
-        self.boundary = boundary.to(torch.int32).contiguous()
-        self.lengths = lengths
+        # read-only below: the kernels read depth and boundary as contiguous int32 through raw pointers
+        self._depth = depth.to(torch.int32).contiguous()
+        self._boundary = boundary.to(torch.int32).contiguous()
+        self._lengths = lengths
 
     # -- construction ------------------------------------------------------------------------
 
@@ -321,6 +322,21 @@ class StackTape:
         return cls.from_spans(sentences, pad_to=pad_to, device=device)
 
     # -- views -------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> torch.Tensor:
+        """D_j, [B, T] int32 (read-only: build a new StackTape for other values)."""
+        return self._depth
+
+    @property
+    def boundary(self) -> torch.Tensor:
+        """c_k, [B, T] int32 (read-only)."""
+        return self._boundary
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens per sentence, [B] int64 (read-only)."""
+        return self._lengths
 
     @property
     def batch_size(self) -> int:
