@@ -262,6 +262,18 @@ def test_torch_compile_fullgraph_over_the_head():
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+    # variable lengths under dynamic shapes: later lengths reuse the first graph
+    def batch_step(h, x, tape, targets):
+        return head.loss(head(h, x, tape), targets)
+
+    dyn = torch.compile(batch_step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for i, lengths in enumerate(([9, 6], [13, 13], [11, 4])):
+        tape, _ = random_tapes(random.Random(i), lengths)
+        args = (torch.randn(2, tape.seq_len, 8), torch.randn(2, tape.seq_len, 8), tape, tape.attachment_targets())
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            got = dyn(*args)
+        torch.testing.assert_close(got, batch_step(*args), rtol=1e-5, atol=1e-6)
+
 
 def _doc_beam_step() -> str:
     """The beam-search step of docs/pushdown.md, verbatim (so the docs run as tested)."""

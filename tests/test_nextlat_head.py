@@ -298,3 +298,12 @@ def test_torch_compile_fullgraph():
         assert_close(x, y)
     for x, y in zip(g, ge):
         assert_close(x, y)
+    # variable lengths under dynamic shapes: later lengths reuse the first graph
+    dyn = torch.compile(head, fullgraph=True, backend="aot_eager", dynamic=True)
+    for i, t in enumerate((T, T - 2, T - 3)):
+        args = [a[:, :t].clone() for a in (hidden, ids)] + [emb, lin]  # not views: their bases would be guarded
+        masks = dict(loss_mask=mask[:, :t].clone(), doc_ids=doc[:, :t].clone())
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            out = dyn(*args, **masks)
+        for x, y in zip(out, head(*args, **masks)):
+            assert_close(x, y)

@@ -94,6 +94,25 @@ def test_torch_compile_fullgraph_module():
         assert_rms_close(p.grad, g, 2e-5)
 
 
+@pytest.mark.no_poison
+def test_torch_compile_serves_every_length_from_one_graph():
+    """Training on variable lengths: compiled with dynamic shapes, the module (its op's fake kernel
+    included) must not specialize on T, so later lengths reuse the first graph, values and
+    gradients still equal eager."""
+    torch.manual_seed(0)
+    m = PushdownAttention(32, 2, max_depth=6, backend="cpu")
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=True)
+    for i, T in enumerate((9, 13, 20)):
+        x = torch.randn(2, T, 32, requires_grad=True)
+        tape = StackTape.from_trees([random_tree(random.Random(T), T), random_tree(random.Random(T + 1), T)])
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            out = compiled(x, tape)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        eager = m(x, tape)
+        assert_rms_close(out, eager, 2e-6)
+        assert_rms_close(g, torch.autograd.grad(eager.square().sum(), x)[0], 2e-5)
+
+
 def test_module_errors():
     with pytest.raises(ValueError, match="d_model"):
         PushdownAttention(30, 4)
