@@ -440,6 +440,9 @@ def test_stack_tape_values_and_lengths_must_fit():
 def test_constructor_arguments_are_named_in_errors():
     with pytest.raises(TypeError, match="trees: expected a list of trees"):
         StackTape.from_trees(None)
+    # any iterable of trees or strings (a generator, a dataset column) still works
+    assert torch.equal(StackTape.from_trees(t for t in ["(a b)", "((a b) c)"]).dense(), StackTape.from_trees(["(a b)", "((a b) c)"]).dense())
+    assert StackTape.from_brackets(s for s in ["()", "(())"]).lengths.tolist() == [2, 4]
     with pytest.raises(TypeError, match="tree: expected an nltk.Tree"):
         StackTape.from_trees([None])
     with pytest.raises(ValueError, match="pad_to: expected an int >= 0"):

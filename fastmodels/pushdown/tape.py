@@ -276,7 +276,7 @@ class StackTape:
         ("((The dog) (is happy))") unless ``labeled=True`` (PTB style, parsed by nltk)."""
         if isinstance(trees, str) or _children(trees) is not None and _is_single_tree(trees):
             trees = [trees]
-        if not isinstance(trees, (list, tuple)):
+        if isinstance(trees, dict) or not hasattr(trees, "__iter__"):  # any other iterable: a dataset column, a generator
             raise TypeError(f"trees: expected a list of trees (nltk.Tree, nested lists or bracket strings), a tree or a string, got {type(trees).__name__}")
         return cls.from_spans([tree_spans(t, labeled=labeled) for t in trees], pad_to=pad_to, device=device)
 
@@ -291,7 +291,7 @@ class StackTape:
         """
         if isinstance(strings, str):
             strings = [strings]
-        if not isinstance(strings, (list, tuple)):
+        if isinstance(strings, dict) or not hasattr(strings, "__iter__"):
             raise TypeError(f"strings: expected a str or a list of str or token sequences, got {type(strings).__name__}")
         if pairs is not None and not isinstance(pairs, dict):
             raise TypeError(f"pairs: expected a dict of open to close tokens, got {type(pairs).__name__}")
