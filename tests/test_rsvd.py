@@ -569,15 +569,15 @@ def test_bad_inputs():
     _check_finite_batch(torch.full((2, 3, 3), 3e38), "A")  # finite entries whose sum overflows: fine
 
 
-def _check_power_of_two_scaled(dtype, e: int, method: str, backend: str) -> None:
+def _check_power_of_two_scaled(dtype, e: int, method: str, backend: str, rank: int = 3) -> None:
     """randomized_svd of X * 2**e equals that of X (U, V) with S scaled by 2**e."""
     device = "cuda" if backend == "cuda" else DEVICE
     X0 = spectrum_matrix("mp", 40, 70).to(dtype)
     X = (X0.double() * 2.0**e).to(dtype)  # exact: a power of two, within the dtype's range
     assert torch.equal(X.double() * 2.0**-e, X0.double())
-    base = randomized_svd(X0.to(device), 3, method=method, seed=2, backend=backend)
-    res = randomized_svd(X.to(device), 3, method=method, seed=2, backend=backend)
-    check_svd_shapes(res, X.shape, 3, base.S.dtype)
+    base = randomized_svd(X0.to(device), rank, method=method, seed=2, backend=backend)
+    res = randomized_svd(X.to(device), rank, method=method, seed=2, backend=backend)
+    check_svd_shapes(res, X.shape, rank, base.S.dtype)
     torch.testing.assert_close(res.S.double() * 2.0**-e, base.S.double(), rtol=1e-5, atol=0)
     torch.testing.assert_close(res.U, base.U, rtol=0, atol=1e-5)
     torch.testing.assert_close(res.V, base.V, rtol=0, atol=1e-5)
@@ -587,12 +587,26 @@ def _check_power_of_two_scaled(dtype, e: int, method: str, backend: str) -> None
 @pytest.mark.parametrize("dtype,e", [(torch.float32, 70), (torch.float32, 120), (torch.float32, -85), (torch.bfloat16, 70),
                                      (torch.bfloat16, -85), (torch.float16, 15), (torch.float64, 600), (torch.float64, -600)],
                          ids=lambda v: str(v).replace("torch.", ""))
-def test_extreme_scales_match_the_scaled_factorization(dtype, e, method):
+@pytest.mark.parametrize("rank", [3, 12], ids=["randomized", "exact_route"])
+def test_extreme_scales_match_the_scaled_factorization(dtype, e, method, rank):
     """Finite matrices far from unit scale: the power passes form sigma_1^2-sized values, which
     overflowed fp32 from entries ~1e19 (a LinAlgError from deep inside linalg.svd) and underflowed
     below ~1e-23 (a zero sketch: singular values 30% off, silently). They are factored scaled by
-    a power of two, so the factors equal those of the unit-scale matrix."""
-    _check_power_of_two_scaled(dtype, e, method, "reference")
+    a power of two, so the factors equal those of the unit-scale matrix (rank 12 of 40 x 70 takes
+    the exact route's Gram basis in accurate mode)."""
+    _check_power_of_two_scaled(dtype, e, method, "reference", rank)
+
+
+def test_rescaling_keeps_a_wide_dynamic_range():
+    """Only the routes that need it rescale, each in its own work precision: the CPU's float64
+    LAPACK route (rank = the short side) keeps 2^100 and 2^-100 exactly, and fp16 input on the
+    fp32 torch route keeps 2^-20 next to 60000 (scaled in fp16 it fell into the subnormals: 0)."""
+    A = torch.diag(torch.tensor([2.0**100, 2.0**-100]))
+    assert randomized_svd(A, 2, seed=0, backend="reference").S.tolist() == [2.0**100, 2.0**-100]
+    D = torch.zeros(64, 64, dtype=torch.float16)
+    D[0, 0], D[1, 1], D[2, 2] = 60000.0, 1e-4, 2.0**-20
+    S = randomized_svd(D, 3, seed=0, backend="reference").S
+    torch.testing.assert_close(S.double(), torch.tensor([60000.0, float(D[1, 1]), 2.0**-20], dtype=F64), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", op_backends("randomized_svd"))

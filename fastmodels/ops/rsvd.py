@@ -317,8 +317,22 @@ def _exact_basis(ops_short, s: int, l: int) -> torch.Tensor:
     return evecs[..., s - l :].flip(-1)
 
 
-def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str):
-    """(U, S, V) for a bucket A [b, m, n]: float64 (float32 from the torch_lowrank mode's fp32 CPU path)."""
+def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str, amax: torch.Tensor):
+    """(U, S, V, e) for a bucket A [b, m, n]: float64 (float32 from the torch_lowrank mode's fp32
+    CPU path); S is that of A scaled by 2**-e where e is not None (see :func:`_rescale`, applied to
+    the tensor each route computes on, in its work dtype; ``amax`` is max |A| of each matrix)."""
+    exps = []
+
+    def fit(X: torch.Tensor) -> torch.Tensor:
+        X, e = _rescale(X, amax)
+        exps.append(e)
+        return X
+
+    U, S, V = _rsvd_route(A, k, p, q, method, seed, backend, fit)
+    return U, S, V, (exps[0] if exps else None)
+
+
+def _rsvd_route(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str, fit):
     b, m, n = A.shape
     s = min(m, n)
     use_kernels = backend in ("triton", "cuda") and A.dtype != torch.float64
@@ -336,24 +350,24 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
                 # cost three decompositions: LAPACK's float64 SVD is the exact answer for less
                 # (1.7-1.9x faster, one thread, tall and wide shapes from 256 x 4096 to
                 # 1536 x 576), run on the tall orientation (LAPACK is 2.7-4x slower on a wide
-                # matrix than on its transpose).
+                # matrix than on its transpose). No rescale: float64, and no squares are formed.
                 X = A.to(torch.float64)
                 U, S, Vh = torch.linalg.svd(X if m >= n else X.mT, full_matrices=False)
                 U, S, V = U[..., :k], S[..., :k], Vh.mT[..., :k]
                 return (U, S, V) if m >= n else (V, S, U)
-            work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
+            work = fit(A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32))
             X = work if m <= n else work.mT  # short side as rows
             ops = _TorchOps(X)
             Q = _exact_basis(ops, s, l)
             U, S, V = _rayleigh_ritz(ops, Q, k, "rows", small)
             return (U, S, V) if m <= n else (V, S, U)
         if use_kernels:
-            ops = _KernelOps(A.contiguous())
+            ops = _KernelOps(fit(A.contiguous()))
             Y = ops.sketch(l, seed)  # A Omega [b, m, l]
             for _ in range(q):
                 Y = ops.power(_orth(Y, passes=1))
             return _rayleigh_ritz(ops, _orth(Y), k, "rows", small)
-        work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
+        work = fit(A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32))
         X = work if m <= n else work.mT
         ops = _TorchOps(X)
         r, c = X.shape[-2:]
@@ -366,7 +380,7 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
     # method == "torch_lowrank": torch.svd_lowrank(A, q=k+p, niter=q) with CholeskyQR2 for QR.
     l = min(k + p, s)
     if use_kernels:
-        ops = _KernelOps(A.contiguous())
+        ops = _KernelOps(fit(A.contiguous()))
         if m >= n:  # torch's tall case: Y = A R, (A A^T) passes, Rayleigh-Ritz on the columns
             Y = ops.sketch(l, seed)
             for _ in range(q):
@@ -378,7 +392,7 @@ def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int
             Y = ops.power(_orth(Y, passes=1))
         Qn = _orth(ops.mul_t(_orth(Y)))
         return _rayleigh_ritz(ops, Qn, k, "cols", small)
-    work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
+    work = fit(A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32))
     M = work if m >= n else work.mT  # tall, as torch does
     ops = _TorchOps(M)
     # torch's QR works in the input's precision (fp32 for fp16/bf16, upcast above): so does this
@@ -438,8 +452,11 @@ def _check_finite_batch(A3: torch.Tensor, name: str) -> torch.Tensor:
 
 # Power passes form sigma_1^2-sized values (A (A^T Q)) in the work precision, and the kernel
 # backends round W = A^T Q (entries up to a column norm of A) to A's dtype: matrices whose max |A|
-# puts these outside the dtype's range (fp32 overflow from sigma_1 ~ 2e19, underflow of sigma_1^2
-# below ~1e-23; fp16's W past 65504) are factored scaled by a power of two (exact), and S unscaled.
+# puts these outside the work dtype's range (fp32 overflow from sigma_1 ~ 2e19, underflow of
+# sigma_1^2 below ~1e-23; fp16's W past 65504 on the kernel backends) are factored scaled by a power
+# of two (exact), and S unscaled. Each route scales the tensor it computes on (fp32 for fp16 input
+# on the torch routes; none for the CPU's float64 LAPACK route), so no route loses entries to a
+# dtype's subnormals that its own work precision would have kept.
 def _safe_amax(dtype: torch.dtype, m: int, n: int) -> tuple[float, float]:
     """(low, high): max |A| of a matrix that needs no rescaling lies in [low, high)."""
     if dtype == torch.float64:
@@ -458,10 +475,11 @@ def _ldexp2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def _rescale(A3: torch.Tensor, amax: torch.Tensor):
-    """(A3 with every out-of-range matrix scaled by a power of two, exponents [b]) or (A3, None)
-    when no matrix needs it (the usual case: one comparison on [b]). Scaled, max |A| lies in
-    [0.5, 1), or for fp16 (whose only limit is overflow, and whose subnormals start 2^-24 below 1)
-    just under the safe bound. The scaled copy keeps A's dtype; in-range matrices get a factor 1."""
+    """(A3 with every matrix out of its dtype's safe range scaled by a power of two, exponents [b])
+    or (A3, None) when no matrix needs it (the usual case: one comparison on [b]). ``amax``: max |A|
+    of each matrix. Scaled, max |A| lies in [0.5, 1), or for fp16 (whose only limit is overflow,
+    and whose subnormals start 2^-24 below 1) just under the safe bound. The scaled copy keeps A3's
+    dtype; in-range matrices get a factor 1."""
     low, high = _safe_amax(A3.dtype, *A3.shape[-2:])
     a = amax.to(torch.float64)
     flag = ((a >= high) | (a < low)) & (a > 0)  # all-zero matrices need nothing
@@ -560,8 +578,7 @@ def _rsvd_op(A3: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, b
     No autograd: a randomized factorization (weights that require grad may be passed)."""
     amax = _check_finite_batch(A3, "A")  # here, so that it also runs in a compiled graph
     with torch.no_grad():
-        X, e = _rescale(A3, amax)
-        U, S, V = _rsvd_bucket(X, k, p, q, method, seed, backend)
+        U, S, V, e = _rsvd_bucket(A3, k, p, q, method, seed, backend, amax)
         if e is not None:
             S = _unscale(S, e, A3.dtype, "A")
         U, S, V = _finish(U, S, V, A3.dtype)
