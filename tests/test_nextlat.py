@@ -503,6 +503,16 @@ def test_cpu_backend_refuses_gradient_penalty(reduction):
             (ce + kl + penalty).backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="cannot be differentiated again"):
             torch.autograd.grad(ce + kl + penalty, (h, p), retain_graph=True)
+    gh.mul_(2)  # the gradients are plain tensors: in-place use still works
+    # A second derivative that only goes through the upstream gradient (here d/dw of a penalty
+    # on the gradient of w * loss) needs no second derivative of the op: it is exact.
+    w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    got = {}
+    for b in ("cpu", "reference"):
+        ce, kl = linear_cross_entropy_kl(h, x["weight"], x["targets"], p, x["teacher_index"], reduction=reduction, backend=b)
+        g = torch.autograd.grad(w * (ce + kl), (h, p), create_graph=True)
+        got[b] = torch.autograd.grad(sum((t**2).sum() for t in g) + w**2, w)[0]
+    assert_close(got["cpu"], got["reference"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -270,15 +270,15 @@ def _scale(grad, unit):
 
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Passes the cpu backend's gradients through under ``create_graph=True``, tied (via ``anchor``,
-    an output of the fused op) to the op's inputs, so that differentiating them again raises here.
-    ``once_differentiable`` alone does not cover a constant upstream gradient (``ce`` itself, not
-    ``ce**2``): it then returns the saved gradients as constants, detached from the inputs, and a
-    gradient penalty on them would silently get no second derivative."""
+    """Passes the cpu backend's saved unit gradients through under ``create_graph=True``, tied (via
+    ``anchor``, an output of the fused op) to the op's inputs, so that differentiating them again
+    raises here. ``once_differentiable`` alone does not cover a constant upstream gradient (``ce``
+    itself, not ``ce**2``): it then returns the saved gradients as constants, detached from the
+    inputs, and a gradient penalty on them would silently get no second derivative."""
 
     @staticmethod
-    def forward(ctx, anchor, *grads):
-        return tuple(g.view_as(g) for g in grads)
+    def forward(ctx, anchor, *units):
+        return tuple(u.view_as(u) for u in units)
 
     @staticmethod
     def backward(ctx, *_):
@@ -287,16 +287,15 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 
 def _chunked_backward(ctx, g_ce, g_kl, *_):
-    anchor, dh, dw, db, dp = ctx.saved_tensors
+    anchor, *units = ctx.saved_tensors  # the gradients of ce (hidden, weight, bias) and kl (pred) per unit upstream
     grad_hidden, grad_weight, grad_pred = ctx.flags
-    with torch.no_grad():  # the saved gradients are constants: no double backward (guarded below)
-        outs = [_scale(g_ce, dh) if grad_hidden else None, _scale(g_ce, dw) if grad_weight else None,
-                _scale(g_ce, db) if (grad_weight and ctx.has_bias) else None, _scale(g_kl, dp) if grad_pred else None]
-    if torch.is_grad_enabled() and anchor.requires_grad:  # create_graph=True
-        given = [i for i, o in enumerate(outs) if o is not None]
-        for i, o in zip(given, _NoDoubleBackward.apply(anchor, *(outs[i] for i in given))):
-            outs[i] = o
-    out_h, out_w, out_b, out_p = outs
+    wanted = [grad_hidden, grad_weight, grad_weight and ctx.has_bias, grad_pred]
+    if torch.is_grad_enabled() and anchor.requires_grad:  # create_graph=True: guard the units' own graph
+        given = [i for i, w in enumerate(wanted) if w]
+        for i, u in zip(given, _NoDoubleBackward.apply(anchor, *(units[i] for i in given))):
+            units[i] = u
+    # the products track the upstream gradients (a second derivative through them is exact)
+    out_h, out_w, out_b, out_p = (_scale(g, u) if w else None for g, u, w in zip((g_ce, g_ce, g_ce, g_kl), units, wanted))
     return out_h, out_w, out_b, None, out_p, None, None, None, None, None, None, None, None
 
 
