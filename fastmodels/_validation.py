@@ -12,6 +12,7 @@ reaches a kernel. Shapes are checked against named dimensions that are bound on 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -163,10 +164,10 @@ def check_int(value, name: str, *, low: int | None = None, high: int | None = No
 
 
 def check_float(value, name: str, *, low: float | None = None, high: float | None = None, allow_none: bool = False):
-    """A finite Python number in [low, high]."""
+    """A finite real number (Python or NumPy; bool rejected) in [low, high], as a Python float."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):

@@ -3,6 +3,7 @@
 import ctypes
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import DEVICE, assert_rms_close, backend_device, load_cuda_emulation, op_backends, pick
@@ -425,6 +426,9 @@ def test_receptor_ring():
         receptor_ring(0)
     with pytest.raises(ValueError, match="radius"):
         receptor_ring(4, -1.0)
+    # a 0-d tensor offset (e.g. sampled) and NumPy scalars are numbers
+    torch.testing.assert_close(receptor_ring(6, offset=torch.tensor(0.3))[0], receptor_ring(6, offset=0.3)[0])
+    assert torch.equal(receptor_ring(6, radius=np.float32(2.0))[0], pos)
 
 
 @pytest.mark.parametrize("kw,err,match", [

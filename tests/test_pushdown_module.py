@@ -226,3 +226,5 @@ def test_pushdownify_gpt2_refuses_bad_arguments_before_converting():
     with pytest.raises(ValueError, match="max_depth: expected an int >= 1"):
         pushdownify_gpt2(model, max_depth=0)
     assert all(type(b.attn).__name__ == "GPT2Attention" for b in model.transformer.h)  # none converted
+    pushdownify_gpt2(model, layers=torch.tensor([1]))  # index tensors work, as for a ModuleList
+    assert [type(b.attn).__name__ for b in model.transformer.h][:2] == ["GPT2Attention", "GPT2PushdownAttention"]

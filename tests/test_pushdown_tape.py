@@ -1,6 +1,7 @@
 """StackTape vs an independent oracle: nltk's own binarization + brute-force span counting, and an
 explicit shift-reduce simulation for the incremental builder."""
 
+import pickle
 import random
 
 import pytest
@@ -433,6 +434,10 @@ def test_stack_tape_values_and_lengths_must_fit():
     for name in ("depth", "boundary", "lengths"):
         with pytest.raises(AttributeError):
             setattr(tape, name, getattr(tape, name).long())
+    # a tape pickled when they were plain attributes still loads
+    old = object.__new__(StackTape)
+    old.__dict__.update(depth=tape.depth, boundary=tape.boundary, lengths=tape.lengths)
+    assert torch.equal(pickle.loads(pickle.dumps(old)).dense(), tape.dense())
     empty = torch.zeros(0, 3, dtype=torch.int32)
     assert StackTape(empty, empty, []).lengths.shape == (0,)
 
@@ -443,6 +448,7 @@ def test_constructor_arguments_are_named_in_errors():
     # any iterable of trees or strings (a generator, a dataset column) still works
     assert torch.equal(StackTape.from_trees(t for t in ["(a b)", "((a b) c)"]).dense(), StackTape.from_trees(["(a b)", "((a b) c)"]).dense())
     assert StackTape.from_brackets(s for s in ["()", "(())"]).lengths.tolist() == [2, 4]
+    assert StackTape.from_brackets([("<", "<", ">", ">")], pairs=[("<", ">")]).lengths.tolist() == [4]
     with pytest.raises(TypeError, match="tree: expected an nltk.Tree"):
         StackTape.from_trees([None])
     with pytest.raises(ValueError, match="pad_to: expected an int >= 0"):

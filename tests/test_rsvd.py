@@ -619,9 +619,10 @@ def test_extreme_scales_kernel_backends(dtype, e, backend):
 
 @pytest.mark.parametrize("backend", op_backends("randomized_svd", include_reference=True))
 def test_fp16_rescale_keeps_the_small_entries(backend):
-    """An fp16 matrix past the kernel backends' safe range is scaled down only to just under it:
-    scaled to max |A| < 1, its 0.01-sized entries would fall into fp16's subnormals (2^-24 below 1)
-    and the singular values they carry would lose three digits (measured 1.3e-3)."""
+    """An fp16 matrix past the kernel backends' safe range (they round A^T Q to fp16) is scaled down
+    only to just under it: scaled to max |A| < 1, its 0.01-sized entries would fall into fp16's
+    subnormals (2^-24 below 1) and the singular values they carry would lose three digits (measured
+    1.3e-3). The reference backend works in fp32 and needs no scaling here."""
     device = "cuda" if backend == "cuda" else DEVICE
     g = torch.Generator().manual_seed(0)
     A = 0.01 * (torch.randn(40, 2, generator=g, dtype=F64) @ torch.randn(2, 70, generator=g, dtype=F64))

@@ -66,5 +66,11 @@ def test_values():
     with pytest.raises(ValueError, match="eps: expected a finite number"):
         check_float(float("inf"), "eps")
     assert check_float(None, "scale", allow_none=True) is None
+    import numpy as np  # NumPy scalars (sweeps, configs) are numbers; bools and tensors are not
+
+    assert check_float(np.float32(0.5), "eps") == 0.5 and type(check_float(np.int64(2), "eps")) is float
+    for bad in (np.bool_(True), torch.tensor(1.0)):
+        with pytest.raises(TypeError, match="eps: expected a float"):
+            check_float(bad, "eps")
     with pytest.raises(ValueError, match=r"method: expected one of \['a', 'b'\], got 'c'"):
         check_choice("c", "method", ["a", "b"])

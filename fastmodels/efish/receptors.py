@@ -16,6 +16,8 @@ def receptor_ring(R: int, radius: float = 1.0, *, offset: float = 0.0, dtype=tor
     Returns ``(receptor_pos [R, 2], receptor_normal [R, 2])`` for :func:`fastmodels.ops.electric_image`.
     """
     R = check_int(R, "R", low=1)
+    # 0-d tensors (e.g. a sampled offset) are taken as numbers
+    radius, offset = (v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for v in (radius, offset))
     radius = check_float(radius, "radius")
     if radius <= 0:
         raise ValueError(f"radius: expected a finite number > 0, got {radius!r}")

@@ -142,7 +142,7 @@ def pushdownify_gpt2(model: nn.Module, layers: Iterable[int] | None = None, *, m
     if not isinstance(binary, bool):
         raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
     check_int(max_depth, "max_depth", low=1)  # a binary table has 2 rows whatever max_depth is
-    chosen = range(len(blocks)) if layers is None else list(layers)
+    chosen = range(len(blocks)) if layers is None else list(layers.tolist() if hasattr(layers, "tolist") else layers)
     for i in chosen:  # all indices first: a refused call converts no block
         check_int(i, "layers (an index)")
         if not -len(blocks) <= i < len(blocks):

@@ -245,6 +245,10 @@ class StackTape:
         self._boundary = boundary.to(torch.int32).contiguous()
         self._lengths = lengths
 
+    def __setstate__(self, state: dict) -> None:
+        # tapes pickled before depth, boundary and lengths became read-only properties
+        self.__dict__.update({(f"_{k}" if k in ("depth", "boundary", "lengths") else k): v for k, v in state.items()})
+
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
@@ -293,16 +297,17 @@ class StackTape:
             strings = [strings]
         if isinstance(strings, dict) or not hasattr(strings, "__iter__"):
             raise TypeError(f"strings: expected a str or a list of str or token sequences, got {type(strings).__name__}")
-        if pairs is not None and not isinstance(pairs, dict):
-            raise TypeError(f"pairs: expected a dict of open to close tokens, got {type(pairs).__name__}")
-        pairs = dict(pairs) if pairs is not None else {"(": ")", "[": "]", "{": "}", "<": ">"}
+        try:  # a dict, or anything dict() takes (a list of (open, close) pairs)
+            pairs = dict(pairs) if pairs is not None else {"(": ")", "[": "]", "{": "}", "<": ">"}
+        except (TypeError, ValueError):
+            raise TypeError(f"pairs: expected a dict of open to close tokens, got {type(pairs).__name__}") from None
         closers = {c: o for o, c in pairs.items()}
         both = set(pairs) & set(closers)
         if both:
             raise ValueError(f"pairs: a token cannot both open and close a bracket, got {sorted(map(repr, both))} in {pairs}")
         sentences = []
         for s in strings:
-            if not isinstance(s, str) and not isinstance(s, (list, tuple)):
+            if isinstance(s, dict) or not hasattr(s, "__iter__"):
                 raise TypeError(f"strings: expected each entry to be a str or a token sequence, got {type(s).__name__}")
             toks = [ch for ch in s if not ch.isspace()] if isinstance(s, str) else list(s)
             stack: list[int] = []  # constituent starts, as in StackTapeBuilder
