@@ -163,6 +163,14 @@ def check_int(value, name: str, *, low: int | None = None, high: int | None = No
     return value
 
 
+def check_bool(value, name: str) -> bool:
+    """A Python bool (NumPy's and 0/1 ints rejected: a flag passed the wrong way is an error)."""
+    if not isinstance(value, bool):
+        kind = type(value)
+        raise TypeError(f"{name}: expected a bool, got {kind.__name__ if kind.__module__ == 'builtins' else kind.__module__ + '.' + kind.__name__}")
+    return value
+
+
 def check_float(value, name: str, *, low: float | None = None, high: float | None = None, allow_none: bool = False):
     """A finite real number (Python or NumPy; bool rejected) in [low, high], as a Python float."""
     if value is None and allow_none:

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastmodels._validation import FLOAT_DTYPES, check_float, check_int, check_tensor
+from fastmodels._validation import FLOAT_DTYPES, check_bool, check_float, check_int, check_tensor
 from fastmodels.ops.nextlat import linear_cross_entropy_kl
 
 
@@ -100,8 +100,7 @@ class NextLatHead(nn.Module):
         mlp_hidden = 4 * d_model if mlp_hidden is None else check_int(mlp_hidden, "mlp_hidden", low=1)
         lambda_h, lambda_kl = check_float(lambda_h, "lambda_h", low=0.0), check_float(lambda_kl, "lambda_kl", low=0.0)
         self.d_model, self.d_embed, self.horizon = d_model, d_embed, horizon
-        if not isinstance(deterministic, bool):
-            raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+        check_bool(deterministic, "deterministic")
         self.lambda_h, self.lambda_kl, self.backend = float(lambda_h), float(lambda_kl), backend
         self.deterministic = deterministic
         self.norm = nn.LayerNorm(d_model + d_embed, bias=False)

@@ -9,7 +9,7 @@ import torch
 
 nltk = pytest.importorskip("nltk")
 
-from fastmodels.pushdown import StackTape, StackTapeBuilder  # noqa: E402
+from fastmodels.pushdown import StackTape, StackTapeBuilder, dense_from_compact  # noqa: E402
 
 
 def random_tree(rng: random.Random, n_words: int, labels="SNVPA"):
@@ -305,8 +305,6 @@ def test_dyck_prefix_and_errors():
 def test_dense_rows_vs_brute_force(T):
     """dense(rows) (the last rows query positions; one row per decoding step) vs direct counting on
     random valid compact tapes, for every rows in 1..T."""
-    from fastmodels.pushdown import dense_from_compact
-
     g = torch.Generator().manual_seed(T)
     depth = torch.randint(0, 6, (3, T), generator=g)
     boundary = torch.minimum(torch.randint(0, 6, (3, T), generator=g), depth)
@@ -406,8 +404,6 @@ def test_lengths_beyond_the_tape_are_refused():
 
 def test_dense_from_compact_checks_its_tensors():
     """Mismatched depth/boundary shapes would broadcast into a wrong tape: refused, as are floats."""
-    from fastmodels.pushdown import dense_from_compact
-
     tape = StackTape.from_trees(["((a b) (c d))", "(a (b (c d)))"])
     d, c = tape.depth, tape.boundary
     for bad_c in (c[:1], c[:, :1], torch.cat([c, c], 1)):

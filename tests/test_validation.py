@@ -5,6 +5,7 @@ import torch
 
 from fastmodels._validation import (
     FLOAT_DTYPES,
+    check_bool,
     check_choice,
     check_finite,
     check_float,
@@ -72,5 +73,9 @@ def test_values():
     for bad in (np.bool_(True), torch.tensor(1.0)):
         with pytest.raises(TypeError, match="eps: expected a float"):
             check_float(bad, "eps")
+    assert check_bool(False, "flag") is False
+    for bad, got in ((1, "int"), (np.bool_(True), "numpy.bool"), (None, "NoneType")):  # NumPy's named as such
+        with pytest.raises(TypeError, match=f"flag: expected a bool, got {got}$"):
+            check_bool(bad, "flag")
     with pytest.raises(ValueError, match=r"method: expected one of \['a', 'b'\], got 'c'"):
         check_choice("c", "method", ["a", "b"])

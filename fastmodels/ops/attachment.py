@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
-from fastmodels._validation import FLOAT_DTYPES, check_tensor
+from fastmodels._validation import FLOAT_DTYPES, check_bool, check_tensor
 from fastmodels.ops.pushdown import (
     _causal_mask,
     _compute_dtype,
@@ -245,10 +245,8 @@ def attachment_scores(q, keys, depth_feat, tape, *, binary: bool = False, backen
         raise ValueError(f"q: expected at most as many queries as keys (Tq <= Tk), got Tq={Tq}, Tk={Tk}")
     if V < 1 or (binary and V < 2):
         raise ValueError(f"depth_feat: expected at least {2 if binary else 1} rows (V), got {V}")
-    if not isinstance(binary, bool):
-        raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
-    if not isinstance(check_values, bool):
-        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+    check_bool(binary, "binary")
+    check_bool(check_values, "check_values")
 
     depth, boundary, dense = unpack_tape(tape, B, Tq, Tk, q.device, check_values, keys_name="keys")
 

@@ -30,7 +30,7 @@ import contextlib
 import torch
 
 from fastmodels._dispatch import register_op, select_backend
-from fastmodels._validation import check_float, check_tensor, has_nonfinite
+from fastmodels._validation import check_bool, check_float, check_tensor, has_nonfinite
 
 __all__ = ["electric_image", "electric_image_reference"]
 
@@ -382,12 +382,10 @@ def electric_image(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contras
     pole_separation = check_float(pole_separation, "pole_separation", low=0.0)
     eps = check_float(eps, "eps", low=0.0)
     image_strength = check_float(image_strength, "image_strength")
-    if not isinstance(per_emitter, bool):
-        raise TypeError(f"per_emitter: expected a bool, got {type(per_emitter).__name__}")
+    check_bool(per_emitter, "per_emitter")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected a str or None, got {type(backend).__name__}")
-    if not isinstance(check_values, bool):
-        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+    check_bool(check_values, "check_values")
     if check_values and not torch.compiler.is_compiling():
         _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, receptor_pos, receptor_normal, arena)
     args = (fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos, receptor_normal,

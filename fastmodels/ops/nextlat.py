@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from fastmodels._dispatch import register_op, select_backend
-from fastmodels._validation import check_int, check_same_device, check_tensor
+from fastmodels._validation import check_bool, check_int, check_same_device, check_tensor
 
 OP = "linear_cross_entropy_kl"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -614,8 +614,7 @@ def linear_cross_entropy_kl(
                                            kl_weight=kl_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
                                            deterministic=deterministic)
     device, D = _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    check_bool(deterministic, "deterministic")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     name = _resolve_backend(backend, device.type)

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
-from fastmodels._validation import FLOAT_DTYPES, INT_DTYPES, check_float, check_tensor
+from fastmodels._validation import FLOAT_DTYPES, INT_DTYPES, check_bool, check_float, check_tensor
 
 __all__ = [
     "pushdown_attention",
@@ -487,10 +487,8 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
     V = depth_emb.shape[-2]
     if V < 1 or (binary and V < 2):
         raise ValueError(f"depth_emb: expected at least {2 if binary else 1} rows (V), got {V}")
-    if not isinstance(binary, bool):
-        raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
-    if not isinstance(check_values, bool):
-        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+    check_bool(binary, "binary")
+    check_bool(check_values, "check_values")
     scale = 1.0 / math.sqrt(D) if scale is None else check_float(scale, "scale")
 
     depth, boundary, dense = unpack_tape(tape, B, Tq, Tk, q.device, check_values)

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from fastmodels._validation import check_int, check_tensor
+from fastmodels._validation import check_bool, check_int, check_tensor
 from fastmodels.ops.pushdown import check_dense_tape, pushdown_attention
 from fastmodels.pushdown.tape import StackTape
 
@@ -43,8 +43,7 @@ class PushdownAttention(nn.Module):
         d_model = check_int(d_model, "d_model", low=1)
         if d_model % n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
-        if not isinstance(binary, bool):
-            raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
+        check_bool(binary, "binary")
         max_depth = check_int(max_depth, "max_depth", low=2 if binary else 1)
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
@@ -139,16 +138,15 @@ def pushdownify_gpt2(model: nn.Module, layers: Iterable[int] | None = None, *, m
     blocks = getattr(transformer, "h", None)
     if blocks is None:
         raise TypeError(f"model: expected a Hugging Face GPT-2 model (with .transformer.h or .h), got {type(model).__name__}")
-    if not isinstance(binary, bool):
-        raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
+    check_bool(binary, "binary")
     check_int(max_depth, "max_depth", low=1)  # a binary table has 2 rows whatever max_depth is
     chosen = range(len(blocks)) if layers is None else list(layers.tolist() if hasattr(layers, "tolist") else layers)
-    for i in chosen:  # all indices first: a refused call converts no block
-        check_int(i, "layers (an index)")
+    chosen = [check_int(i, "layers (an index)") for i in chosen]  # all indices first: a refused call converts no block
+    for i in chosen:
         if not -len(blocks) <= i < len(blocks):
             raise ValueError(f"layers: index {i} is out of range for {len(blocks)} blocks")
     for i in chosen:
-        block = blocks[int(i)]
+        block = blocks[i]
         if not isinstance(block.attn, GPT2PushdownAttention):
             block.attn = GPT2PushdownAttention(block.attn, max_depth, binary, per_head_table, backend)
     return model
@@ -159,8 +157,7 @@ def set_stack_tape(model: nn.Module, tape: StackTape | torch.Tensor | None, *, c
 
     A dense tape is checked for negative depths here, once for all layers (one host sync;
     ``check_values=False`` skips it, e.g. in a decoding loop, and negative depths then read as 0)."""
-    if not isinstance(check_values, bool):
-        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+    check_bool(check_values, "check_values")
     if check_values and isinstance(tape, torch.Tensor):
         check_dense_tape(tape)
     found = False
