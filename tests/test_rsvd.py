@@ -556,6 +556,15 @@ def test_bad_inputs():
         randomized_svd([A, torch.randn(3, 20)], 5)
     with pytest.raises(ValueError, match="backend"):
         randomized_svd(A, 2, backend="magic")
+    # An empty list factors nothing, but its arguments are checked all the same, and a list's
+    # oversample and n_iter before any matrix is factored.
+    for kw, match in (({"rank": 0}, "rank: expected an int >= 1"), ({"rank": 2, "seed": -1}, "seed"),
+                      ({"rank": 2, "backend": "magic"}, "backend"), ({"rank": 2, "n_iter": -1}, "n_iter"),
+                      ({"rank": 2, "oversample": 1.5}, "oversample"), ({"rank": 2, "method": "fast"}, "method")):
+        for mats in ([], [A, A[:5]]):
+            with pytest.raises((ValueError, TypeError), match=match):
+                randomized_svd(mats, **kw)
+    assert randomized_svd([], [], seed=3, backend="reference") == []
     bad = torch.randn(3, 10, 20)
     bad[1, 2, 3] = float("inf")
     with pytest.raises(ValueError, match=r"A: expected finite values, found NaN or inf \(matrix 1 of the batch\)"):

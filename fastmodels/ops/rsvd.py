@@ -48,7 +48,7 @@ __all__ = [
     "EXACT_ROUTE_FRACTION",
 ]
 
-register_op("randomized_svd", ("reference", "triton", "cuda"), cpu=("reference",), cuda=("triton", "reference"))
+_OP_INFO = register_op("randomized_svd", ("reference", "triton", "cuda"), cpu=("reference",), cuda=("triton", "reference"))
 
 METHODS = ("accurate", "torch_lowrank")
 # Above this fraction of min(m, n) a randomized sketch costs as much as an exact factorization:
@@ -544,6 +544,9 @@ def randomized_svd(A, rank: int, *, oversample: int | None = None, n_iter: int |
         input, float32 otherwise. Each u_i has its largest-magnitude entry positive.
     """
     check_choice(method, "method", METHODS)
+    for value, name in ((oversample, "oversample"), (n_iter, "n_iter")):
+        if value is not None:
+            check_int(value, name, low=0)
     if isinstance(A, (list, tuple)):
         return _randomized_svd_list(list(A), rank, oversample=oversample, n_iter=n_iter, method=method, seed=seed, backend=backend)
     _check_matrix(A, "A")
@@ -593,7 +596,13 @@ def _rsvd_fake(A3, k, p, q, method, seed, backend):
 
 
 def _randomized_svd_list(mats: list, rank, **kw) -> list:
-    if not mats:
+    if not mats:  # nothing to factor, but the arguments are still checked
+        if not (isinstance(rank, (list, tuple)) and not rank):
+            check_int(rank, "rank", low=1)
+        if kw["seed"] is not None:
+            _resolve_seed(kw["seed"])
+        if kw["backend"] is not None:
+            check_choice(kw["backend"], "backend", _OP_INFO.backends)
         return []
     if isinstance(rank, (list, tuple)):  # one rank per matrix
         if len(rank) != len(mats):
