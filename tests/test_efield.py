@@ -417,6 +417,27 @@ def test_bad_inputs():
     electric_image(*_bad(args, arena, 4, t)[0], arena=arena, check_values=False, **ref)
 
 
+@pytest.mark.parametrize("backend", op_backends("electric_image"))
+def test_float64_beyond_float32_range_is_refused_by_fused_backends(backend):
+    """The fused backends compute float64 input in fp32, where 1e39 becomes inf: a clear error,
+    naming the argument, instead of inf or NaN outputs. The float64 reference takes such input."""
+    args, arena = f64(*scene(2, 3, 4, 5, device=backend_device(backend)))
+    names = {0: "fish_pos", 3: "obj_pos", 4: "obj_radius", 7: "receptor_pos"}
+    for i, name in names.items():
+        bad = [a.clone() for a in args]
+        bad[i].view(-1)[-1] = 1e39
+        with pytest.raises(ValueError, match=rf"{name}: expected .*within float32's range"):
+            electric_image(*bad, arena=arena, backend=backend)
+        active, comm = electric_image(*bad, arena=arena, **ref)
+        assert active.dtype == torch.float64
+    with pytest.raises(ValueError, match="arena: expected finite arena sides > 0 within float32's range"):
+        electric_image(*args, arena=arena * 1e38, backend=backend)
+    # values inside float32's range (and their overflowing sum) are fine
+    big = [a.clone() for a in args]
+    big[3].fill_(3e38)
+    electric_image(*big, arena=arena, backend=backend)
+
+
 def test_receptor_ring():
     pos, nrm = receptor_ring(6, 2.0)
     torch.testing.assert_close(pos, 2.0 * nrm)

@@ -275,8 +275,12 @@ def _(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, 
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, receptor_pos, receptor_normal, arena):
+def _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, receptor_pos, receptor_normal, arena,
+                  *, in_fp32: bool = False):
     """Finite inputs, radii >= 0, contrast in [-1/2, 1], arena sides > 0; one host sync when all is well.
+
+    ``in_fp32``: float64 inputs that a fused backend will compute in fp32 must also be finite
+    after that cast (a value beyond fp32's range would become inf there).
 
     The common case costs a handful of tensor operations (kernel launches on a GPU): one sum over
     all float inputs (NaN or inf make it non-finite; a finite overflow is a false alarm that the
@@ -284,32 +288,37 @@ def _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast
     that name the argument."""
     floats = [fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, receptor_pos, receptor_normal]
     floats += [arena] if arena is not None else []
-    flags = [has_nonfinite(torch.cat([t.reshape(-1) for t in floats])), (obj_radius < 0).any(),
+    finite = (lambda t: torch.isfinite(t.to(torch.float32))) if in_fp32 else torch.isfinite
+    flat = torch.cat([t.reshape(-1) for t in floats])
+    flags = [has_nonfinite(flat.to(torch.float32) if in_fp32 else flat), (obj_radius < 0).any(),
              ((obj_contrast < -0.5) | (obj_contrast > 1.0)).any()]
     if arena is not None:
         flags.append((arena <= 0).any())
     if not bool(torch.stack(flags).any()):
         return
     checks = {
-        "fish_pos": lambda: torch.isfinite(fish_pos).all(),
-        "fish_heading": lambda: torch.isfinite(fish_heading).all(),
-        "eod": lambda: torch.isfinite(eod).all(),
-        "obj_pos": lambda: torch.isfinite(obj_pos).all(),
-        "receptor_pos": lambda: torch.isfinite(receptor_pos).all(),
-        "receptor_normal": lambda: torch.isfinite(receptor_normal).all(),
-        "obj_radius": lambda: (torch.isfinite(obj_radius) & (obj_radius >= 0)).all(),
+        "fish_pos": lambda: finite(fish_pos).all(),
+        "fish_heading": lambda: finite(fish_heading).all(),
+        "eod": lambda: finite(eod).all(),
+        "obj_pos": lambda: finite(obj_pos).all(),
+        "receptor_pos": lambda: finite(receptor_pos).all(),
+        "receptor_normal": lambda: finite(receptor_normal).all(),
+        "obj_radius": lambda: (finite(obj_radius) & (obj_radius >= 0)).all(),
         "obj_contrast": lambda: ((obj_contrast >= -0.5) & (obj_contrast <= 1.0)).all(),
     }
     if arena is not None:
-        checks["arena"] = lambda: (torch.isfinite(arena) & (arena > 0)).all()
+        checks["arena"] = lambda: (finite(arena) & (arena > 0)).all()
     what = {
         "obj_radius": "radii >= 0 (finite)",
         "obj_contrast": "contrasts in [-0.5, 1] (chi = (s_obj - s_water) / (s_obj + 2 s_water))",
         "arena": "finite arena sides > 0",
     }
+    fp32_note = (" within float32's range (the fused backends compute in float32; backend='reference' computes in "
+                 "float64)") if in_fp32 else ""
     for name, ok in checks.items():
         if not bool(ok()):
-            raise ValueError(f"electric_image: {name}: expected {what.get(name, 'finite values')}, found a value outside")
+            raise ValueError(f"electric_image: {name}: expected {what.get(name, 'finite values')}{fp32_note}, "
+                             "found a value outside")
 
 
 def electric_image(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos,
@@ -337,8 +346,9 @@ def electric_image(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contras
         per_emitter: also return the per-emitter communication signal ``comm`` (else None).
         backend: None (default: cpu on CPU tensors, cuda then triton on GPU tensors), or one of
             "reference", "cpu", "cuda", "triton".
-        check_values: check that values are finite and in range (one host sync). Shapes are always
-            checked. Skipped automatically under torch.compile.
+        check_values: check that values are finite and in range (one host sync), and float64 values
+            bound for a fused backend within float32's range. Shapes are always checked. Skipped
+            automatically under torch.compile.
 
     Returns:
         ``(active, comm)``: ``active`` [B, N, R], the signal n . E at each receptor of everything but
@@ -387,7 +397,9 @@ def electric_image(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contras
         raise TypeError(f"backend: expected a str or None, got {type(backend).__name__}")
     check_bool(check_values, "check_values")
     if check_values and not torch.compiler.is_compiling():
-        _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, receptor_pos, receptor_normal, arena)
+        in_fp32 = dtype == torch.float64 and select_backend(OP, backend, device) != "reference"
+        _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, receptor_pos, receptor_normal, arena,
+                      in_fp32=in_fp32)
     args = (fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos, receptor_normal,
             arena, pole_separation, eps, image_strength, per_emitter, backend or "")
     if torch.compiler.is_compiling():
