@@ -471,17 +471,24 @@ def test_autocast_casts_operands_not_logits(backend):
         assert torch.equal(g, w.float())
 
 
-def test_cpu_backend_refuses_double_backward():
-    """The cpu backend's backward rescales gradients saved in the forward: a second derivative
-    through it must be an error, not zeros."""
-    x = make(dtype=torch.float64)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_backends_refuse_double_backward(backend, reduction):
+    """The fused backends' gradients have no second derivative: differentiating them again must
+    be an error that names the op and the way out, not zeros (the cpu backend's backward rescales
+    gradients saved in the forward) nor torch's message about an internal op."""
+    dev = backend_device(backend)
+    x = make(device=dev)
     h = x["hidden"].detach().clone().requires_grad_()
-    ce, _ = linear_cross_entropy_kl(h, x["weight"], x["targets"], backend="cpu")
-    # ce**2: the upstream gradient 2 ce carries a graph, so without the guard g would be
-    # differentiable through it and miss the Hessian of ce (a silently wrong second derivative)
-    (g,) = torch.autograd.grad(ce**2, h, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad((g**2).sum(), h)
+    p = x["pred_hidden"].detach().clone().requires_grad_()
+    ce, kl = linear_cross_entropy_kl(h, x["weight"], x["targets"], p, x["teacher_index"], reduction=reduction,
+                                     backend=backend)
+    # squared: the upstream gradients carry a graph, so without the guard the gradients would be
+    # differentiable through them and miss the Hessian of the loss (a silently wrong result)
+    gh, gp = torch.autograd.grad((ce**2).sum() + (kl**2).sum(), (h, p), create_graph=True)
+    for g, leaf in ((gh, h), (gp, p)):
+        with pytest.raises(RuntimeError, match=rf"{OP}: the {backend} backend's gradients cannot be differentiated again"):
+            torch.autograd.grad((g**2).sum(), leaf, retain_graph=True)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -269,6 +269,20 @@ def _scale(grad, unit):
     return unit * grad.to(unit.dtype)
 
 
+def _double_backward_error(backend: str) -> RuntimeError:
+    return RuntimeError(f"{OP}: the {backend} backend's gradients cannot be differentiated again (double backward); "
+                        "use backend='reference' for second derivatives")
+
+
+def _refuse_double_backward(backend: str):
+    """Autograd formula of a backward op: differentiating the gradients it returned raises."""
+
+    def backward(ctx, *_):
+        raise _double_backward_error(backend)
+
+    return backward
+
+
 class _NoDoubleBackward(torch.autograd.Function):
     """Passes the cpu backend's saved unit gradients through under ``create_graph=True``, tied (via
     ``anchor``, an output of the fused op) to the op's inputs, so that differentiating them again
@@ -282,8 +296,7 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
-        raise RuntimeError(f"{OP}: the cpu backend computes its gradients in the forward; they cannot be differentiated "
-                           "again (double backward); use backend='reference' for second derivatives")
+        raise _double_backward_error("cpu")
 
 
 def _chunked_backward(ctx, g_ce, g_kl, *_):
@@ -389,6 +402,7 @@ def _chunked_rows_backward(ctx, g_ce_rows, g_kl_rows):
 
 
 _lce_kl_chunked_rows.register_autograd(_chunked_rows_backward, setup_context=_chunked_rows_setup)
+_lce_kl_chunked_rows_backward.register_autograd(_refuse_double_backward("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +493,7 @@ def _rows_backward(ctx, g_ce_rows, g_lse, g_kl_rows, g_lse_pred):
 
 
 _lce_kl_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+_lce_kl_rows_backward.register_autograd(_refuse_double_backward("triton"))
 
 
 def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight, ignore_index, reduction, deterministic, check_values):
