@@ -175,6 +175,58 @@ def _fwd_bwd_flops(B, H, T, D, V):
     return 0.5 * 7 * 2 * B * H * T * T * D + 4 * B * H * T * V * D
 
 
+def _decode_setup(B, H, Tk, D, V):
+    """One decoding step: a query row against Tk cached keys, with its dense depth row (the last row
+    of a random tree's tape, as a beam search would pass), no gradients."""
+
+    def make():
+        rng = random.Random(0)
+        dense = StackTape.from_trees([_random_tree(rng, Tk) for _ in range(B)]).dense()[:, -1:]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(B, H, 1, D, generator=g)
+        k, v = (torch.randn(B, H, Tk, D, generator=g) for _ in range(2))
+        E = 0.5 * torch.randn(V, D, generator=g)
+        x = {"q": q, "k": k, "v": v, "E": E, "tape": dense}
+        f64 = [t.double() for t in (q, k, v, E)]
+        x["ref"] = pushdown_attention(*f64, dense, backend="reference")
+        x["ref_sdpa"] = F.scaled_dot_product_attention(*f64[:3])
+        return x
+
+    return make
+
+
+def _decode(blocked: bool):
+    """Ours on a decoding step: the default (one fused C++ call for a few query rows) or, with
+    ``blocked``, the GEMM-based blocked path that served decoding steps before it."""
+    from fastmodels.ops import pushdown as ops_pushdown
+
+    def run(x):
+        saved = ops_pushdown._DECODE_ROWS
+        ops_pushdown._DECODE_ROWS = 0 if blocked else saved
+        try:
+            with torch.no_grad():
+                return "pushdown", pushdown_attention(x["q"], x["k"], x["v"], x["E"], x["tape"])
+        finally:
+            ops_pushdown._DECODE_ROWS = saved
+
+    return run
+
+
+def _decode_reference(x):
+    with torch.no_grad():
+        return "pushdown", pushdown_attention(x["q"], x["k"], x["v"], x["E"], x["tape"], backend="reference")
+
+
+def _decode_sdpa(x):
+    with torch.no_grad():  # the last position sees every cached key: no mask
+        return "sdpa", F.scaled_dot_product_attention(x["q"], x["k"], x["v"])
+
+
+def _decode_error(x, result):
+    kind, out = result
+    return rms_ratio(out, x["ref"] if kind == "pushdown" else x["ref_sdpa"])
+
+
 @register_cases("pushdown_attention")
 def cases(device: str, quick: bool) -> list[Case]:
     out = []
@@ -198,6 +250,17 @@ def cases(device: str, quick: bool) -> list[Case]:
                 error_name="max_rms_rel_err", flops=lambda x, B=B, H=H, T=T, D=D: _fwd_bwd_flops(B, H, T, D, V),
                 targets=targets, quick=T == 256 and threads is None,
                 note="error: worst RMS-relative error of out, dq, dk, dv (and dE) vs float64; sdpa_causal is plain causal attention (no depth term), timed as the yardstick",
+            ))
+        # decoding steps (inference, no target): a small LM's beam of 8 sentences, and one
+        # Pushdown-GPT2 sentence (12 heads)
+        for B, H, Tk, D in ((8, 4, 65, 64), (1, 12, 256, 64)):
+            out.append(Case(
+                op="pushdown_attention", name=f"decode step fp32 B{B} H{H} Tk{Tk} D{D} V{V}", device="cpu",
+                setup=_decode_setup(B, H, Tk, D, V), error=_decode_error,
+                impls={"fastmodels": _decode(False), "fastmodels (blocked)": _decode(True), "sdpa": _decode_sdpa,
+                       "gather_reference": _decode_reference},
+                note="one query row against Tk cached keys with its dense depth row, no grad; 'blocked': the GEMM-based "
+                     "path that decoding steps took before the fused one; sdpa: plain attention of the row (no depth term)",
             ))
         return out
     B, H, V = 4, 16, 50

@@ -75,8 +75,10 @@ def check_tensor(
         dtypes = tuple(dtypes)
         if x.dtype not in dtypes:
             raise TypeError(f"{name}: expected dtype in ({_dtype_names(dtypes)}), got {str(x.dtype).replace('torch.', '')}")
-    if device is not None and x.device != torch.device(device):
-        raise ValueError(f"{name}: expected a tensor on {torch.device(device)}, got one on {x.device}")
+    if device is not None:
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        if x.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device}, got one on {x.device}")
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous())")
     if not allow_empty and x.numel() == 0:

@@ -214,6 +214,48 @@ def test_decode_rows_match_full_sequence(backend, off):
             assert_rms_close(g, r, 1e-10 if dtype == torch.float64 else 2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [
+    # (B, H, Tq, Tk, D, V, per_head, binary): Tk = 1 and 2 (whole sequences of one or two tokens),
+    # key counts with and without a tail of the four-row dot products, head widths with and
+    # without a tail of a 64-byte vector (D = 7 has no full vector), one sentence with many heads
+    (3, 2, 1, 1, 16, 5, False, False), (2, 3, 2, 2, 60, 5, True, True), (2, 3, 1, 37, 7, 50, False, False),
+    (2, 3, 2, 40, 60, 2, True, False), (1, 12, 1, 130, 64, 50, False, False), (2, 1, 2, 9, 33, 5, True, True),
+])
+def test_cpu_fused_decode_rows(case, dtype):
+    """The cpu backend's fused forward of a few query rows (pushdown_decode_fwd: no GEMMs) against
+    the float64 reference and against its blocked path, with dense tapes (int64 and int32; random
+    ones, whose depths vary along a row for any Tk, and a tree's rows) and compact ones; the
+    gradients go through the lse it saves."""
+    from fastmodels.ops import pushdown as ops_pushdown
+
+    B, H, Tq, Tk, D, V, per_head, binary = case
+    assert Tq <= ops_pushdown._DECODE_ROWS
+    q, k, v, E, do = make_inputs(B, H, Tk, Tk, D, V, per_head, dtype, device="cpu", seed=Tk)
+    q, do = q[:, :, -Tq:], do[:, :, -Tq:]
+    tree = make_tape([Tk] * B, Tk, seed=D, device="cpu")
+    rand = torch.randint(0, V + 2, (B, Tq, Tk), generator=torch.Generator().manual_seed(D))
+    tapes = [rand, rand.to(torch.int32)] + ([tree.dense()[:, -Tq:]] if Tk > 2 else []) + ([tree] if Tq == Tk else [])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for t in tapes:
+        dense = t.dense() if isinstance(t, StackTape) else t
+        ref = run("reference", *(x.double() for x in (q, k, v, E, do)), dense, binary)
+        got = run("cpu", q, k, v, E, do, t, binary)
+        for name, g, r in zip(("out", "dq", "dk", "dv", "dE"), got, ref):
+            assert g.dtype == dtype
+            if name == "dE" and Tk <= 2 and t is tree:  # a tree over <= 2 tokens: one depth per row, dE = 0
+                assert g.abs().max() <= tol
+            else:
+                assert_rms_close(g, r, tol, name)
+        saved = ops_pushdown._DECODE_ROWS
+        try:
+            ops_pushdown._DECODE_ROWS = 0
+            blocked = pushdown_attention(q, k, v, E, t, binary=binary, backend="cpu")
+        finally:
+            ops_pushdown._DECODE_ROWS = saved
+        assert_rms_close(got[0], blocked, 1e-14 if dtype == torch.float64 else 1e-6, "out vs blocked")
+
+
 def test_padding_does_not_change_real_rows():
     """A sentence padded to a longer batch gives the same outputs on its real tokens."""
     q, k, v, E, _ = make_inputs(1, 2, 30, 30, 16, 5, False, torch.float64, device="cpu")

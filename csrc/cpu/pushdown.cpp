@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -160,6 +161,108 @@ void bwd_block(const Block& k, T* s, T* dp, const T* qe, const T* lse, const T* 
     }
 }
 
+// A 64-byte vector of T (GCC's vector extension: one zmm on x86-64-v4, split into two ymm or four
+// xmm registers by the other clones), loaded from unaligned memory.
+template <typename T>
+struct Vec64 {
+    typedef T type __attribute__((vector_size(64)));
+    static constexpr int64_t lanes = 64 / sizeof(T);
+    static FM_INLINE type load(const T* p) {
+        type v;
+        std::memcpy(&v, p, sizeof(v));
+        return v;
+    }
+    static FM_INLINE T sum(type v) {
+        T s = 0;
+        for (int64_t l = 0; l < lanes; ++l) s += v[l];
+        return s;
+    }
+};
+
+// out[j] = q . rows[j] for n contiguous rows of length D (accumulated in T, as BLAS does). Four
+// rows at a time, each into its own vector accumulator: one pass over q serves four rows, and a
+// row costs one horizontal sum instead of one per vector. (Written as `omp simd` loops, GCC 12
+// vectorized across the four rows instead, with shuffles for every element.)
+template <typename T>
+FM_INLINE void dots(const T* __restrict q, const T* __restrict rows, int64_t n, int64_t D, T* __restrict out) {
+    using V = Vec64<T>;
+    const int64_t Dv = D / V::lanes * V::lanes;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const T *r0 = rows + j * D, *r1 = r0 + D, *r2 = r1 + D, *r3 = r2 + D;
+        typename V::type a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t d = 0; d < Dv; d += V::lanes) {
+            const typename V::type qv = V::load(q + d);
+            a0 += qv * V::load(r0 + d);
+            a1 += qv * V::load(r1 + d);
+            a2 += qv * V::load(r2 + d);
+            a3 += qv * V::load(r3 + d);
+        }
+        T s0 = V::sum(a0), s1 = V::sum(a1), s2 = V::sum(a2), s3 = V::sum(a3);
+        for (int64_t d = Dv; d < D; ++d) {
+            s0 += q[d] * r0[d];
+            s1 += q[d] * r1[d];
+            s2 += q[d] * r2[d];
+            s3 += q[d] * r3[d];
+        }
+        out[j] = s0;
+        out[j + 1] = s1;
+        out[j + 2] = s2;
+        out[j + 3] = s3;
+    }
+    for (; j < n; ++j) {
+        const T* r = rows + j * D;
+        typename V::type a = {};
+        for (int64_t d = 0; d < Dv; d += V::lanes) a += V::load(q + d) * V::load(r + d);
+        T s = V::sum(a);
+        for (int64_t d = Dv; d < D; ++d) s += q[d] * r[d];
+        out[j] = s;
+    }
+}
+
+// One query row of the fused small-Tq forward: x = q k^T over the n visible keys, e = q E^T, the
+// softmax row of fwd_row over x, then o = P v. All of a row's operands stay in cache.
+template <typename T>
+FM_CLONES void decode_row(const T* __restrict q, const T* __restrict k, const T* __restrict v, const T* __restrict emb,
+                          const int32_t* __restrict idx, int64_t n, int64_t D, int64_t V, T scale, T* __restrict x,
+                          T* __restrict e, T* __restrict o, T* lse) {
+    dots(q, k, n, D, x);
+    dots(q, emb, V, D, e);
+    fwd_row<T>(x, e, idx, n, n, scale, lse);
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const T p = x[j];
+        const T* __restrict vj = v + j * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] += p * vj[d];
+    }
+}
+
+// The whole forward of a few query rows (decoding: Tq new tokens against Tk cached keys), without
+// the GEMMs of the blocked form: for a handful of rows their dispatch and the score buffers cost
+// more than the arithmetic. q, o [B, H, m, D]; k, v [B, H, Tk, D]; emb [V, D], or [H, V, D] with
+// per_head; lse [B, H, m]; all contiguous. The block's m rows sit at t0 .. t0 + m - 1 = Tk - 1.
+template <typename T>
+void decode_fwd(const Block& k, const T* q, const T* kk, const T* v, const T* emb, bool per_head, int64_t D, T* o,
+                T* lse, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<int32_t> idx(k.kend);
+        std::vector<T> x(k.kend), e(k.V);
+        // One (batch, head, row) per iteration, so that a single sequence (B = 1) still spreads
+        // over the threads; the depth row is rebuilt per head (O(Tk), against O(Tk D) of work).
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < k.B * k.H * k.m; ++r) {
+            const int64_t bh = r / k.m, i = r % k.m, b = bh / k.H, h = bh % k.H;
+            const int64_t n = k.t0 + i + 1;  // visible keys
+            depth_row(k, b, i, idx.data());
+            decode_row<T>(q + r * D, kk + bh * k.kend * D, v + bh * k.kend * D, emb + (per_head ? h * k.V * D : 0),
+                          idx.data(), n, D, k.V, T(k.scale), x.data(), e.data(), o + r * D, lse + r);
+        }
+    }
+}
+
 Block make_block(int64_t B, int64_t H, int64_t m, int64_t kend, int64_t t0, int64_t Tk, int64_t V, bool binary,
                  double scale, uintptr_t depth, uintptr_t boundary, uintptr_t dense) {
     return Block{B, H, m, kend, t0, Tk, V, binary, scale, reinterpret_cast<const int32_t*>(depth),
@@ -183,6 +286,23 @@ void register_pushdown(pybind11::module_& m) {
                 fwd_block<float>(k, reinterpret_cast<float*>(s), reinterpret_cast<const float*>(qe), reinterpret_cast<float*>(lse), threads);
         },
         "Pushdown attention forward block: scores (in place -> P), lse.");
+    m.def(
+        "pushdown_decode_fwd",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t emb, bool per_head, uintptr_t out, uintptr_t lse,
+           uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t Tk,
+           int64_t D, int64_t V, bool binary, double scale, bool fp64, int threads) {
+            const Block blk = make_block(B, H, mrows, Tk, Tk - mrows, Tk, V, binary, scale, depth, boundary, dense);
+            pybind11::gil_scoped_release release;
+            if (fp64)
+                decode_fwd<double>(blk, reinterpret_cast<const double*>(q), reinterpret_cast<const double*>(k),
+                                   reinterpret_cast<const double*>(v), reinterpret_cast<const double*>(emb), per_head, D,
+                                   reinterpret_cast<double*>(out), reinterpret_cast<double*>(lse), threads);
+            else
+                decode_fwd<float>(blk, reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+                                  reinterpret_cast<const float*>(v), reinterpret_cast<const float*>(emb), per_head, D,
+                                  reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse), threads);
+        },
+        "Pushdown attention forward of a few query rows (decoding), fused: out and lse.");
     m.def(
         "pushdown_bwd_block",
         [](uintptr_t s, uintptr_t dp, uintptr_t qe, uintptr_t lse, uintptr_t delta, uintptr_t hist, uintptr_t depth,

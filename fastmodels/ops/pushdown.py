@@ -49,6 +49,9 @@ OP = "pushdown_attention"
 register_op(OP, ("reference", "cpu", "triton"), cpu=("cpu", "reference"), cuda=("triton", "reference"), check=cpp_symbol_check("pushdown_fwd_block", "pushdown"))
 
 _BLOCK_BYTES = 3 << 20  # the cpu backend's score block [B, H, BM, Tk] stays near 3 MiB
+# Query rows up to which the cpu forward is one fused C++ call (dot products, no GEMMs): a
+# decoding step's few rows, where ATen's GEMM dispatch and the score buffers outweigh the math.
+_DECODE_ROWS = 2
 
 
 def _block_rows(B: int, H: int, Tq: int, Tk: int, itemsize: int) -> int:
@@ -167,6 +170,23 @@ def _buffer_view(buf: torch.Tensor, *shape: int) -> torch.Tensor:
 
 def _ptr(x) -> int:
     return 0 if x is None else x.data_ptr()
+
+
+def _decode_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool):
+    """Forward of at most _DECODE_ROWS query rows as one fused C++ call (no GEMMs). ``emb``: the
+    table as given, [V, D] (shared) or [H, V, D]."""
+    B, H, Tq, D = q.shape
+    cd = _compute_dtype(q.dtype)
+    qf, kf, vf, table = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (q, k, v, emb))
+    out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
+    lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
+    rows = None if dense is None else _int32_tape(dense).contiguous()  # [B, Tq, Tk]
+    _cpp().pushdown_decode_fwd(
+        qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), table.data_ptr(), table.dim() == 3, out.data_ptr(), lse.data_ptr(),
+        _ptr(depth), _ptr(boundary), _ptr(rows), B, H, Tq, k.shape[2], D, emb.shape[-2], binary, scale,
+        cd == torch.float64, _threads(),
+    )
+    return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
 
 
 def _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool):
@@ -293,6 +313,8 @@ def _triton_tape(depth, boundary, dense):
 
 def _fwd_impl(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool, backend: str):
     """(out, lse) on the chosen backend; ``emb`` is the table as given ([V, D] or [H, V, D])."""
+    if backend == "cpu" and q.shape[2] <= _DECODE_ROWS:  # a decoding step's few query rows
+        return _decode_fwd(q, k, v, emb, depth, boundary, dense, scale, binary)
     E = _per_head(emb, q.shape[1])  # a view: the kernels take any strides
     if backend == "triton":
         from fastmodels.kernels.pushdown import pushdown_attention_fwd
