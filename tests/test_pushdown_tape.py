@@ -133,12 +133,17 @@ def test_incremental_builder_matches_shift_reduce_and_from_trees():
         trees = [random_tree(rng, n) for _ in range(B)]
         sims = [shift_reduce(set(oracle_spans(t)), n) for t in trees]
         builder = StackTapeBuilder(B)
+        solos = [StackTapeBuilder(1) for _ in range(B)]  # a batch is its sentences side by side
         for k in range(n):
             steps = [next(s) for s in sims]
             row = builder.push([a for a, _ in steps])
             assert row.shape == (B, k + 1)
             for b, (_, want_row) in enumerate(steps):
                 assert row[b].tolist() == want_row
+            mask = builder.attach_mask
+            for b, (solo, (a, _)) in enumerate(zip(solos, steps)):
+                solo.push(a)
+                assert torch.equal(mask[b], solo.attach_mask[0])
         assert torch.equal(builder.select(list(range(B))[::-1]).row, builder.row.flip(0))  # copies keep it
         final = builder.tape()
         ref = StackTape.from_trees(trees)

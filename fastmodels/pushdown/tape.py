@@ -524,16 +524,26 @@ class StackTapeBuilder:
             grown = torch.zeros(self.batch_size, 2 * self._rows.shape[1], dtype=torch.int64)
             grown[:, :k] = self._rows[:, :k]
             self._rows = grown
+        # Each pop closes one binary node [start, k]: tokens start..k-1 go one level deeper. The
+        # +1 ranges of all sentences are applied at once, as a difference array summed along the
+        # row (one tensor op per push instead of one per node: a beam step pushes many).
+        starts_b, starts, depth_k = [], [], [0] * self.batch_size
         for b, a in enumerate(attach):
             stack = self.stacks[b]
             if a is None or a == -1:
                 stack.append(k)
                 continue
             popped = _reduce(stack, a)
-            for start in popped:  # one new binary node [start, k] per pop
-                self._rows[b, start:k] += 1
-                self.spans[b].append((start, k))
-            self._rows[b, k] = len(popped)
+            self.spans[b].extend((start, k) for start in popped)
+            starts_b += [b] * len(popped)
+            starts += popped
+            depth_k[b] = len(popped)
+        if starts:
+            delta = torch.zeros(self.batch_size, k, dtype=torch.int64)
+            delta.index_put_((torch.tensor(starts_b), torch.tensor(starts)), torch.ones(len(starts), dtype=torch.int64),
+                             accumulate=True)
+            self._rows[:, :k] += delta.cumsum_(1)
+        self._rows[:, k] = torch.tensor(depth_k)
         self.length = k + 1
         return self.row
 
@@ -562,10 +572,14 @@ class StackTapeBuilder:
         """[B, t + 1] bool: the last token of each constituent on the stack (the reduce choices
         of the next token; the last pushed token t is always one). ``push(j)`` with such a j
         reduces with that constituent and every one above it."""
-        mask = torch.zeros(self.batch_size, self.length, dtype=torch.bool)
+        rows, cols = [], []
         for b, stack in enumerate(self.stacks):
-            ends = [s - 1 for s in stack[1:]] + ([self.length - 1] if stack else [])
-            mask[b, ends] = True
+            if stack:
+                ends = [s - 1 for s in stack[1:]] + [self.length - 1]
+                rows += [b] * len(ends)
+                cols += ends
+        mask = torch.zeros(self.batch_size, self.length, dtype=torch.bool)
+        mask[torch.tensor(rows, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64)] = True
         return mask
 
     def clone(self) -> "StackTapeBuilder":
