@@ -225,8 +225,8 @@ def test_decode_rows_match_full_sequence(backend, off):
 def test_cpu_fused_decode_rows(case, dtype):
     """The cpu backend's fused forward of a few query rows (pushdown_decode_fwd: no GEMMs) against
     the float64 reference and against its blocked path, with dense tapes (int64 and int32; random
-    ones, whose depths vary along a row for any Tk, and a tree's rows) and compact ones; the
-    gradients go through the lse it saves."""
+    ones, whose depths vary along a row for any Tk, and a tree's rows) and the tree's compact tape
+    (the queries are its last Tq positions); the gradients go through the lse it saves."""
     from fastmodels.ops import pushdown as ops_pushdown
 
     B, H, Tq, Tk, D, V, per_head, binary = case
@@ -235,10 +235,10 @@ def test_cpu_fused_decode_rows(case, dtype):
     q, do = q[:, :, -Tq:], do[:, :, -Tq:]
     tree = make_tape([Tk] * B, Tk, seed=D, device="cpu")
     rand = torch.randint(0, V + 2, (B, Tq, Tk), generator=torch.Generator().manual_seed(D))
-    tapes = [rand, rand.to(torch.int32)] + ([tree.dense()[:, -Tq:]] if Tk > 2 else []) + ([tree] if Tq == Tk else [])
+    tapes = [rand, rand.to(torch.int32), tree] + ([tree.dense()[:, -Tq:]] if Tk > 2 else [])
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for t in tapes:
-        dense = t.dense() if isinstance(t, StackTape) else t
+        dense = t.dense()[:, -Tq:] if isinstance(t, StackTape) else t
         ref = run("reference", *(x.double() for x in (q, k, v, E, do)), dense, binary)
         got = run("cpu", q, k, v, E, do, t, binary)
         for name, g, r in zip(("out", "dq", "dk", "dv", "dE"), got, ref):
