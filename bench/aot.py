@@ -167,6 +167,15 @@ def unwrap(obj):
     return fn, configs, heuristics
 
 
+def pruned_configs(obj, jit, args, kwargs, configs) -> list:
+    """The autotune configs a launch with (args, kwargs) benchmarks: ``configs`` after the kernel's
+    ``early_config_prune`` (prune_configs_by), as Autotuner.prune_configs applies it."""
+    prune = getattr(obj, "early_config_prune", None)
+    if prune is None or configs == [None]:
+        return configs
+    return prune(configs, dict(zip(jit.arg_names, args)), **kwargs)
+
+
 def launch_kwargs(jit, heuristics, args, kwargs, config=None) -> dict:
     """The keyword arguments a launch reaches the JITFunction with: the launcher's, the autotune
     config's, then each @triton.heuristics value computed from all of them (as Heuristics.run does)."""

@@ -43,9 +43,12 @@ Backward (dS = P * (dP - delta), delta = rowsum(dO * O)):
   tapes). QE is computed once per query row by a small preprocess kernel (with delta, and the
   row-uniform split of each dq row block) and read back by both passes.
 
-Dtypes: q, k, v, dO and E are fed to tl.dot in q's dtype on GPU (fp16/bf16 tensor cores, fp32 as
-"ieee"); under TRITON_INTERPRET=1 every dot operand is upcast to fp32 first (the interpreter
-computes bf16 dots on raw bit patterns). Accumulators, softmax statistics and QE are fp32.
+Dtypes: q, k, v, dO and E are fed to tl.dot in q's dtype on GPU (fp16/bf16 tensor cores; fp32 with
+D <= 64 as three TF32 tensor-core products, "tf32x3", about fp32's accuracy, or as one, "tf32",
+after torch.set_float32_matmul_precision("high" or "medium"), and with D > 64 as "ieee"; see
+_fp32_precision); under
+TRITON_INTERPRET=1 every dot operand is upcast to fp32 first (the interpreter computes bf16 dots on
+raw bit patterns). Accumulators, softmax statistics and QE are fp32.
 Layout: q, k, v contiguous [B, H, T, D]; E [H, V, D] with any strides (a stride-0 head axis from
 expanding a shared [V, D] table works); tapes are made contiguous int32 (compact) or kept in
 their integer dtype (dense).
@@ -492,7 +495,16 @@ def _dkdv_tile(b_dk, b_dv, G, b_k, b_v, c_k, d_k, sufmin_k, q, do, lse, delta, q
     return b_dk, b_dv, G
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+def _prune_fp32_dkdv(configs, named_args, **kwargs):
+    """Autotune pruning of the dk/dv pass: fp32 inputs on tensor cores (PREC tf32x3 or tf32) stage
+    fp32 tiles in shared memory, and its 64 x 128 tile then needs 267-279 KB on sm_90 (triton 3.6;
+    the limit is 227 KB): tiles of at most 32 x 128 or 64 x 64 remain (up to 205 KB)."""
+    if INTERPRET or not kwargs.get("FP32_DOT") or kwargs.get("PREC") == "ieee":
+        return configs
+    return [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 64 * 64] or configs[:1]
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fp32_dkdv})
 @triton.jit(do_not_specialize=["Tq", "Tk", "T_BUCKET"])
 def pushdown_attention_bwd_dkdv_kernel(
     q, k, v, e, do, lse, delta, qe, bnd, dep, dense, dk, dv,
@@ -766,6 +778,24 @@ def _uniform() -> bool:
     return mode == "1"
 
 
+def _fp32_precision(bd: int) -> str:
+    """input_precision of the dots for fp32 inputs with head tiles of width ``bd``.
+
+    Up to 64: tensor cores, from torch's float32 matmul setting: "tf32x3" under the default
+    "highest" (fp32-level error, ~2^-21 per product), "tf32" once TF32 is allowed. The "ieee" FMA
+    dots need far more registers than sm_90 has: ptxas (triton 3.9, sm_90, D = 64) spilled 54 KB
+    per thread in the forward with BN = 64 tiles and 4 KB with BN = 32, 37-89 KB in the dk/dv
+    pass and 9.5 KB in the dq pass, against 0.1-2.2 KB, 2.1-5.2 KB and 3.2 KB with tf32x3, whose
+    configs fit in shared memory (at most 205 KB) once the dk/dv pass drops its 64 x 128 tile for
+    them (_prune_fp32_dkdv).
+    At 128 "ieee" stays: the tensor-core dots stage fp32 tiles in shared memory, and some configs
+    of the bf16-tuned tile grids then need 262-393 KB, more than sm_90's 227 KB (the ieee builds
+    fit, and spill 56-124 KB)."""
+    if bd > 64:
+        return "ieee"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def _pow2(n: int) -> int:
     return max(16, next_power_of_2(int(n)))
 
@@ -799,7 +829,7 @@ def _common(q, k, emb, depth, boundary, dense, binary):
     V_used = min(V, 2) if binary else V
     meta = dict(
         COMPACT=compact, BINARY=bool(binary), FP32_DOT=INTERPRET or q.dtype == torch.float32,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", BD=_pow2(D), VP=_pow2(V_used),
+        PREC=_fp32_precision(_pow2(D)) if q.dtype == torch.float32 else "tf32", BD=_pow2(D), VP=_pow2(V_used),
         UNIFORM=compact and _uniform(),
     )
     return B, H, Tq, Tk, D, V_used, depth, boundary, dense, meta

@@ -405,3 +405,25 @@ def test_empty(Tq, Tk, device):
     dq, dk, dv, demb = kernels.pushdown_attention_bwd(torch.randn_like(out), q, k, v, emb, None, None, S, out, lse, 1.0, False)
     assert dq.shape == q.shape and demb.shape == emb.shape
     assert (dk == 0).all() and (dv == 0).all() and (demb == 0).all()
+
+
+def test_fp32_dot_precision_follows_torch_float32_matmul_setting():
+    """fp32 inputs with D <= 64: 3xTF32 tensor-core dots under torch's default "highest"
+    (fp32-level error; the "ieee" FMA dots spilled tens of KB per thread on sm_90), one TF32
+    product once torch allows it; D > 64 keeps "ieee" (the fp32 tensor-core tiles overflow sm_90's
+    shared memory there). The launch parameters carry the choice."""
+    old = torch.get_float32_matmul_precision()
+    tape = (torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 4, dtype=torch.int32), None)
+
+    def prec(D, dtype=torch.float32):
+        q = torch.zeros(1, 1, 4, D, dtype=dtype)
+        return kernels._common(q, q, torch.zeros(1, 3, D, dtype=dtype), *tape, False)[-1]["PREC"]
+
+    try:
+        for setting, want in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert prec(16) == prec(64) == want
+            assert prec(65) == prec(128) == "ieee"
+            assert prec(64, torch.bfloat16) == "tf32"  # bf16 operands: native bf16 dots either way
+    finally:
+        torch.set_float32_matmul_precision(old)

@@ -106,8 +106,15 @@ def _cases():
                 pairs = [(i % len(variants), i % len(configs)) for i in range(n)]
                 # and every config with the first recorded launch (bf16, the dtype the GPU benches run)
                 pairs += [(0, ci) for ci in range(len(configs)) if (0, ci) not in pairs]
+            seen = set()
             for vi, ci in pairs:
                 label, (args, kwargs) = variants[vi]
+                kept = aot.pruned_configs(obj, jit, args, kwargs, configs)
+                if configs[ci] not in kept:  # this launch never runs that config (prune_configs_by)
+                    ci = configs.index(kept[0])
+                if (vi, ci) in seen:
+                    continue
+                seen.add((vi, ci))
                 cases.append(pytest.param(name, jit, heuristics, args, kwargs, configs[ci], id=f"{name}-{label}-cfg{ci}"))
     return cases, inventory
 
@@ -176,3 +183,21 @@ def test_compile_check_catches_what_the_interpreter_accepts(_fresh_triton_cache)
 
     with pytest.raises(CompilationError, match="_SCALE"):
         _compile(_reads_plain_global_kernel, (torch.zeros(16),), dict(BLOCK=16))
+
+
+@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+def test_pushdown_dkdv_prunes_large_tiles_for_fp32_tensor_core_dots():
+    """fp32 inputs on tensor cores (tf32x3/tf32) drop the dk/dv pass's 64 x 128 tile, whose fp32
+    shared-memory tiles exceed sm_90's 227 KB under triton 3.6; "ieee" dots and bf16/fp16 inputs
+    keep the whole grid. (The compile cases above follow the same pruning.)"""
+    import importlib
+
+    K = importlib.import_module("fastmodels.kernels.pushdown")
+    grid = K._DKDV_CONFIGS
+    for prec in ("tf32x3", "tf32"):
+        kept = K._prune_fp32_dkdv(grid, {}, FP32_DOT=True, PREC=prec)
+        assert kept and kept == [c for c in grid if c.kwargs["BM"] * c.kwargs["BN"] <= 64 * 64]
+    assert K._prune_fp32_dkdv(grid, {}, FP32_DOT=True, PREC="ieee") == grid
+    assert K._prune_fp32_dkdv(grid, {}, FP32_DOT=False, PREC="tf32") == grid
+    if len(grid) > 1:
+        assert any(c.kwargs["BM"] * c.kwargs["BN"] > 64 * 64 for c in grid)  # something to prune
