@@ -46,9 +46,9 @@ Backward (dS = P * (dP - delta), delta = rowsum(dO * O)):
 Dtypes: q, k, v, dO and E are fed to tl.dot in q's dtype on GPU (fp16/bf16 tensor cores; fp32 with
 D <= 64 as three TF32 tensor-core products, "tf32x3", about fp32's accuracy, or as one, "tf32",
 after torch.set_float32_matmul_precision("high" or "medium"), and with D > 64 as "ieee"; see
-_fp32_precision); under
-TRITON_INTERPRET=1 every dot operand is upcast to fp32 first (the interpreter computes bf16 dots on
-raw bit patterns). Accumulators, softmax statistics and QE are fp32.
+_fp32_precision); under TRITON_INTERPRET=1 every dot operand is upcast to fp32 first (the
+interpreter computes bf16 dots on raw bit patterns). Accumulators, softmax statistics and QE are
+fp32.
 Layout: q, k, v contiguous [B, H, T, D]; E [H, V, D] with any strides (a stride-0 head axis from
 expanding a shared [V, D] table works); tapes are made contiguous int32 (compact) or kept in
 their integer dtype (dense).
