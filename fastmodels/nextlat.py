@@ -133,7 +133,11 @@ class NextLatHead(nn.Module):
         self._check_hidden(hidden)
         B, T, _ = hidden.shape
         check_tensor(emb, "emb", shape=(B, T, self.d_embed), dtypes=FLOAT_DTYPES)
-        emb = emb.to(hidden.dtype)
+        return self._rollout(hidden, emb.to(hidden.dtype))
+
+    def _rollout(self, hidden: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
+        """rollout() of inputs already checked and cast (forward's)."""
+        T = hidden.shape[1]
         preds, h = [], hidden
         for i in range(1, min(self.horizon, T - 1) + 1):
             h = self.transition(h[:, : T - i], emb[:, i:])
@@ -198,7 +202,7 @@ class NextLatHead(nn.Module):
         targets[:, :-1] = input_ids[:, 1:]
         targets = torch.where(ce_ok, targets, torch.full_like(targets, ignore))
 
-        preds = self.rollout(hidden, emb)
+        preds = self._rollout(hidden, emb)
         d = self.horizon
         cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         latent = hidden.new_zeros((), dtype=cd)

@@ -222,7 +222,7 @@ def test_decode_rows_match_full_sequence(backend, off):
     (3, 2, 1, 1, 16, 5, False, False), (2, 3, 2, 2, 60, 5, True, True), (2, 3, 1, 37, 7, 50, False, False),
     (2, 3, 2, 40, 60, 2, True, False), (1, 12, 1, 130, 64, 50, False, False), (2, 1, 2, 9, 33, 5, True, True),
 ])
-def test_cpu_fused_decode_rows(case, dtype):
+def test_cpu_fused_decode_rows(case, dtype, monkeypatch):
     """The cpu backend's fused forward of a few query rows (pushdown_decode_fwd: no GEMMs) against
     the float64 reference and against its blocked path, with dense tapes (int64 and int32; random
     ones, whose depths vary along a row for any Tk, and a tree's rows) and the tree's compact tape
@@ -247,12 +247,9 @@ def test_cpu_fused_decode_rows(case, dtype):
                 assert g.abs().max() <= tol
             else:
                 assert_rms_close(g, r, tol, name)
-        saved = ops_pushdown._DECODE_ROWS
-        try:
-            ops_pushdown._DECODE_ROWS = 0
+        with monkeypatch.context() as m:
+            m.setattr(ops_pushdown, "_DECODE_ROWS", 0)  # the blocked path
             blocked = pushdown_attention(q, k, v, E, t, binary=binary, backend="cpu")
-        finally:
-            ops_pushdown._DECODE_ROWS = saved
         assert_rms_close(got[0], blocked, 1e-14 if dtype == torch.float64 else 1e-6, "out vs blocked")
 
 

@@ -180,7 +180,7 @@ def _decode_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool
     qf, kf, vf, table = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (q, k, v, emb))
     out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
-    rows = None if dense is None else _int32_tape(dense).contiguous()  # [B, Tq, Tk]
+    rows = _block_dense(dense, 0, Tq, k.shape[2])  # [B, Tq, Tk] int32, or None
     _cpp().pushdown_decode_fwd(
         qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), table.data_ptr(), table.dim() == 3, out.data_ptr(), lse.data_ptr(),
         _ptr(depth), _ptr(boundary), _ptr(rows), B, H, Tq, k.shape[2], D, emb.shape[-2], binary, scale,
