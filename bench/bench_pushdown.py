@@ -15,6 +15,7 @@ record its out-of-memory). Targets: <= 1.3x flash time, >= 5x faster than FlexAt
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from fastmodels.bench.harness import Case, register_cases, with_env
 from fastmodels.ops import pushdown_attention
 from fastmodels.ops.pushdown import pushdown_attention_materialized
-from fastmodels.pushdown import StackTape
+from fastmodels.pushdown import PushdownAttention, StackTape
+from fastmodels.pushdown import module as pushdown_module
 from fastmodels.testing import rms_ratio
 
 
@@ -227,6 +229,65 @@ def _decode_error(x, result):
     return rms_ratio(out, x["ref"] if kind == "pushdown" else x["ref_sdpa"])
 
 
+def _decode_loop_setup(B, d_model, H, T):
+    """A whole sentence decoded token by token through ``PushdownAttention`` with a KV cache (each
+    step's depth row from a random tree's tape), no gradients; references: the full forward of
+    the module in float64, and of plain causal attention with the same projections."""
+
+    def make():
+        torch.manual_seed(0)
+        m = PushdownAttention(d_model, H).eval()
+        rng = random.Random(0)
+        dense = StackTape.from_trees([_random_tree(rng, T) for _ in range(B)]).dense()
+        x = torch.randn(B, T, d_model)
+        m64 = copy.deepcopy(m).double()
+        with torch.no_grad():
+            ref = m64(x.double(), dense)
+            ref_sdpa = _plain_attention(m64, x.double(), None)
+        return {"m": m, "x": x, "dense": dense, "ref": ref, "ref_sdpa": ref_sdpa}
+
+    return make
+
+
+def _plain_attention(m, x, cache):
+    """``m``'s projections around plain attention (SDPA, no depth term): causal over x, or one
+    decoding step that concatenates to ``cache``."""
+    B, T, C = x.shape
+    q, k, v = m.qkv(x).view(B, T, 3, m.n_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if cache is not None:
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)
+    return m.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _decode_loop(capacity: bool):
+    """Ours: the module's cache appending in place (default) or, without ``capacity``, by
+    concatenation, as it did before."""
+
+    def run(x):
+        saved = pushdown_module._CAPACITY_CACHE
+        pushdown_module._CAPACITY_CACHE = capacity
+        try:
+            cache, steps = {}, []
+            with torch.no_grad():
+                for t in range(x["x"].shape[1]):
+                    steps.append(x["m"](x["x"][:, t : t + 1], x["dense"][:, t : t + 1, : t + 1], cache, check_values=False))
+            return "pushdown", torch.cat(steps, dim=1)
+        finally:
+            pushdown_module._CAPACITY_CACHE = saved
+
+    return run
+
+
+def _decode_loop_sdpa(x):
+    cache = {}
+    with torch.no_grad():
+        steps = [_plain_attention(x["m"], x["x"][:, t : t + 1], cache) for t in range(x["x"].shape[1])]
+    return "sdpa", torch.cat(steps, dim=1)
+
+
 @register_cases("pushdown_attention")
 def cases(device: str, quick: bool) -> list[Case]:
     out = []
@@ -261,6 +322,18 @@ def cases(device: str, quick: bool) -> list[Case]:
                        "gather_reference": _decode_reference},
                 note="one query row against Tk cached keys with its dense depth row, no grad; 'blocked': the GEMM-based "
                      "path that decoding steps took before the fused one; sdpa: plain attention of the row (no depth term)",
+            ))
+        # whole decodes through the module (inference, no target): the KV cache's in-place appends
+        # against the concatenation it did before, and plain attention decoding the same way
+        for B, d_model, H, T in ((8, 256, 4, 256), (1, 768, 12, 512)):
+            out.append(Case(
+                op="pushdown_attention", name=f"module decode fp32 B{B} d{d_model} H{H} T{T}", device="cpu",
+                setup=_decode_loop_setup(B, d_model, H, T), error=_decode_error,
+                impls={"fastmodels": _decode_loop(True), "fastmodels (concat cache)": _decode_loop(False),
+                       "sdpa (concat cache)": _decode_loop_sdpa},
+                note="PushdownAttention decoding T tokens one at a time with a dict KV cache, no grad; 'concat cache': "
+                     "the cache concatenating every step (the behaviour before); sdpa: the same projections around "
+                     "plain attention (no depth term), its cache concatenating as Hugging Face's DynamicCache does",
             ))
         return out
     B, H, V = 4, 16, 50

@@ -414,8 +414,8 @@ def run_case_measured(case: Case, *, quick: bool, cpu_budget_s: float = 2.0) -> 
     return _run_case_subprocess(case.device, case.op, index, quick, cpu_budget_s)
 
 
-def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write: bool = True, progress: bool = True, cpu_budget_s: float = 2.0) -> list[dict]:
-    cases = collect_cases(device, ops, quick)
+def run(device: str, ops: list[str] | None = None, quick: bool = False, *, write: bool = True, progress: bool = True, cpu_budget_s: float = 2.0, match: str | None = None) -> list[dict]:
+    cases = [c for c in collect_cases(device, ops, quick) if match is None or match in c.name]
     env = environment(device)
     rows: list[dict] = []
     iterator = cases
@@ -518,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
     p.add_argument("--no-write", action="store_true", help="do not append to bench/results")
     p.add_argument("--budget", type=float, default=2.0, help="CPU seconds of timing per implementation")
+    p.add_argument("--case", default=None, metavar="TEXT", help="only the cases whose name contains TEXT")
     p.add_argument("--worker", nargs=2, metavar=("OP", "INDEX"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -537,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.ops) - set(_REGISTRY)
     if unknown:
         p.error(f"unknown op(s) {sorted(unknown)}; registered: {sorted(_REGISTRY)}")
-    rows = run(device, args.ops or None, args.quick, write=not args.no_write, cpu_budget_s=args.budget)
+    rows = run(device, args.ops or None, args.quick, write=not args.no_write, cpu_budget_s=args.budget, match=args.case)
+    if not rows and args.case is not None:
+        p.error(f"--case {args.case!r}: no case of ops {args.ops or 'all'} on {device}{' (--quick)' if args.quick else ''} has it in its name")
     print(format_table(rows))
     return 1 if any("error" in r and r.get("primary") for r in rows) else 0
 

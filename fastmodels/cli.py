@@ -56,6 +56,8 @@ def _bench(args) -> int:
         argv.append("--no-write")
     if args.budget is not None:
         argv += ["--budget", str(args.budget)]
+    if args.case is not None:
+        argv += ["--case", args.case]
     return harness.main(argv)
 
 
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--budget", type=float, help="CPU seconds of timing per implementation (default 2)")
+    p.add_argument("--case", metavar="TEXT", help="only the cases whose name contains TEXT")
     p.set_defaults(fn=_bench)
 
     p = sub.add_parser("demo", help="every op vs its reference and peer, then the quick reproductions (none registered yet)")

@@ -49,6 +49,20 @@ def test_run_case_rows_and_ratios(monkeypatch):
     assert "_toy/sum" in table and "peer" in table
 
 
+def test_run_keeps_the_cases_that_match(monkeypatch):
+    """``run(match=...)`` (``fastmodels bench --case TEXT``) runs only the cases whose name holds
+    TEXT."""
+    import dataclasses
+
+    toy = [_case(), dataclasses.replace(_case(), name="other sum")]
+    monkeypatch.setattr(harness, "_REGISTRY", {"_toy": [lambda device, quick: toy]})
+    monkeypatch.setattr(harness, "load_case_modules", lambda: None)
+    monkeypatch.setattr(harness, "run_case_measured", lambda case, **kw: harness.run_case(case, measure_memory=False, cpu_budget_s=0.01))
+    rows = harness.run("cpu", ["_toy"], write=False, progress=False, match="other")
+    assert {r["case"] for r in rows} == {"other sum"} and len(rows) == 2
+    assert {r["case"] for r in harness.run("cpu", ["_toy"], write=False, progress=False)} == {"sum", "other sum"}
+
+
 def test_no_memory_ratio_below_resolution():
     """A peak of 0 MB (below what a high-water mark resolves) gives no ratio, so a memory target
     reads "not measured" instead of met by a division by almost nothing."""

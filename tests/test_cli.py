@@ -44,3 +44,8 @@ def test_bench_unknown_op():
     out = _run("bench", "no_such_op", "--no-write")
     assert out.returncode != 0
     assert "unknown op" in out.stderr
+
+
+def test_bench_case_that_matches_nothing():
+    out = _run("bench", "electric_image", "--device", "cpu", "--case", "no such case", "--no-write")
+    assert out.returncode == 2 and "--case 'no such case': no case of ops ['electric_image'] on cpu" in out.stderr

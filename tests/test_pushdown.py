@@ -253,6 +253,39 @@ def test_cpu_fused_decode_rows(case, dtype, monkeypatch):
         assert_rms_close(got[0], blocked, 1e-14 if dtype == torch.float64 else 1e-6, "out vs blocked")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_fused_decode_reads_strided_keys(dtype):
+    """The fused decode forward reads keys and values in place when each (batch, head) holds
+    contiguous [Tk, D] rows -- the prefix of a KV cache's capacity buffer (NaN past it), a
+    head-major layout, a batch-expanded cache -- and gives exactly the contiguous result; rows
+    that are not contiguous (a slice of a wider head dimension, NaN beside it) are copied first."""
+    B, H, Tk, D, V = 3, 2, 37, 20, 5
+    q, k, v, E, _ = make_inputs(B, H, 1, Tk, D, V, False, dtype, device="cpu", seed=4)
+    dense = torch.randint(0, V + 1, (B, 1, Tk), generator=torch.Generator().manual_seed(4))
+    want = pushdown_attention(q, k, v, E, dense, backend="cpu")
+    ref = pushdown_attention(q.double(), k.double(), v.double(), E.double(), dense, backend="reference")
+    assert_rms_close(want, ref, 1e-12 if dtype == torch.float64 else 2e-6)
+
+    def poisoned(x, shape, index):
+        buf = torch.full(shape, float("nan"), dtype=dtype)
+        buf[index] = x
+        return buf[index]
+
+    capacity = (slice(None), slice(None), slice(0, Tk))
+    wide = (Ellipsis, slice(0, D))
+    layouts = {
+        "capacity prefix": [poisoned(x, (B, H, Tk + 9, D), capacity) for x in (k, v)],
+        "head-major": [x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v)],
+        "row-strided (copied)": [poisoned(x, (B, H, Tk, D + 3), wide) for x in (k, v)],
+    }
+    for name, (kk, vv) in layouts.items():
+        assert not kk.is_contiguous() and not vv.is_contiguous()
+        assert torch.equal(pushdown_attention(q, kk, vv, E, dense, backend="cpu"), want), name
+    k1, v1 = k[:1].expand(B, -1, -1, -1), v[:1].expand(B, -1, -1, -1)  # batch stride 0
+    got = pushdown_attention(q, k1, v1, E, dense, backend="cpu")
+    assert torch.equal(got, pushdown_attention(q, k1.contiguous(), v1.contiguous(), E, dense, backend="cpu"))
+
+
 def test_padding_does_not_change_real_rows():
     """A sentence padded to a longer batch gives the same outputs on its real tokens."""
     q, k, v, E, _ = make_inputs(1, 2, 30, 30, 16, 5, False, torch.float64, device="cpu")

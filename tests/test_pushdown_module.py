@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from helpers import assert_rms_close
+from helpers import assert_rms_close, backend_device, op_backends
 
 import fastmodels
 from fastmodels.ops.pushdown import pushdown_attention_reference
@@ -72,6 +72,133 @@ def test_incremental_decoding_matches_full_forward():
         row = builder.push([a[t] for a in att])
         steps.append(m(xs[:, t : t + 1], row[:, None, :], cache=cache, check_values=False))
     assert_rms_close(torch.cat(steps[half:], dim=1), full[parents, half:], 1e-12)
+
+
+def _decode_setup(T, seed):
+    from fastmodels.pushdown.tape import tree_spans
+
+    rng = random.Random(seed)
+    trees = [random_tree(rng, T) for _ in range(2)]
+    atts = [tree_attachments(tree_spans(t)[1], T) for t in trees]
+    torch.manual_seed(seed)
+    m = PushdownAttention(32, 2, max_depth=5).double().eval()
+    x = torch.randn(2, T, 32, dtype=torch.float64)
+    return m, x, trees, atts
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_decoding_cache_appends_in_place(mode):
+    """Without autograd the cache appends into capacity buffers: token by token past a growth
+    (T = 70 > 64 positions), then a 3-token chunk (the blocked path on strided views), equals the
+    full forward; one buffer serves every step between growths; a view handed out earlier keeps
+    its contents."""
+    from fastmodels.pushdown.module import _MIN_CAPACITY
+
+    T = 70
+    assert _MIN_CAPACITY < T - 3
+    m, x, trees, atts = _decode_setup(T, 4)
+    tape = StackTape.from_trees(trees)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        full = m(x, tape)
+        builder, cache, steps, held = StackTapeBuilder(2), {}, [], []
+        for t in range(T - 3):
+            row = builder.push([a[t] for a in atts])
+            steps.append(m(x[:, t : t + 1], row[:, None, :], cache=cache, check_values=False))
+            held.append(cache["k"])  # kept alive: distinct storages have distinct addresses
+            if t == 10:
+                early, early_copy = cache["k"], cache["k"].clone()
+        steps.append(m(x[:, T - 3 :], tape.dense()[:, T - 3 :], cache=cache))
+        assert cache["k"].shape == (2, 2, T, 16) and cache["v"].shape == (2, 2, T, 16)
+        assert_rms_close(torch.cat(steps, dim=1), full, 1e-12)
+        # in place: the cache is a view of a buffer, the same one until it grows past its capacity
+        store = [h.untyped_storage().data_ptr() for h in held]
+        assert len(set(store)) == 2 and store[0] == store[_MIN_CAPACITY - 1] and store[_MIN_CAPACITY] == store[-1]
+        assert torch.equal(early, early_copy)
+
+
+@pytest.mark.parametrize("backend", op_backends("pushdown_attention", include_reference=True))
+def test_decoding_cache_views_on_every_backend(backend):
+    """Every backend decodes from the cache's views of its capacity buffer (the triton backend
+    copies them, the others read them in place) as the full forward computes."""
+    T = 9
+    m, x, trees, _ = _decode_setup(T, 7)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    dev = backend_device(backend)
+    m = m.to(device=dev, dtype=dtype)
+    m.backend = backend
+    x, dense = x.to(device=dev, dtype=dtype), StackTape.from_trees(trees).dense().to(dev)
+    with torch.no_grad():
+        full = m(x, dense)
+        cache = {}
+        steps = [m(x[:, t : t + 1], dense[:, t : t + 1, : t + 1], cache=cache) for t in range(T)]
+    assert not cache["k"].is_contiguous()  # a prefix of the capacity buffer
+    assert_rms_close(torch.cat(steps, 1), full, 1e-12 if dtype == torch.float64 else 2e-5)
+
+
+def test_decoding_cache_branches_cuts_and_reorders():
+    """A dict copied to branch a decode, a cache cut back to a prefix and reorder_cache (a parent
+    kept twice) each decode as a fresh computation would: writes never reach another branch's
+    positions."""
+    T, branch = 30, 12
+    m, x, trees, atts = _decode_setup(T, 5)
+    dense = StackTape.from_trees(trees).dense()
+    x2 = torch.randn(2, 1, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x, dense)
+        other = m(torch.cat([x[:, :branch], x2], 1), dense[:, : branch + 1, : branch + 1])[:, -1]  # x2 at position branch
+        cache = {}
+        for t in range(branch):
+            m(x[:, t : t + 1], dense[:, t : t + 1, : t + 1], cache=cache)
+        side = dict(cache)  # shares the buffer
+        got_side = m(x2, dense[:, branch : branch + 1, : branch + 1], cache=side)[:, 0]
+        side_k = side["k"].clone()
+        steps = [m(x[:, t : t + 1], dense[:, t : t + 1, : t + 1], cache=cache) for t in range(branch, T)]
+        assert_rms_close(torch.cat(steps, 1), full[:, branch:], 1e-12)
+        assert_rms_close(got_side, other, 1e-12)
+        assert torch.equal(side["k"], side_k)  # the main line's appends did not overwrite it
+
+        # cut back to 20 positions and decode position 20 again
+        whole = cache["k"].clone()
+        cache["k"], cache["v"] = cache["k"][:, :, :20], cache["v"][:, :, :20]
+        again = m(x[:, 20:21], dense[:, 20:21, :21], cache=cache)
+        assert_rms_close(again, full[:, 20:21], 1e-12)
+        assert cache["k"].shape[2] == 21 and torch.equal(side["k"], side_k)
+        del whole
+
+        # beam reorder halfway, with the builder; a parent kept twice
+        parents, half = [1, 1, 0], T // 2
+        builder, cache, steps = StackTapeBuilder(2), {}, []
+        for t in range(T):
+            if t == half:
+                builder = builder.select(parents)
+                PushdownAttention.reorder_cache(cache, torch.tensor(parents))
+                assert cache["k"].shape == (3, 2, half, 16)
+            xs, att = (x, atts) if t < half else (x[parents], [atts[p] for p in parents])
+            row = builder.push([a[t] for a in att])
+            steps.append(m(xs[:, t : t + 1], row[:, None, :], cache=cache, check_values=False))
+        assert_rms_close(torch.cat(steps[half:], dim=1), full[parents, half:], 1e-12)
+        assert cache["k"].untyped_storage().nbytes() > cache["k"].nbytes  # still a view of a capacity buffer
+
+
+def test_reorder_cache_with_autograd_and_bad_parents():
+    """With autograd the cache concatenates, and reorder_cache indexes it; bad parents are named."""
+    m, x, _, _ = _decode_setup(6, 6)
+    dense = torch.zeros(2, 6, 6, dtype=torch.int64)
+    cache = {}
+    m(x[:, :3], dense[:, :3, :3], cache=cache)
+    m(x[:, 3:4], dense[:, 3:4, :4], cache=cache)
+    assert cache["k"].is_contiguous() and cache["k"].requires_grad  # concatenated
+    want = cache["k"][[1, 0, 0]]
+    PushdownAttention.reorder_cache(cache, [1, 0, 0])
+    assert torch.equal(cache["k"], want) and cache["v"].shape[0] == 3
+    for bad, match in (([3], r"parents: expected indices in \[0, 3\)"), ([-1], "parents: expected indices"),
+                       ([[0, 1]], "parents: expected a 1-D sequence"), ([0.5], "parents: expected a 1-D sequence"),
+                       ([], "parents: expected at least one")):
+        with pytest.raises(ValueError, match=match):
+            PushdownAttention.reorder_cache(cache, bad)
+    with pytest.raises(ValueError, match="cache: expected a dict filled by an earlier forward"):
+        PushdownAttention.reorder_cache({}, [0])
 
 
 @pytest.mark.no_poison

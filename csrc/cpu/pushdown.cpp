@@ -241,11 +241,13 @@ FM_CLONES void decode_row(const T* __restrict q, const T* __restrict k, const T*
 
 // The whole forward of a few query rows (decoding: Tq new tokens against Tk cached keys), without
 // the GEMMs of the blocked form: for a handful of rows their dispatch and the score buffers cost
-// more than the arithmetic. q, o [B, H, m, D]; k, v [B, H, Tk, D]; emb [V, D], or [H, V, D] with
-// per_head; lse [B, H, m]; all contiguous. The block's m rows sit at t0 .. t0 + m - 1 = Tk - 1.
+// more than the arithmetic. q, o [B, H, m, D]; emb [V, D], or [H, V, D] with per_head; lse [B, H,
+// m]; all contiguous. k, v [B, H, Tk, D] with contiguous [Tk, D] rows per (batch, head) and any
+// batch and head strides (kv_stride: elements; a KV cache's capacity buffer, read in place). The
+// block's m rows sit at t0 .. t0 + m - 1 = Tk - 1.
 template <typename T>
-void decode_fwd(const Block& k, const T* q, const T* kk, const T* v, const T* emb, bool per_head, int64_t D, T* o,
-                T* lse, int threads) {
+void decode_fwd(const Block& k, const T* q, const T* kk, const T* v, const int64_t* kv_stride, const T* emb, bool per_head,
+                int64_t D, T* o, T* lse, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> idx(k.kend);
@@ -257,7 +259,8 @@ void decode_fwd(const Block& k, const T* q, const T* kk, const T* v, const T* em
             const int64_t bh = r / k.m, i = r % k.m, b = bh / k.H, h = bh % k.H;
             const int64_t n = k.t0 + i + 1;  // visible keys
             depth_row(k, b, i, idx.data());
-            decode_row<T>(q + r * D, kk + bh * k.kend * D, v + bh * k.kend * D, emb + (per_head ? h * k.V * D : 0),
+            decode_row<T>(q + r * D, kk + b * kv_stride[0] + h * kv_stride[1], v + b * kv_stride[2] + h * kv_stride[3],
+                          emb + (per_head ? h * k.V * D : 0),
                           idx.data(), n, D, k.V, T(k.scale), x.data(), e.data(), o + r * D, lse + r);
         }
     }
@@ -288,18 +291,19 @@ void register_pushdown(pybind11::module_& m) {
         "Pushdown attention forward block: scores (in place -> P), lse.");
     m.def(
         "pushdown_decode_fwd",
-        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t emb, bool per_head, uintptr_t out, uintptr_t lse,
-           uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B, int64_t H, int64_t mrows, int64_t Tk,
-           int64_t D, int64_t V, bool binary, double scale, bool fp64, int threads) {
+        [](uintptr_t q, uintptr_t k, uintptr_t v, int64_t k_sb, int64_t k_sh, int64_t v_sb, int64_t v_sh, uintptr_t emb,
+           bool per_head, uintptr_t out, uintptr_t lse, uintptr_t depth, uintptr_t boundary, uintptr_t dense, int64_t B,
+           int64_t H, int64_t mrows, int64_t Tk, int64_t D, int64_t V, bool binary, double scale, bool fp64, int threads) {
+            const int64_t kv_stride[4] = {k_sb, k_sh, v_sb, v_sh};  // elements, per batch and per head
             const Block blk = make_block(B, H, mrows, Tk, Tk - mrows, Tk, V, binary, scale, depth, boundary, dense);
             pybind11::gil_scoped_release release;
             if (fp64)
                 decode_fwd<double>(blk, reinterpret_cast<const double*>(q), reinterpret_cast<const double*>(k),
-                                   reinterpret_cast<const double*>(v), reinterpret_cast<const double*>(emb), per_head, D,
+                                   reinterpret_cast<const double*>(v), kv_stride, reinterpret_cast<const double*>(emb), per_head, D,
                                    reinterpret_cast<double*>(out), reinterpret_cast<double*>(lse), threads);
             else
                 decode_fwd<float>(blk, reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-                                  reinterpret_cast<const float*>(v), reinterpret_cast<const float*>(emb), per_head, D,
+                                  reinterpret_cast<const float*>(v), kv_stride, reinterpret_cast<const float*>(emb), per_head, D,
                                   reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse), threads);
         },
         "Pushdown attention forward of a few query rows (decoding), fused: out and lse.");

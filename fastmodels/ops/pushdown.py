@@ -177,14 +177,17 @@ def _decode_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool
     table as given, [V, D] (shared) or [H, V, D]."""
     B, H, Tq, D = q.shape
     cd = _compute_dtype(q.dtype)
-    qf, kf, vf, table = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (q, k, v, emb))
+    qf, table = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (q, emb))
+    # keys and values are read in place when each (batch, head) holds contiguous [Tk, D] rows: the
+    # prefix view of a KV cache's capacity buffer needs no copy
+    kf, vf = (t if t.dtype == cd and t.stride(-1) == 1 and t.stride(-2) == D else t.to(cd).contiguous() for t in (k, v))
     out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
     rows = _block_dense(dense, 0, Tq, k.shape[2])  # [B, Tq, Tk] int32, or None
     _cpp().pushdown_decode_fwd(
-        qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), table.data_ptr(), table.dim() == 3, out.data_ptr(), lse.data_ptr(),
-        _ptr(depth), _ptr(boundary), _ptr(rows), B, H, Tq, k.shape[2], D, emb.shape[-2], binary, scale,
-        cd == torch.float64, _threads(),
+        qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+        table.data_ptr(), table.dim() == 3, out.data_ptr(), lse.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(rows),
+        B, H, Tq, k.shape[2], D, emb.shape[-2], binary, scale, cd == torch.float64, _threads(),
     )
     return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
 
