@@ -42,11 +42,15 @@ def check_tensor(
     device: torch.device | str | None = None,
     contiguous: bool = False,
     allow_empty: bool = True,
+    dtype_of: str | None = None,
+    device_of: str | None = None,
 ) -> torch.Tensor:
     """Check that ``x`` is a tensor of the expected shape, dtype and device; return it.
 
     ``shape`` entries: an int (exact size), a str (named dim, bound in ``dims`` on first use and
-    compared afterwards) or None (any size).
+    compared afterwards) or None (any size). ``dtype_of`` / ``device_of``: the argument that a
+    single expected dtype / the device was taken from, named in the error (the odd one out may be
+    either of the two).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -74,11 +78,13 @@ def check_tensor(
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if x.dtype not in dtypes:
-            raise TypeError(f"{name}: expected dtype in ({_dtype_names(dtypes)}), got {str(x.dtype).replace('torch.', '')}")
+            want = f"in ({_dtype_names(dtypes)})" if dtype_of is None else f"{_dtype_names(dtypes)} (the dtype of {dtype_of})"
+            raise TypeError(f"{name}: expected dtype {want}, got {str(x.dtype).replace('torch.', '')}")
     if device is not None:
         device = device if isinstance(device, torch.device) else torch.device(device)
         if x.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device}, got one on {x.device}")
+            of = "" if device_of is None else f" (the device of {device_of})"
+            raise ValueError(f"{name}: expected a tensor on {device}{of}, got one on {x.device}")
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous())")
     if not allow_empty and x.numel() == 0:

@@ -43,6 +43,11 @@ def test_types_dtypes_devices():
         check_tensor(torch.zeros(3, 4).t(), "A", contiguous=True)
     with pytest.raises(ValueError, match="on cuda"):
         check_tensor(torch.zeros(3), "A", device="cuda")
+    # the argument the expected dtype or device came from is named: the odd one out may be either
+    with pytest.raises(TypeError, match=r"k: expected dtype float32 \(the dtype of q\), got float64"):
+        check_tensor(torch.zeros(3, dtype=torch.float64), "k", dtypes=(torch.float32,), dtype_of="q")
+    with pytest.raises(ValueError, match=r"k: expected a tensor on meta \(the device of q\), got one on cpu"):
+        check_tensor(torch.zeros(3), "k", device="meta", device_of="q")
     assert check_same_device(a=torch.zeros(1), b=None, c=torch.zeros(2)) == torch.device("cpu")
     with pytest.raises(TypeError, match=r"b: expected dtype float32 \(the dtype of a\), got float64"):
         check_same_dtype(a=torch.zeros(1), b=torch.zeros(1, dtype=torch.float64))

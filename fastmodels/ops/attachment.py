@@ -237,8 +237,8 @@ def attachment_scores(q, keys, depth_feat, tape, *, binary: bool = False, backen
     """
     dims: dict = {}
     check_tensor(q, "q", shape=("B", "Tq", "W"), dims=dims, dtypes=FLOAT_DTYPES)
-    check_tensor(keys, "keys", shape=("B", "Tk", "W"), dims=dims, dtypes=(q.dtype,), device=q.device)
-    check_tensor(depth_feat, "depth_feat", shape=("V", "W"), dims=dims, dtypes=(q.dtype,), device=q.device)
+    check_tensor(keys, "keys", shape=("B", "Tk", "W"), dims=dims, dtypes=(q.dtype,), device=q.device, dtype_of="q", device_of="q")
+    check_tensor(depth_feat, "depth_feat", shape=("V", "W"), dims=dims, dtypes=(q.dtype,), device=q.device, dtype_of="q", device_of="q")
     B, Tq, W = q.shape
     Tk, V = keys.shape[1], depth_feat.shape[0]
     if Tq > Tk:

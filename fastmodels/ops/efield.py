@@ -385,10 +385,10 @@ def electric_image(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contras
                            (obj_pos, "obj_pos", ("B", "M", 2)), (obj_radius, "obj_radius", ("B", "M")),
                            (obj_contrast, "obj_contrast", ("B", "M")), (receptor_pos, "receptor_pos", ("R", 2)),
                            (receptor_normal, "receptor_normal", ("R", 2))):
-        check_tensor(t, name, shape=shape, dims=dims, dtypes=(dtype,), device=device)
-    check_tensor(obj_mask, "obj_mask", shape=("B", "M"), dims=dims, dtypes=(torch.bool,), device=device)
+        check_tensor(t, name, shape=shape, dims=dims, dtypes=(dtype,), device=device, dtype_of="fish_pos", device_of="fish_pos")
+    check_tensor(obj_mask, "obj_mask", shape=("B", "M"), dims=dims, dtypes=(torch.bool,), device=device, device_of="fish_pos")
     if arena is not None:
-        check_tensor(arena, "arena", shape=("B", 2), dims=dims, dtypes=(dtype,), device=device)
+        check_tensor(arena, "arena", shape=("B", 2), dims=dims, dtypes=(dtype,), device=device, dtype_of="fish_pos", device_of="fish_pos")
     pole_separation = check_float(pole_separation, "pole_separation", low=0.0)
     eps = check_float(eps, "eps", low=0.0)
     image_strength = check_float(image_strength, "image_strength")

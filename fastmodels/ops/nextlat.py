@@ -554,16 +554,16 @@ def _check_values(targets, teacher_index, kl_weight, N, V, ignore_index):
 def _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index):
     dims: dict = {}
     check_tensor(hidden, "hidden", shape=("N", "D"), dims=dims, dtypes=_FLOATS)
-    check_tensor(weight, "weight", shape=("V", "D"), dims=dims, dtypes=(hidden.dtype,))
+    check_tensor(weight, "weight", shape=("V", "D"), dims=dims, dtypes=(hidden.dtype,), dtype_of="hidden")
     if dims["V"] == 0:
         raise ValueError("weight: expected a non-empty vocabulary (V >= 1), got shape [0, D]")
     check_tensor(targets, "targets", shape=("N",), dims=dims, dtypes=_INDEX)
     if bias is not None:
-        check_tensor(bias, "bias", shape=("V",), dims=dims, dtypes=(hidden.dtype,))
+        check_tensor(bias, "bias", shape=("V",), dims=dims, dtypes=(hidden.dtype,), dtype_of="hidden")
     if (pred_hidden is None) != (teacher_index is None):
         raise ValueError("pred_hidden and teacher_index: pass both (KL rows) or neither (cross-entropy only)")
     if pred_hidden is not None:
-        check_tensor(pred_hidden, "pred_hidden", shape=("M", "D"), dims=dims, dtypes=(hidden.dtype,))
+        check_tensor(pred_hidden, "pred_hidden", shape=("M", "D"), dims=dims, dtypes=(hidden.dtype,), dtype_of="hidden")
         check_tensor(teacher_index, "teacher_index", shape=("M",), dims=dims, dtypes=_INDEX)
     if kl_weight is not None:
         if pred_hidden is None:

@@ -458,10 +458,10 @@ def unpack_tape(tape, B: int, Tq: int, Tk: int, device, check_values: bool, keys
         if tape.batch_size != B or tape.seq_len != Tk:
             raise ValueError(f"tape: expected a StackTape of batch size {B} and length {Tk} (from q and {keys_name}), got {tape.batch_size} x {tape.seq_len}")
         if tape.device != device:
-            raise ValueError(f"tape: expected a StackTape on {device}, got one on {tape.device} (use tape.to(device))")
+            raise ValueError(f"tape: expected a StackTape on {device} (the device of q), got one on {tape.device} (use tape.to(device))")
         return tape.depth, tape.boundary, None
     if isinstance(tape, torch.Tensor):
-        check_tensor(tape, "tape", shape=(B, Tq, Tk), dtypes=INT_DTYPES, device=device)
+        check_tensor(tape, "tape", shape=(B, Tq, Tk), dtypes=INT_DTYPES, device=device, device_of="q")
         if check_values:
             check_dense_tape(tape)
         return None, None, tape
@@ -496,15 +496,15 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
     """
     dims: dict = {}
     check_tensor(q, "q", shape=("B", "H", "Tq", "D"), dims=dims, dtypes=FLOAT_DTYPES)
-    check_tensor(k, "k", shape=("B", "H", "Tk", "D"), dims=dims, dtypes=(q.dtype,), device=q.device)
-    check_tensor(v, "v", shape=("B", "H", "Tk", "D"), dims=dims, dtypes=(q.dtype,), device=q.device)
+    check_tensor(k, "k", shape=("B", "H", "Tk", "D"), dims=dims, dtypes=(q.dtype,), device=q.device, dtype_of="q", device_of="q")
+    check_tensor(v, "v", shape=("B", "H", "Tk", "D"), dims=dims, dtypes=(q.dtype,), device=q.device, dtype_of="q", device_of="q")
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if D < 1:
         raise ValueError(f"q: expected a head dimension D >= 1, got shape {list(q.shape)}")
     if Tq > Tk:
         raise ValueError(f"q: expected at most as many queries as keys (Tq <= Tk), got Tq={Tq}, Tk={Tk}")
-    check_tensor(depth_emb, "depth_emb", ndim=(2, 3), dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor(depth_emb, "depth_emb", ndim=(2, 3), dtypes=FLOAT_DTYPES, device=q.device, device_of="q")
     if depth_emb.dim() == 2:
         check_tensor(depth_emb, "depth_emb", shape=("V", "D"), dims=dims)
     else:

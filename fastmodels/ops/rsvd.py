@@ -641,9 +641,9 @@ def _check_factorization(svd, A: torch.Tensor, kmax: int) -> None:
     *batch, m, n = A.shape
     names = [f"b{i}" for i in range(len(batch))]
     dims = dict(zip(names, batch), m=m, n=n)
-    check_tensor(U, "svd.U", shape=(*names, "m", "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device)
-    check_tensor(S, "svd.S", shape=(*names, "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device)
-    check_tensor(V, "svd.V", shape=(*names, "n", "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device)
+    check_tensor(U, "svd.U", shape=(*names, "m", "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device, device_of="A")
+    check_tensor(S, "svd.S", shape=(*names, "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device, device_of="A")
+    check_tensor(V, "svd.V", shape=(*names, "n", "r"), dims=dims, dtypes=FLOAT_DTYPES, device=A.device, device_of="A")
     if dims["r"] < kmax:
         raise ValueError(f"svd: has {dims['r']} singular triplets, fewer than max(ranks) = {kmax}")
 
@@ -690,9 +690,9 @@ def singular_value_grads(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, G: t
     batch = list(U.shape[:-2])
     names = [f"b{i}" for i in range(len(batch))]
     check_tensor(U, "U", shape=(*names, "m", "k"), dims=dims)
-    check_tensor(S, "S", shape=(*names, "k"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device)
-    check_tensor(V, "V", shape=(*names, "n", "k"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device)
-    check_tensor(G, "G", shape=(*names, "m", "n"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device)
+    check_tensor(S, "S", shape=(*names, "k"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device, device_of="U")
+    check_tensor(V, "V", shape=(*names, "n", "k"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device, device_of="U")
+    check_tensor(G, "G", shape=(*names, "m", "n"), dims=dims, dtypes=FLOAT_DTYPES, device=U.device, device_of="U")
     dt = torch.float64 if U.dtype == torch.float64 else torch.float32
     GV = G.to(dt) @ V.to(dt)  # [..., m, k]
     return (U.to(dt) * GV).sum(dim=-2)
@@ -733,7 +733,7 @@ def _left_vectors(base_svd, m: int, n: int, device: torch.device) -> torch.Tenso
     if isinstance(base_svd, (tuple, list)) and not base_svd:
         raise ValueError("base_svd: expected a tensor [m, s] or a tuple whose first element is one, got an empty sequence")
     Xb = base_svd[0] if isinstance(base_svd, (tuple, list)) else base_svd
-    check_tensor(Xb, "base_svd", shape=(m, None), dtypes=FLOAT_DTYPES, device=device)
+    check_tensor(Xb, "base_svd", shape=(m, None), dtypes=FLOAT_DTYPES, device=device, device_of="W_base")
     check_finite(Xb, "base_svd")
     if Xb.shape[1] < min(m, n):
         raise ValueError(
@@ -778,12 +778,12 @@ def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float =
         W0, Bm, Am, scale = W_tuned
         dims = {"m": m, "n": n}
         for x, name, shape in ((W0, "W_tuned[0]", ("m", "n")), (Bm, "W_tuned[1] (B)", ("m", "r")), (Am, "W_tuned[2] (A)", ("r", "n"))):
-            check_tensor(x, name, shape=shape, dims=dims, dtypes=FLOAT_DTYPES, device=W_base.device)
+            check_tensor(x, name, shape=shape, dims=dims, dtypes=FLOAT_DTYPES, device=W_base.device, device_of="W_base")
             check_finite(x, name)
         scale = check_float(scale, "W_tuned[3] (scale)")
         Y = _top_left_exact(W0, k, (Bm, Am, scale))
     else:
-        check_tensor(W_tuned, "W_tuned", shape=(m, n), dtypes=FLOAT_DTYPES, device=W_base.device)
+        check_tensor(W_tuned, "W_tuned", shape=(m, n), dtypes=FLOAT_DTYPES, device=W_base.device, device_of="W_base")
         check_finite(W_tuned, "W_tuned")
         Y = _top_left_exact(W_tuned, k)
     if base_svd is None:

@@ -74,7 +74,7 @@ class PushdownAttention(nn.Module):
                 dims = {}
                 for name in ("k", "v"):  # [B, H, T_past, head_dim], as an earlier call stored them
                     check_tensor(cache.get(name), f"cache[{name!r}]", shape=(B, self.n_heads, "T_past", self.head_dim), dims=dims,
-                                 dtypes=(k.dtype,), device=k.device)
+                                 dtypes=(k.dtype,), device=k.device, dtype_of="the new keys", device_of="the new keys")
             k, v = _cache_append(cache, k, v)
         y = pushdown_attention(q, k, v, self.depth_emb, tape, binary=self.binary, backend=self.backend, check_values=check_values)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))

@@ -171,7 +171,7 @@ def dense_from_compact(depth: torch.Tensor, boundary: torch.Tensor, rows: int | 
     """
     dims: dict = {}
     check_tensor(depth, "depth", shape=("B", "T"), dims=dims, dtypes=INT_DTYPES)
-    check_tensor(boundary, "boundary", shape=("B", "T"), dims=dims, dtypes=INT_DTYPES, device=depth.device)
+    check_tensor(boundary, "boundary", shape=("B", "T"), dims=dims, dtypes=INT_DTYPES, device=depth.device, device_of="depth")
     B, T = depth.shape
     rows = T if rows is None else check_int(rows, "rows", low=0, high=T)
     t0 = T - rows  # the first query row asked for
