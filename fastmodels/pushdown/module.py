@@ -82,8 +82,9 @@ class PushdownAttention(nn.Module):
     @staticmethod
     def reorder_cache(cache: dict, parents) -> None:
         """Beam search: keep the cached sentences ``parents`` (indices into the batch, repeats
-        allowed; the new batch has len(parents) rows), in place, with one copy of the keys and
-        values. Reorder the tape builder with the same indices (``builder.select(parents)``)."""
+        allowed; the new batch has len(parents) rows). Updates ``cache`` with one copy of the keys
+        and values; the tensors it held before are left as they were. Reorder the tape builder
+        with the same indices (``builder.select(parents)``)."""
         if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
             raise ValueError("cache: expected a dict filled by an earlier forward (with 'k' and 'v')")
         past_k, past_v = cache["k"], cache["v"]
@@ -91,7 +92,8 @@ class PushdownAttention(nn.Module):
             raise ValueError("parents: expected at least one batch index, got an empty sequence")
         idx = torch.as_tensor(parents, device=past_k.device)
         if idx.dim() != 1 or idx.dtype not in INT_DTYPES or idx.dtype == torch.uint8:
-            raise ValueError(f"parents: expected a 1-D sequence of batch indices, got {list(idx.shape)} {idx.dtype}")
+            raise ValueError(f"parents: expected a 1-D sequence of integer batch indices, got shape {list(idx.shape)}, "
+                             f"dtype {str(idx.dtype).replace('torch.', '')}")
         B = past_k.shape[0]
         if idx.numel() and not bool(((idx >= 0) & (idx < B)).all()):
             raise ValueError(f"parents: expected indices in [0, {B}) (the cache's batch), got {idx.tolist()}")
