@@ -167,6 +167,37 @@ def test_decode(Tq, Tk, dense, binary, dtype):
     check_against_reference(q, keys, feat, tape, grad, binary)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_forward_reads_strided_keys(dtype):
+    """Keys with contiguous [Tk, W] rows at any batch stride -- the prefix of a preallocated key
+    cache (NaN past it), a batch-expanded cache -- give exactly the contiguous result, and the
+    gradients still match; rows that are not contiguous (a slice of wider rows) are copied."""
+    from fastmodels.ops import attachment_scores
+
+    B, Tq, Tk, W, V = 3, 1, 37, 20, 5
+    q, keys, feat, _ = make_inputs(B, Tq, Tk, W, V, dtype, seed=8)
+    dense = compact_tape(B, Tk, seed=8).dense(rows=Tq)
+    want = attachment_scores(q, keys, feat, dense, backend="cpu")
+    cache = torch.full((B, Tk + 9, W), float("nan"), dtype=dtype)
+    cache[:, :Tk] = keys
+    wide = torch.full((B, Tk, W + 3), float("nan"), dtype=dtype)
+    wide[..., :W] = keys
+    for name, kk in (("capacity prefix", cache[:, :Tk]), ("row-strided (copied)", wide[..., :W])):
+        assert not kk.is_contiguous()
+        assert torch.equal(attachment_scores(q, kk, feat, dense, backend="cpu"), want), name
+    k1 = keys[:1].expand(B, -1, -1)  # batch stride 0
+    assert torch.equal(attachment_scores(q, k1, feat, dense, backend="cpu"),
+                       attachment_scores(q, k1.contiguous(), feat, dense, backend="cpu"))
+    leaves = [x.clone().requires_grad_(True) for x in (q, cache, feat)]
+    out = attachment_scores(leaves[0], leaves[1][:, :Tk], leaves[2], dense, backend="cpu")
+    g = torch.randn(out.shape, dtype=out.dtype).masked_fill(~torch.isfinite(out), 0)
+    got = torch.autograd.grad(out, leaves, g)
+    plain = [x.clone().requires_grad_(True) for x in (q, keys, feat)]
+    want_g = torch.autograd.grad(attachment_scores(*plain, dense, backend="cpu"), plain, g)
+    assert torch.equal(got[0], want_g[0]) and torch.equal(got[2], want_g[2])
+    assert torch.equal(got[1][:, :Tk], want_g[1]) and (got[1][:, Tk:] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("binary", [False, True], ids=["clamp", "binary"])
 def test_low_precision_inputs(binary, dtype):
@@ -227,7 +258,7 @@ def test_raw_kernels_write_every_element(Tq, Tk, W, dense, dtype, threads):
     fp64 = dtype == torch.float64
 
     out = torch.full((B, Tq, Tk), float("nan"), dtype=dtype)
-    C.attachment_fwd(q.data_ptr(), keys.data_ptr(), feat.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(S),
+    C.attachment_fwd(q.data_ptr(), keys.data_ptr(), keys.stride(0), feat.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(S),
                      out.data_ptr(), B, Tq, Tk, W, V, False, fp64, threads)
     assert torch.isfinite(out[:, ~masked]).all()
     assert (out[:, masked] == float("-inf")).all()

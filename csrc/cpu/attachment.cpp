@@ -29,7 +29,7 @@
 // upstream gradient of a masked (j > t) score is never read.
 //
 // Python bindings (pointers as ints, 0 = null; float32, or float64 with is_double):
-//   attachment_fwd(q, keys, feat, depth, boundary, dense, out, B, Tq, Tk, W, V, binary, is_double, threads)
+//   attachment_fwd(q, keys, keys_sb, feat, depth, boundary, dense, out, B, Tq, Tk, W, V, binary, is_double, threads)
 //   attachment_bwd(g, q, keys, feat, depth, boundary, dense, dq, dkeys, dfeat, B, Tq, Tk, W, V, binary,
 //                  is_double, threads)
 #include <pybind11/pybind11.h>
@@ -308,19 +308,22 @@ FM_INLINE const T* run_vector(Scratch<T>& s, int64_t c, int32_t v, const T* kc, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: columns j0..j0+nc-1 of batch b, over row tiles (a tile of q serves every column).
+// Forward: columns j0..j0+nc-1 of batch b, over row tiles (a tile of q serves every column). The
+// keys' rows are contiguous [Tk, W] per batch, at any batch stride keys_sb (elements): a prefix
+// view of a decoder's preallocated key cache is read in place.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
 FM_CLONES void fwd_chunk(const Problem& p, int64_t b, int64_t j0, int64_t nc, const T* __restrict q,
-                         const T* __restrict keys, const T* __restrict feat, T* __restrict out, Scratch<T>& s) {
+                         const T* __restrict keys, int64_t keys_sb, const T* __restrict feat, T* __restrict out,
+                         Scratch<T>& s) {
     const int64_t W = p.W, Tq = p.Tq, Tk = p.Tk, tile = row_tile(W, sizeof(T));
     const T* qb = q + b * Tq * W;
     T* ob = out + b * Tq * Tk + j0;  // ob[i * Tk + c] = out[b, i, j0 + c]
     const int64_t first = chunk_columns(p, b, j0, nc, s.idx.data(), s.i0.data(), s.cur.data());
     for (int64_t c = 0; c < nc; ++c)
         for (int64_t i = 0; i < s.i0[c]; ++i) ob[i * Tk + c] = -std::numeric_limits<T>::infinity();
-    const T* kc = keys + (b * Tk + j0) * W;
+    const T* kc = keys + b * keys_sb + j0 * W;
     for (int64_t ia = first; ia < Tq; ia += tile) {
         const int64_t ib = std::min(Tq, ia + tile);
         for (int64_t c = 0; c < nc; c += 2) {
@@ -350,7 +353,7 @@ FM_CLONES void fwd_chunk(const Problem& p, int64_t b, int64_t j0, int64_t nc, co
 }
 
 template <typename T>
-void attachment_fwd_impl(const Problem& p, const T* q, const T* keys, const T* feat, T* out, int threads) {
+void attachment_fwd_impl(const Problem& p, const T* q, const T* keys, int64_t keys_sb, const T* feat, T* out, int threads) {
     const int64_t per_b = p.chunks_per_batch();
 #pragma omp parallel num_threads(threads)
     {
@@ -358,7 +361,7 @@ void attachment_fwd_impl(const Problem& p, const T* q, const T* keys, const T* f
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < p.B * per_b; ++c) {
             const int64_t b = c / per_b, j0 = (c % per_b) * kColumns;
-            fwd_chunk<T>(p, b, j0, std::min(kColumns, p.Tk - j0), q, keys, feat, out, s);
+            fwd_chunk<T>(p, b, j0, std::min(kColumns, p.Tk - j0), q, keys, keys_sb, feat, out, s);
         }
     }
 }
@@ -554,17 +557,17 @@ namespace fastmodels {
 void register_attachment(pybind11::module_& m) {
     m.def(
         "attachment_fwd",
-        [](uintptr_t q, uintptr_t keys, uintptr_t feat, uintptr_t depth, uintptr_t boundary, uintptr_t dense,
-           uintptr_t out, int64_t B, int64_t Tq, int64_t Tk, int64_t W, int64_t V, bool binary, bool is_double,
-           int threads) {
+        [](uintptr_t q, uintptr_t keys, int64_t keys_sb, uintptr_t feat, uintptr_t depth, uintptr_t boundary,
+           uintptr_t dense, uintptr_t out, int64_t B, int64_t Tq, int64_t Tk, int64_t W, int64_t V, bool binary,
+           bool is_double, int threads) {
             pybind11::gil_scoped_release release;
             const Problem p = make_problem(depth, boundary, dense, B, Tq, Tk, W, V, binary);
             threads = std::max(1, threads);
             if (is_double)
-                attachment_fwd_impl<double>(p, reinterpret_cast<const double*>(q), reinterpret_cast<const double*>(keys),
+                attachment_fwd_impl<double>(p, reinterpret_cast<const double*>(q), reinterpret_cast<const double*>(keys), keys_sb,
                                             reinterpret_cast<const double*>(feat), reinterpret_cast<double*>(out), threads);
             else
-                attachment_fwd_impl<float>(p, reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(keys),
+                attachment_fwd_impl<float>(p, reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(keys), keys_sb,
                                            reinterpret_cast<const float*>(feat), reinterpret_cast<float*>(out), threads);
         },
         "Attachment scores forward: out[B, Tq, Tk] (-inf above the diagonal); pointers as ints, 0 = null.");

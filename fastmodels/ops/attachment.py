@@ -94,10 +94,13 @@ def _fwd_impl(q, keys, feat, depth, boundary, dense, binary: bool, backend: str)
     import fastmodels._C as C
 
     cd = _compute_dtype(q.dtype)
-    qf, kf, ff = (x.to(cd).contiguous() for x in (q, keys, feat))
+    qf, ff = (x.to(cd).contiguous() for x in (q, feat))
+    # keys with contiguous [Tk, W] rows per batch are read in place (a prefix view of a decoder's
+    # preallocated key cache needs no copy)
+    kf = keys if keys.dtype == cd and keys.stride(-1) == 1 and keys.stride(-2) == W else keys.to(cd).contiguous()
     out = torch.empty(B, Tq, Tk, dtype=cd, device=q.device)
     C.attachment_fwd(
-        qf.data_ptr(), kf.data_ptr(), ff.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(dense), out.data_ptr(),
+        qf.data_ptr(), kf.data_ptr(), kf.stride(0), ff.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(dense), out.data_ptr(),
         B, Tq, Tk, W, V, binary, cd == torch.float64, _threads(),
     )
     return out
