@@ -26,7 +26,7 @@ from fastmodels.bench.harness import Case, register_cases, with_env
 from fastmodels.ops import pushdown_attention
 from fastmodels.ops.pushdown import pushdown_attention_materialized
 from fastmodels.pushdown import PushdownAttention, StackTape
-from fastmodels.pushdown import module as pushdown_module
+from fastmodels.pushdown import _cache as pushdown_cache
 from fastmodels.testing import rms_ratio
 
 
@@ -267,8 +267,8 @@ def _decode_loop(capacity: bool):
     concatenation, as it did before."""
 
     def run(x):
-        saved = pushdown_module._CAPACITY_CACHE
-        pushdown_module._CAPACITY_CACHE = capacity
+        saved = pushdown_cache._CAPACITY_CACHE
+        pushdown_cache._CAPACITY_CACHE = capacity
         try:
             cache, steps = {}, []
             with torch.no_grad():
@@ -276,7 +276,7 @@ def _decode_loop(capacity: bool):
                     steps.append(x["m"](x["x"][:, t : t + 1], x["dense"][:, t : t + 1, : t + 1], cache, check_values=False))
             return "pushdown", torch.cat(steps, dim=1)
         finally:
-            pushdown_module._CAPACITY_CACHE = saved
+            pushdown_cache._CAPACITY_CACHE = saved
 
     return run
 

@@ -201,6 +201,51 @@ def test_decoding_one_token_at_a_time_equals_the_full_forward():
             row = builder.push(None if target == 10 else target)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_decoding_with_a_key_cache(grad):
+    """``cache=`` appends each step's keys (in place without autograd, past a buffer growth at
+    70 tokens; concatenated with autograd) and equals the full forward; reorder_cache follows a
+    beam reorder (a parent kept twice) as reordering the inputs does."""
+    from fastmodels.pushdown._cache import _MIN_CAPACITY
+
+    T = 70
+    assert _MIN_CAPACITY < T
+    torch.manual_seed(6)
+    tape, _ = random_tapes(random.Random(6), [T, T])
+    head = AttachmentHead(8, width=6, max_depth=5, backend=_cpu_backend_or_reference())
+    hidden, nxt = torch.randn(2, T, 8), torch.randn(2, T, 8)
+    dense = tape.dense()
+    with torch.set_grad_enabled(grad):
+        full = head(hidden, nxt, dense)
+        cache, steps, held = {}, [], []
+        for t in range(T):
+            steps.append(head(hidden[:, t:t + 1], nxt[:, t:t + 1], dense[:, t:t + 1, : t + 1], cache=cache))
+            held.append(cache["keys"])  # kept alive: distinct storages have distinct addresses
+            if t == 10:
+                early, early_copy = cache["keys"], cache["keys"].detach().clone()
+        for t, step in enumerate(steps):  # [B, 1, t + 2]: reduce with keys 0..t, then shift
+            torch.testing.assert_close(step, torch.cat([full[:, t:t + 1, : t + 1], full[:, t:t + 1, -1:]], -1))
+        assert cache["keys"].shape == (2, T, head.key.out_features) and torch.equal(early, early_copy)
+        store = {h.untyped_storage().data_ptr() for h in held}
+        assert len(store) == (2 if not grad else T)  # one buffer until it grows; a new tensor per step with autograd
+        # a beam reorder halfway
+        parents, half = [1, 1, 0], T // 2
+        cache, steps = {}, []
+        for t in range(T):
+            if t == half:
+                AttachmentHead.reorder_cache(cache, parents)
+            sel = slice(None) if t < half else parents
+            steps.append(head(hidden[sel, t:t + 1], nxt[sel, t:t + 1], dense[sel, t:t + 1, : t + 1], cache=cache))
+        for t in range(half, T):
+            torch.testing.assert_close(steps[t], torch.cat([full[parents, t:t + 1, : t + 1], full[parents, t:t + 1, -1:]], -1))
+    with pytest.raises(ValueError, match="cache: give a cache, keys or context, not two of them"):
+        head(hidden[:, :1], nxt[:, :1], dense[:, :1, :1], keys=cache["keys"][:2, :1], cache={})
+    with pytest.raises(ValueError, match=r"cache\['keys'\]: expected shape"):
+        head(hidden[:, :1], nxt[:, :1], dense[:, :1, :T + 1], cache=cache)  # batch 2, the cache has 3
+    with pytest.raises(ValueError, match="parents: expected indices in"):
+        AttachmentHead.reorder_cache(cache, [3])
+
+
 def test_bad_input_errors():
     q, keys, feat = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(5, 3)
     tape = StackTape.from_trees(["((a b) (c d))", "(a (b (c d)))"])

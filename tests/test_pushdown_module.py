@@ -92,7 +92,7 @@ def test_decoding_cache_appends_in_place(mode):
     (T = 70 > 64 positions), then a 3-token chunk (the blocked path on strided views), equals the
     full forward; one buffer serves every step between growths; a view handed out earlier keeps
     its contents."""
-    from fastmodels.pushdown.module import _MIN_CAPACITY
+    from fastmodels.pushdown._cache import _MIN_CAPACITY
 
     T = 70
     assert _MIN_CAPACITY < T - 3

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmodels._validation import check_tensor
 from fastmodels.ops.attachment import attachment_scores
+from fastmodels.pushdown import _cache
 
 __all__ = ["AttachmentHead"]
 
@@ -37,8 +39,10 @@ class AttachmentHead(nn.Module):
     ``forward(hidden, next_embed, tape)``: hidden [B, Tq, d_model] (the last layer's output at the
     query positions), next_embed [B, Tq, d_embed] (embeddings of tokens t + 1), tape a StackTape
     or a dense [B, Tq, Tk] tape (the same rows the pushdown layers use). Keys come from
-    ``context`` [B, Tk, d_model] (default: ``hidden``) or precomputed ``keys`` (``key_features``
-    of the context: cache them when decoding). ``mask`` [B, Tq, Tk] bool (e.g.
+    ``context`` [B, Tk, d_model] (default: ``hidden``), from precomputed ``keys``
+    (``key_features`` of the context), or, when decoding, from ``cache``: a dict to which each
+    call appends the keys of its own ``hidden`` (as ``PushdownAttention``'s cache does: in place
+    without autograd; :meth:`reorder_cache` for beam search). ``mask`` [B, Tq, Tk] bool (e.g.
     ``StackTape.attachment_mask()`` or ``StackTapeBuilder.attach_mask[:, None]``) sets the
     reduce logits of keys that end no stack constituent to -inf. Returns [B, Tq, Tk + 1] logits
     in float32 (float64 for float64 parameters).
@@ -82,7 +86,8 @@ class AttachmentHead(nn.Module):
         return self.key(context)
 
     def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, tape, *, context: torch.Tensor | None = None,
-                keys: torch.Tensor | None = None, mask: torch.Tensor | None = None, check_values: bool = True) -> torch.Tensor:
+                keys: torch.Tensor | None = None, mask: torch.Tensor | None = None, cache: dict | None = None,
+                check_values: bool = True) -> torch.Tensor:
         for name, x, width in (("hidden", hidden, self.d_model), ("next_embed", next_embed, self.d_embed)):
             if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != width:
                 shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -93,7 +98,17 @@ class AttachmentHead(nn.Module):
                                     or context.shape[0] != hidden.shape[0] or context.shape[-1] != self.d_model):
             shape = list(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError(f"context: expected a tensor [B={hidden.shape[0]}, Tk, {self.d_model}] (d_model), got {shape}")
-        if keys is None:
+        if cache is not None:
+            if not isinstance(cache, dict):
+                raise TypeError(f"cache: expected a dict (empty on the first call), got {type(cache).__name__}")
+            if keys is not None or context is not None:
+                raise ValueError("cache: give a cache, keys or context, not two of them")
+            new = self.key_features(hidden)
+            if "keys" in cache:  # [B, T_past, width], as an earlier call stored it
+                check_tensor(cache["keys"], "cache['keys']", shape=(hidden.shape[0], None, self.key.out_features),
+                             dtypes=(new.dtype,), device=new.device, dtype_of="the new keys", device_of="the new keys")
+            (keys,) = _cache.append(cache, ("keys",), (new,), dim=1)
+        elif keys is None:
             keys = self.key_features(hidden if context is None else context)
         elif context is not None:
             raise ValueError("context: give context or keys, not both")
@@ -117,6 +132,12 @@ class AttachmentHead(nn.Module):
             reduce = reduce.masked_fill(~mask, float("-inf"))
         shift = (qt * self.shift(x)).sum(-1, keepdim=True).to(reduce.dtype)
         return torch.cat([reduce, shift], dim=-1)
+
+    @staticmethod
+    def reorder_cache(cache: dict, parents) -> None:
+        """Beam search: keep the cached sentences ``parents`` (indices into the batch, repeats
+        allowed), as :meth:`PushdownAttention.reorder_cache` does for the attention layers."""
+        _cache.reorder(cache, ("keys",), parents, dim=1)
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

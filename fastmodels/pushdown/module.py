@@ -6,10 +6,10 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-from fastmodels._validation import INT_DTYPES, check_bool, check_int, check_tensor
+from fastmodels._validation import check_bool, check_int, check_tensor
 from fastmodels.ops.pushdown import check_dense_tape, pushdown_attention
+from fastmodels.pushdown import _cache
 from fastmodels.pushdown.tape import StackTape
 
 __all__ = ["PushdownAttention", "pushdownify_gpt2", "set_stack_tape"]
@@ -75,7 +75,7 @@ class PushdownAttention(nn.Module):
                 for name in ("k", "v"):  # [B, H, T_past, head_dim], as an earlier call stored them
                     check_tensor(cache.get(name), f"cache[{name!r}]", shape=(B, self.n_heads, "T_past", self.head_dim), dims=dims,
                                  dtypes=(k.dtype,), device=k.device, dtype_of="the new keys", device_of="the new keys")
-            k, v = _cache_append(cache, k, v)
+            k, v = _cache.append(cache, ("k", "v"), (k, v), dim=2)
         y = pushdown_attention(q, k, v, self.depth_emb, tape, binary=self.binary, backend=self.backend, check_values=check_values)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -85,102 +85,10 @@ class PushdownAttention(nn.Module):
         allowed; the new batch has len(parents) rows). Updates ``cache`` with one copy of the keys
         and values; the tensors it held before are left as they were. Reorder the tape builder
         with the same indices (``builder.select(parents)``)."""
-        if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
-            raise ValueError("cache: expected a dict filled by an earlier forward (with 'k' and 'v')")
-        past_k, past_v = cache["k"], cache["v"]
-        if isinstance(parents, (list, tuple)) and not parents:
-            raise ValueError("parents: expected at least one batch index, got an empty sequence")
-        idx = torch.as_tensor(parents, device=past_k.device)
-        if idx.dim() != 1 or idx.dtype not in INT_DTYPES or idx.dtype == torch.uint8:
-            raise ValueError(f"parents: expected a 1-D sequence of integer batch indices, got shape {list(idx.shape)}, "
-                             f"dtype {str(idx.dtype).replace('torch.', '')}")
-        B = past_k.shape[0]
-        if idx.numel() and not bool(((idx >= 0) & (idx < B)).all()):
-            raise ValueError(f"parents: expected indices in [0, {B}) (the cache's batch), got {idx.tolist()}")
-        idx = idx.long()
-        buf = _live_buffer(past_k, past_v)
-        if buf is None:
-            cache["k"], cache["v"] = past_k[idx], past_v[idx]
-        else:  # the whole capacity buffer in one contiguous gather; the prefix stays a view of it
-            cache["k"], cache["v"] = _KVBuffer(buf.k.index_select(0, idx), buf.v.index_select(0, idx), buf.filled).views()
+        _cache.reorder(cache, ("k", "v"), parents, dim=2)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, depth_rows={self.depth_emb.shape[-2]}, binary={self.binary}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The decoding cache: keys and values in capacity buffers, appended in place
-# ---------------------------------------------------------------------------------------------
-
-_MIN_CAPACITY = 64
-_CAPACITY_CACHE = True  # False: every step concatenates (the behaviour before; benchmarks compare)
-
-
-class _KVBuffer:
-    """Keys and values [B, H, capacity, head_dim] of a decoding cache. ``filled``: positions that
-    any view handed out so far covers; appends write only past it, so no earlier view ever sees
-    its contents change (a dict copied to branch a decode, or a cache cut back to a shorter
-    prefix, gets a fresh buffer on its next append instead)."""
-
-    __slots__ = ("k", "v", "filled")
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, filled: int):
-        self.k, self.v, self.filled = k, v, filled
-
-    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled prefixes, registered as this buffer's (the cache dict itself stays plain
-        tensors: users may copy, index or save it)."""
-        k, v = self.k[:, :, : self.filled], self.v[:, :, : self.filled]
-        _BUFFERS[k] = self
-        return k, v
-
-
-_BUFFERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # cache['k'] view -> its _KVBuffer
-
-
-def _live_buffer(past_k: torch.Tensor, past_v: torch.Tensor) -> _KVBuffer | None:
-    """The buffer behind cache['k'] / ['v'] if they are still the views it handed out last (a
-    reorder or slice by the user gives other tensors), else None."""
-    buf = _BUFFERS.get(past_k)
-    if buf is None or buf.filled != past_k.shape[2]:
-        return None
-    for view, whole in ((past_k, buf.k), (past_v, buf.v)):
-        if view.data_ptr() != whole.data_ptr() or view.stride() != whole.stride() or view.shape[:2] != whole.shape[:2]:
-            return None
-    return buf
-
-
-def _cache_append(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append k, v [B, H, T_new, head_dim] to the cache; returns every cached key and value.
-
-    Without autograd (``torch.no_grad`` / ``inference_mode``, where decoding runs) the new
-    positions are copied into capacity buffers that grow by half when full, and cache['k'] /
-    ['v'] are views of their prefix: one copy of T_new positions per step instead of
-    concatenating all T keys and values (whole decodes 1.03-1.59x faster on the development CPU
-    and half the peak memory; docs/pushdown.md). With autograd, and under torch.compile,
-    the cache concatenates: an in-place write would bump the version of views that an earlier
-    step saved for backward."""
-    past_k, past_v = cache.get("k"), cache.get("v")
-    if not _CAPACITY_CACHE or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        if past_k is not None:
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        cache["k"], cache["v"] = k, v
-        return k, v
-    past = 0 if past_k is None else past_k.shape[2]
-    n = past + k.shape[2]
-    buf = None if past_k is None else _live_buffer(past_k, past_v)
-    if buf is not None and (n > buf.k.shape[2] or (buf.k.is_inference() and not torch.is_inference_mode_enabled())):
-        buf = None
-    if buf is None:  # a new buffer: the past copied once
-        B, H, _, D = k.shape
-        cap = max(_MIN_CAPACITY, n + n // 2)
-        buf = _KVBuffer(k.new_empty(B, H, cap, D), v.new_empty(B, H, cap, D), past)
-        if past:
-            buf.k[:, :, :past], buf.v[:, :, :past] = past_k, past_v
-    buf.k[:, :, past:n], buf.v[:, :, past:n] = k, v
-    buf.filled = n
-    cache["k"], cache["v"] = buf.views()
-    return cache["k"], cache["v"]
 
 
 class GPT2PushdownAttention(nn.Module):
