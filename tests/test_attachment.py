@@ -244,6 +244,19 @@ def test_decoding_with_a_key_cache(grad):
         head(hidden[:, :1], nxt[:, :1], dense[:, :1, :T + 1], cache=cache)  # batch 2, the cache has 3
     with pytest.raises(ValueError, match="parents: expected indices in"):
         AttachmentHead.reorder_cache(cache, [3])
+    # a no-grad append leaves a cache view saved for backward usable (the old values' gradients)
+    cache = {}
+    with torch.no_grad():
+        for t in range(3):
+            head(hidden[:, t:t + 1], nxt[:, t:t + 1], dense[:, t:t + 1, : t + 1], cache=cache)
+    logits = head(hidden[:, 2:3], nxt[:, 2:3], dense[:, 2:3, :3], keys=cache["keys"])
+    want = torch.autograd.grad(head(hidden[:, 2:3], nxt[:, 2:3], dense[:, 2:3, :3], keys=cache["keys"].clone())
+                               .logsumexp(-1).sum(), head.depth_feat)
+    with torch.no_grad():
+        head(hidden[:, 3:4], nxt[:, 3:4], dense[:, 3:4, :4], cache=cache)
+    assert torch.equal(torch.autograd.grad(logits.logsumexp(-1).sum(), head.depth_feat)[0], want[0])
+    with pytest.raises(ValueError, match=r"tape: expected a tensor on cpu \(the device of hidden\), got one on meta"):
+        head(hidden[:, :1], nxt[:, :1], dense[:, :1, :1].to("meta"))
 
 
 def test_bad_input_errors():

@@ -7,6 +7,7 @@ import torch
 from helpers import assert_rms_close, backend_device, op_backends
 
 import fastmodels
+from fastmodels.ops import pushdown_attention
 from fastmodels.ops.pushdown import pushdown_attention_reference
 from fastmodels.pushdown import PushdownAttention, StackTape, StackTapeBuilder, pushdownify_gpt2, set_stack_tape
 
@@ -159,12 +160,12 @@ def test_decoding_cache_branches_cuts_and_reorders():
         assert torch.equal(side["k"], side_k)  # the main line's appends did not overwrite it
 
         # cut back to 20 positions and decode position 20 again
-        whole = cache["k"].clone()
+        before_cut, before_copy = cache["k"], cache["k"].clone()
         cache["k"], cache["v"] = cache["k"][:, :, :20], cache["v"][:, :, :20]
         again = m(x[:, 20:21], dense[:, 20:21, :21], cache=cache)
         assert_rms_close(again, full[:, 20:21], 1e-12)
         assert cache["k"].shape[2] == 21 and torch.equal(side["k"], side_k)
-        del whole
+        assert torch.equal(before_cut, before_copy)  # position 20 was written into a new buffer
 
         # beam reorder halfway, with the builder; a parent kept twice
         parents, half = [1, 1, 0], T // 2
@@ -181,6 +182,37 @@ def test_decoding_cache_branches_cuts_and_reorders():
         assert cache["k"].untyped_storage().nbytes() > cache["k"].nbytes  # still a view of a capacity buffer
 
 
+def test_cache_views_saved_for_backward_survive_later_appends():
+    """A cache view passed to a differentiable call (a loss over a sampled decode) still
+    backpropagates after later no-grad appends into the same buffer, with the gradients of the
+    values it held: appends only write positions no view covers, and leave the version alone."""
+    m, x, _, _ = _decode_setup(8, 8)
+    dense = torch.zeros(2, 8, 8, dtype=torch.int64)
+    cache = {}
+    with torch.no_grad():
+        for t in range(3):
+            m(x[:, t : t + 1], dense[:, t : t + 1, : t + 1], cache=cache)
+    k, v = cache["k"], cache["v"]
+    q = torch.randn(2, 2, 1, 16, dtype=torch.float64, requires_grad=True)
+    y = pushdown_attention(q, k, v, m.depth_emb, dense[:, 2:3, :3])
+    want = torch.autograd.grad(pushdown_attention(q, k.clone(), v.clone(), m.depth_emb, dense[:, 2:3, :3]).square().sum(), (q, m.depth_emb))
+    with torch.no_grad():
+        for t in range(3, 8):
+            m(x[:, t : t + 1], dense[:, t : t + 1, : t + 1], cache=cache)
+    assert k.untyped_storage().data_ptr() == cache["k"].untyped_storage().data_ptr()  # the same buffer, appended to
+    got = torch.autograd.grad(y.square().sum(), (q, m.depth_emb))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_module_tape_on_another_device_names_the_module_input():
+    m = PushdownAttention(32, 4, backend="reference")
+    x = torch.randn(2, 4, 32)
+    dense = StackTape.from_trees(["((a b) (c d))", "(a (b (c d)))"]).dense()
+    with pytest.raises(ValueError, match=r"tape: expected a tensor on cpu \(the device of x\), got one on meta"):
+        m(x, dense.to("meta"))
+
+
 def test_reorder_cache_with_autograd_and_bad_parents():
     """With autograd the cache concatenates, and reorder_cache indexes it; bad parents are named."""
     m, x, _, _ = _decode_setup(6, 6)
@@ -194,7 +226,7 @@ def test_reorder_cache_with_autograd_and_bad_parents():
     assert torch.equal(cache["k"], want) and cache["v"].shape[0] == 3
     for bad, match in (([3], r"parents: expected indices in \[0, 3\)"), ([-1], "parents: expected indices"),
                        ([[0, 1]], "parents: expected a 1-D sequence"), ([0.5], "parents: expected a 1-D sequence"),
-                       ([], "parents: expected at least one")):
+                       ([], "parents: expected at least one"), (torch.tensor([], dtype=torch.long), "parents: expected at least one")):
         with pytest.raises(ValueError, match=match):
             PushdownAttention.reorder_cache(cache, bad)
     with pytest.raises(ValueError, match="cache: expected a dict filled by an earlier forward"):

@@ -448,6 +448,16 @@ def check_dense_tape(tape: torch.Tensor) -> None:
             raise ValueError(f"tape: expected non-negative depths, got a minimum of {low}")
 
 
+def check_tape_device(tape, device, device_of: str) -> None:
+    """Refuse a tape (StackTape or tensor) that is not on ``device``, naming the argument
+    ``device_of`` it came from: modules check their tape against their own input first, so that
+    the op's error (which names its q) never reaches a module's user."""
+    got = getattr(tape, "device", None)
+    if got is not None and got != device:
+        kind = "tensor" if isinstance(tape, torch.Tensor) else "StackTape"
+        raise ValueError(f"tape: expected a {kind} on {device} (the device of {device_of}), got one on {got}")
+
+
 def unpack_tape(tape, B: int, Tq: int, Tk: int, device, check_values: bool, keys_name: str = "k"):
     """(depth, boundary, dense) of an op's ``tape`` argument, checked against the batch B, the Tq
     queries and Tk keys on ``device``: a StackTape gives (depth, boundary, None), a dense integer

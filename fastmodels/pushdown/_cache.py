@@ -5,15 +5,18 @@ step's positions at a time (``PushdownAttention``: keys and values [B, H, T, hea
 Without autograd (``torch.no_grad`` / ``inference_mode``, where decoding runs) the tensors live in
 buffers with spare capacity that grow by half when full, and the dict holds views of their filled
 prefix: a step copies only its new positions, instead of concatenating all T of them (whole
-decodes through ``PushdownAttention`` 1.03-1.59x faster on the development CPU, and half the peak
-memory; docs/pushdown.md). With autograd, and under torch.compile, the dict's tensors are
-concatenated: an in-place write would bump the version of views that an earlier step saved for
-backward.
+decodes through ``PushdownAttention`` were faster in every run on the development CPU; measured in
+docs/pushdown.md). With autograd, and under torch.compile, the dict's tensors are concatenated:
+the new keys and values then stay in the autograd graph.
 
 Views handed out earlier never change: appends write only past the longest view handed out
 (``filled``), so a dict copied to branch a decode, or a cache cut back to a prefix, gets a buffer of
-its own on its next append. The dict holds plain tensors (users may copy, index or save it); its
-buffer is found from the first view through a weak map.
+its own on its next append. Because of that, appends write through ``.data``, which leaves the
+views' shared version counter alone: a view that a differentiable call saved for backward (a
+policy-gradient loss over a sampled decode) still backpropagates after later no-grad appends, as
+with concatenation. The dict holds plain tensors (users may copy, index or save it; a saved or
+deep-copied view carries its whole buffer, capacity included); its buffer is found from the first
+view through a weak map.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ _CAPACITY_CACHE = True  # False: every step concatenates (the behaviour before; 
 
 
 class _Buffer:
-    """The tensors of one cache (same leading sizes, grown along ``dim``) with room for ``capacity``
-    positions, of which ``filled`` are covered by views handed out so far."""
+    """The tensors of one cache (same leading sizes, grown along ``dim``; their size there is the
+    capacity), of which the first ``filled`` positions are covered by views handed out so far."""
 
     __slots__ = ("parts", "dim", "filled")
 
@@ -84,7 +87,8 @@ def append(cache: dict, names: tuple[str, ...], new: tuple[torch.Tensor, ...], d
             parts.append(part)
         buf = _Buffer(tuple(parts), dim, start)
     for part, x in zip(buf.parts, new):
-        part.narrow(dim, start, n - start).copy_(x)
+        # positions no view covers: through .data, so views saved for backward keep their version
+        part.data.narrow(dim, start, n - start).copy_(x)
     buf.filled = n
     out = buf.views()
     cache.update(zip(names, out))
@@ -103,8 +107,10 @@ def reorder(cache: dict, names: tuple[str, ...], parents, dim: int) -> None:
     if idx.dim() != 1 or idx.dtype not in INT_DTYPES or idx.dtype == torch.uint8:
         raise ValueError(f"parents: expected a 1-D sequence of integer batch indices, got shape {list(idx.shape)}, "
                          f"dtype {str(idx.dtype).replace('torch.', '')}")
+    if idx.numel() == 0:
+        raise ValueError("parents: expected at least one batch index, got an empty tensor")
     B = past[0].shape[0]
-    if idx.numel() and not bool(((idx >= 0) & (idx < B)).all()):
+    if not bool(((idx >= 0) & (idx < B)).all()):
         raise ValueError(f"parents: expected indices in [0, {B}) (the cache's batch), got {idx.tolist()}")
     idx = idx.long()
     buf = _live_buffer(past, dim)

@@ -23,6 +23,7 @@ from torch import nn
 
 from fastmodels._validation import check_tensor
 from fastmodels.ops.attachment import attachment_scores
+from fastmodels.ops.pushdown import check_tape_device
 from fastmodels.pushdown import _cache
 
 __all__ = ["AttachmentHead"]
@@ -94,6 +95,7 @@ class AttachmentHead(nn.Module):
                 raise ValueError(f"{name}: expected a tensor [B, Tq, {width}], got {shape}")
         if next_embed.shape[:2] != hidden.shape[:2]:
             raise ValueError(f"next_embed: expected [B, Tq] = {list(hidden.shape[:2])} (from hidden), got {list(next_embed.shape[:2])}")
+        check_tape_device(tape, hidden.device, "hidden")
         if context is not None and (not isinstance(context, torch.Tensor) or context.dim() != 3
                                     or context.shape[0] != hidden.shape[0] or context.shape[-1] != self.d_model):
             shape = list(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastmodels._validation import check_bool, check_int, check_tensor
-from fastmodels.ops.pushdown import check_dense_tape, pushdown_attention
+from fastmodels.ops.pushdown import check_dense_tape, check_tape_device, pushdown_attention
 from fastmodels.pushdown import _cache
 from fastmodels.pushdown.tape import StackTape
 
@@ -66,6 +66,7 @@ class PushdownAttention(nn.Module):
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected a tensor [B, T, {self.d_model}] (d_model), got {shape}")
         B, T, C = x.shape
+        check_tape_device(tape, x.device, "x")
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             if not isinstance(cache, dict):
@@ -74,7 +75,8 @@ class PushdownAttention(nn.Module):
                 dims = {}
                 for name in ("k", "v"):  # [B, H, T_past, head_dim], as an earlier call stored them
                     check_tensor(cache.get(name), f"cache[{name!r}]", shape=(B, self.n_heads, "T_past", self.head_dim), dims=dims,
-                                 dtypes=(k.dtype,), device=k.device, dtype_of="the new keys", device_of="the new keys")
+                                 dtypes=(k.dtype,), device=k.device, dtype_of="the new keys and values",
+                                 device_of="the new keys and values")
             k, v = _cache.append(cache, ("k", "v"), (k, v), dim=2)
         y = pushdown_attention(q, k, v, self.depth_emb, tape, binary=self.binary, backend=self.backend, check_values=check_values)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
@@ -124,6 +126,7 @@ class GPT2PushdownAttention(nn.Module):
         if self.tape is None:
             raise RuntimeError("no stack tape set: call fastmodels.pushdown.set_stack_tape(model, tape) before the forward")
         B, T, _ = hidden_states.shape
+        check_tape_device(self.tape, hidden_states.device, "the model's hidden states")
         q, k, v = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
