@@ -39,6 +39,7 @@ from fastmodels.ops.pushdown import (
     _depth_index,
     _int32_tape,
     _ptr,
+    _rows_in_place,
     _threads,
     _triton_tape,
     unpack_tape,
@@ -95,9 +96,7 @@ def _fwd_impl(q, keys, feat, depth, boundary, dense, binary: bool, backend: str)
 
     cd = _compute_dtype(q.dtype)
     qf, ff = (x.to(cd).contiguous() for x in (q, feat))
-    # keys with contiguous [Tk, W] rows per batch are read in place (a prefix view of a decoder's
-    # preallocated key cache needs no copy)
-    kf = keys if keys.dtype == cd and keys.stride(-1) == 1 and keys.stride(-2) == W else keys.to(cd).contiguous()
+    kf = _rows_in_place(keys, cd)
     out = torch.empty(B, Tq, Tk, dtype=cd, device=q.device)
     C.attachment_fwd(
         qf.data_ptr(), kf.data_ptr(), kf.stride(0), ff.data_ptr(), _ptr(depth), _ptr(boundary), _ptr(dense), out.data_ptr(),

@@ -172,15 +172,22 @@ def _ptr(x) -> int:
     return 0 if x is None else x.data_ptr()
 
 
+def _rows_in_place(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` itself when it has ``dtype`` and contiguous rows over its last two dims (any strides
+    outside them: the prefix view of a decoding cache's capacity buffer), else a contiguous copy
+    in ``dtype``. The C++ kernels that take the outer strides read the former without a copy."""
+    if x.dtype == dtype and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+        return x
+    return x.to(dtype).contiguous()
+
+
 def _decode_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool):
     """Forward of at most _DECODE_ROWS query rows as one fused C++ call (no GEMMs). ``emb``: the
     table as given, [V, D] (shared) or [H, V, D]."""
     B, H, Tq, D = q.shape
     cd = _compute_dtype(q.dtype)
     qf, table = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (q, emb))
-    # keys and values are read in place when each (batch, head) holds contiguous [Tk, D] rows: the
-    # prefix view of a KV cache's capacity buffer needs no copy
-    kf, vf = (t if t.dtype == cd and t.stride(-1) == 1 and t.stride(-2) == D else t.to(cd).contiguous() for t in (k, v))
+    kf, vf = _rows_in_place(k, cd), _rows_in_place(v, cd)
     out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
     rows = _block_dense(dense, 0, Tq, k.shape[2])  # [B, Tq, Tk] int32, or None

@@ -101,14 +101,12 @@ def reorder(cache: dict, names: tuple[str, ...], parents, dim: int) -> None:
         keys = " and ".join(repr(n) for n in names)
         raise ValueError(f"cache: expected a dict filled by an earlier forward (with {keys})")
     past = tuple(cache[n] for n in names)
-    if isinstance(parents, (list, tuple)) and not parents:
-        raise ValueError("parents: expected at least one batch index, got an empty sequence")
     idx = torch.as_tensor(parents, device=past[0].device)
+    if idx.numel() == 0:  # before the dtype check: as_tensor([]) is float32
+        raise ValueError(f"parents: expected at least one batch index, got an empty {type(parents).__name__}")
     if idx.dim() != 1 or idx.dtype not in INT_DTYPES or idx.dtype == torch.uint8:
         raise ValueError(f"parents: expected a 1-D sequence of integer batch indices, got shape {list(idx.shape)}, "
                          f"dtype {str(idx.dtype).replace('torch.', '')}")
-    if idx.numel() == 0:
-        raise ValueError("parents: expected at least one batch index, got an empty tensor")
     B = past[0].shape[0]
     if not bool(((idx >= 0) & (idx < B)).all()):
         raise ValueError(f"parents: expected indices in [0, {B}) (the cache's batch), got {idx.tolist()}")
