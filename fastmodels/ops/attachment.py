@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from fastmodels._autocast import autocast_dtype, autocast_off, cast_to
 from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, check_bool, check_tensor
 from fastmodels.ops.pushdown import (
@@ -84,6 +85,7 @@ def _backend_tape(backend: str, depth, boundary, dense):
     return tuple(None if x is None else _int32_tape(x).contiguous() for x in (depth, boundary, dense))
 
 
+@autocast_off
 def _fwd_impl(q, keys, feat, depth, boundary, dense, binary: bool, backend: str) -> torch.Tensor:
     B, Tq, W = q.shape
     Tk, V = keys.shape[1], feat.shape[0]
@@ -105,6 +107,7 @@ def _fwd_impl(q, keys, feat, depth, boundary, dense, binary: bool, backend: str)
     return out
 
 
+@autocast_off
 def _bwd_impl(grad, q, keys, feat, depth, boundary, dense, binary: bool, backend: str):
     """(dq, dkeys, dfeat) in float32 (float64 for float64 inputs); the gradient of a masked
     (j > t) score is ignored."""
@@ -234,9 +237,17 @@ def attachment_scores(q, keys, depth_feat, tape, *, binary: bool = False, backen
         check_values: check that a dense tape has no negative depth (one host sync; skipped under
             torch.compile). With False, negative depths read as 0 on every backend.
 
+    Under ``torch.autocast``, q, keys and depth_feat are first cast to autocast's dtype (float64
+    stays), as for ``pushdown_attention``; the scores are float32 either way.
+
     Returns: [B, Tq, Tk] scores in float32 (float64 for float64 inputs), -inf where j > t.
     Differentiable in q, keys and depth_feat.
     """
+    low = autocast_dtype(q)
+    if low is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            return attachment_scores(cast_to(q, low), cast_to(keys, low), cast_to(depth_feat, low), tape, binary=binary,
+                                     backend=backend, check_values=check_values)
     dims: dict = {}
     check_tensor(q, "q", shape=("B", "Tq", "W"), dims=dims, dtypes=FLOAT_DTYPES)
     check_tensor(keys, "keys", shape=("B", "Tk", "W"), dims=dims, dtypes=(q.dtype,), device=q.device, dtype_of="q", device_of="q")

@@ -29,6 +29,7 @@ import contextlib
 
 import torch
 
+from fastmodels._autocast import autocast_off
 from fastmodels._dispatch import register_op, select_backend
 from fastmodels._validation import check_bool, check_float, check_tensor, has_nonfinite
 
@@ -240,6 +241,7 @@ def _forward(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj
 # ------------------------------------------------------------------------------------------------
 
 
+@autocast_off
 def _electric_image_impl(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos,
                         receptor_normal, arena, pole_separation, eps, image_strength, per_emitter, backend):
     chosen = select_backend(OP, backend or None, fish_pos.device)
@@ -321,6 +323,7 @@ def _check_values(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast
                              "found a value outside")
 
 
+@autocast_off
 def electric_image(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos,
                    receptor_normal, *, arena=None, pole_separation=1.0, eps=1e-3, image_strength=1.0,
                    per_emitter=True, backend=None, check_values=True):

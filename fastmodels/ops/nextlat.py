@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from fastmodels._autocast import autocast_dtype, autocast_off, cast_to
 from fastmodels._dispatch import register_op, select_backend
 from fastmodels._validation import check_bool, check_int, check_same_device, check_tensor
 
@@ -105,6 +106,7 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
+@autocast_off
 def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ignore_index, ce_row_scale, kl_row_scale, grad_hidden, grad_weight, grad_pred, chunk=None):
     """Per-row losses ``(ce_rows [N], kl_rows [M])`` and the gradients of
     ``L = sum_s ce_row_scale[s] ce_s + sum_m kl_row_scale[m] KL_m`` for the requested inputs.
@@ -618,16 +620,15 @@ def linear_cross_entropy_kl(
         0). hidden, weight and bias get the CE gradient only; pred_hidden gets the KL gradient only
         (``w_m W^T (q_m - p_m)``, normalised by ``sum w`` for ``"mean"``).
     """
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+    low = autocast_dtype(hidden)
+    if low is not None:
         # Under autocast the matmul operands take autocast's dtype, as F.linear's would (float64
         # stays); logits and softmaxes are still fp32, and nothing inside the op is autocast again
         # (the cpu backend's fp32 buffers, the reference's fp32 logits).
-        low = torch.get_autocast_dtype(hidden.device.type)
-        cast = lambda t: t.to(low) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t  # noqa: E731
         with torch.autocast(hidden.device.type, enabled=False):
-            return linear_cross_entropy_kl(cast(hidden), cast(weight), targets, cast(pred_hidden), teacher_index, bias=cast(bias),
-                                           kl_weight=kl_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                                           deterministic=deterministic)
+            return linear_cross_entropy_kl(cast_to(hidden, low), cast_to(weight, low), targets, cast_to(pred_hidden, low), teacher_index,
+                                           bias=cast_to(bias, low), kl_weight=kl_weight, ignore_index=ignore_index, reduction=reduction,
+                                           backend=backend, deterministic=deterministic)
     device, D = _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
     check_bool(deterministic, "deterministic")
     if reduction not in ("mean", "sum", "none"):

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from fastmodels._autocast import autocast_dtype, autocast_off, cast_to
 from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, INT_DTYPES, check_bool, check_float, check_tensor
 
@@ -321,6 +322,7 @@ def _triton_tape(depth, boundary, dense):
     )
 
 
+@autocast_off
 def _fwd_impl(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool, backend: str):
     """(out, lse) on the chosen backend; ``emb`` is the table as given ([V, D] or [H, V, D])."""
     if backend == "cpu" and q.shape[2] <= _DECODE_ROWS:  # a decoding step's few query rows
@@ -334,6 +336,7 @@ def _fwd_impl(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool, 
     return _blocked_fwd(q, k, v, E, depth, boundary, dense, scale, binary)
 
 
+@autocast_off
 def _bwd_impl(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: float, binary: bool, backend: str):
     """(dq, dk, dv, demb); demb has ``emb``'s shape (summed over heads for a shared table) in
     float32 (float64 for float64 inputs)."""
@@ -509,8 +512,16 @@ def pushdown_attention(q, k, v, depth_emb, tape, *, scale=None, binary: bool = F
             one per layer and decoding step; skipped under torch.compile). With False, negative
             depths read as 0 on every backend.
 
+    Under ``torch.autocast``, q, k, v and depth_emb are first cast to autocast's dtype (float64
+    stays), as ``scaled_dot_product_attention`` does, and the op runs on them in that dtype.
+
     Returns: [B, H, Tq, D] in q's dtype. Differentiable in q, k, v and depth_emb.
     """
+    low = autocast_dtype(q)
+    if low is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            return pushdown_attention(cast_to(q, low), cast_to(k, low), cast_to(v, low), cast_to(depth_emb, low), tape, scale=scale,
+                                      binary=binary, backend=backend, check_values=check_values)
     dims: dict = {}
     check_tensor(q, "q", shape=("B", "H", "Tq", "D"), dims=dims, dtypes=FLOAT_DTYPES)
     check_tensor(k, "k", shape=("B", "H", "Tk", "D"), dims=dims, dtypes=(q.dtype,), device=q.device, dtype_of="q", device_of="q")

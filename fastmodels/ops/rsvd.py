@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastmodels._autocast import autocast_off
 from fastmodels._dispatch import register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, check_choice, check_finite, check_float, check_int, check_tensor
 
@@ -317,6 +318,7 @@ def _exact_basis(ops_short, s: int, l: int) -> torch.Tensor:
     return evecs[..., s - l :].flip(-1)
 
 
+@autocast_off
 def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str, amax: torch.Tensor):
     """(U, S, V, e) for a bucket A [b, m, n]: float64 (float32 from the torch_lowrank mode's fp32
     CPU path); S is that of A scaled by 2**-e where e is not None (see :func:`_rescale`, applied to
@@ -517,6 +519,7 @@ def _resolve_settings(k: int, s: int, method: str, oversample, n_iter) -> tuple[
     return p, q
 
 
+@autocast_off
 def randomized_svd(A, rank: int, *, oversample: int | None = None, n_iter: int | None = None, method: str = "accurate", seed: int | None = None, backend: str | None = None):
     """Truncated SVD ``A ~= U @ diag(S) @ V.mT`` of rank ``rank`` by randomized subspace iteration.
 
@@ -648,6 +651,7 @@ def _check_factorization(svd, A: torch.Tensor, kmax: int) -> None:
         raise ValueError(f"svd: has {dims['r']} singular triplets, fewer than max(ranks) = {kmax}")
 
 
+@autocast_off
 def low_rank(A, ranks, *, oversample: int | None = None, n_iter: int | None = None, method: str = "accurate", seed: int | None = None, backend: str | None = None, svd: SVDResult | None = None):
     """Rank-k approximation ``U_k diag(S_k) V_k^T`` of A [..., m, n] in A's dtype.
 
@@ -678,6 +682,7 @@ def low_rank(A, ranks, *, oversample: int | None = None, n_iter: int | None = No
     return outs[0] if single else outs
 
 
+@autocast_off
 def singular_value_grads(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """``dL/dsigma_i = u_i^T G v_i`` for ``W = U diag(S) V^T`` and ``G = dL/dW``: [..., k] float32
     (float64 for float64 factors). Computed as ``sum_rows(U * (G V))`` (one [m, n] x [n, k]
@@ -745,6 +750,7 @@ def _left_vectors(base_svd, m: int, n: int, device: torch.device) -> torch.Tenso
     return Xb[:, : min(m, n)]
 
 
+@autocast_off
 def intruder_dimensions(W_base: torch.Tensor, W_tuned, k: int = 10, eps: float = 0.5, base_svd=None) -> IntruderDimensions:
     """Intruder dimensions of a fine-tuned matrix (Shuttleworth et al., arXiv:2410.21228).
 
