@@ -50,6 +50,15 @@ def pushdown_case(device, decode):
     return tape, shapes
 
 
+def same(got, want, atomic=False):
+    """Bit for bit, except a gradient that a GPU kernel sums with fp32 atomics (the attachment
+    kernels' depth-table gradient): its rounding may differ between any two runs."""
+    if atomic and got.is_cuda:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    else:
+        assert torch.equal(got, want)
+
+
 def grads_of(out, xs, seed=2):
     """Gradients of a fixed random projection of ``out`` (finite entries only) w.r.t. ``xs``."""
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.device)
@@ -88,8 +97,9 @@ def test_attachment_scores_run_on_autocast_dtype(backend):
     want = grads_of(want_out, low)
     assert out.dtype == torch.float32  # the scores are fp32 for bf16 operands
     assert torch.equal(out, want_out)
-    for g, w in zip(got, want):
-        assert g.dtype == torch.float32 and torch.equal(g, w.float())
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == torch.float32
+        same(g, w.float(), atomic=i == 2)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -113,13 +123,14 @@ def _attachment_call(backend, dev):
     return lambda xs: attachment_scores(*xs, tape, backend=backend), [(2, 7, 24), (2, 7, 24), (5, 24)]
 
 
-def _nextlat_call(backend, dev):
+def _nextlat_call(backend, dev):  # deterministic: the triton backend's reductions without atomics
     g = torch.Generator().manual_seed(3)
     targets = torch.randint(0, 37, (9,), generator=g).to(dev)
     teacher = torch.randint(0, 9, (4,), generator=g).to(dev)
 
     def call(xs):  # per-row losses: the cpu backend then recomputes the logits in the backward
-        ce, kl = linear_cross_entropy_kl(xs[0], xs[1], targets, xs[2], teacher, reduction="none", backend=backend)
+        ce, kl = linear_cross_entropy_kl(xs[0], xs[1], targets, xs[2], teacher, reduction="none", backend=backend,
+                                         deterministic=backend == "triton")
         return torch.cat([ce, kl])
 
     return call, [(9, 16), (37, 16), (4, 16)]
@@ -141,8 +152,9 @@ def test_backward_inside_autocast_matches_backward_outside(op, backend):
     out = call(xs)
     with autocast(dev):
         got = grads_of(out, xs)
-    for g, w in zip(got, want):
-        assert g.dtype == torch.float32 and torch.equal(g, w)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == torch.float32
+        same(g, w, atomic=op == "attachment" and i == 2)
 
 
 @pytest.mark.parametrize("backend", op_backends("randomized_svd", include_reference=True))
@@ -220,4 +232,7 @@ def test_pushdown_module_under_autocast_is_the_op_on_autocast_operands():
     with torch.no_grad(), autocast(dev):
         steps = [m(x[:, t : t + 1], dense[:, t : t + 1, : t + 1], cache) for t in range(7)]
     assert cache["k"].dtype == LOW
-    torch.testing.assert_close(torch.cat(steps, dim=1), out.detach())  # bf16's tolerance: other GEMM shapes
+    # other GEMM shapes and kernel paths: bf16's relative tolerance, and one part in 100 of the
+    # largest output for entries near zero
+    full = out.detach()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1.6e-2, atol=1e-2 * float(full.abs().max()))
