@@ -89,18 +89,20 @@ class NextLatHead(nn.Module):
             term is not computed (its student logits are most of the fused loss's cost) and
             ``kl`` is reported as 0.
         backend: backend of the fused loss (default: the device's preference).
-        deterministic: the fused loss's triton reductions without atomics (bit-reproducible).
+        deterministic: the fused loss's triton reductions without atomics (bit-reproducible);
+            None (default): whatever ``torch.use_deterministic_algorithms`` says at each call.
     """
 
     def __init__(self, d_model: int, d_embed: int | None = None, horizon: int = 1, mlp_hidden: int | None = None,
-                 lambda_h: float = 1.0, lambda_kl: float = 1.0, *, backend: str | None = None, deterministic: bool = False):
+                 lambda_h: float = 1.0, lambda_kl: float = 1.0, *, backend: str | None = None, deterministic: bool | None = None):
         super().__init__()
         d_model, horizon = check_int(d_model, "d_model", low=1), check_int(horizon, "horizon", low=1)
         d_embed = d_model if d_embed is None else check_int(d_embed, "d_embed", low=1)
         mlp_hidden = 4 * d_model if mlp_hidden is None else check_int(mlp_hidden, "mlp_hidden", low=1)
         lambda_h, lambda_kl = check_float(lambda_h, "lambda_h", low=0.0), check_float(lambda_kl, "lambda_kl", low=0.0)
         self.d_model, self.d_embed, self.horizon = d_model, d_embed, horizon
-        check_bool(deterministic, "deterministic")
+        if deterministic is not None:
+            check_bool(deterministic, "deterministic (a bool, or None for torch's flag)")
         self.lambda_h, self.lambda_kl, self.backend = float(lambda_h), float(lambda_kl), backend
         self.deterministic = deterministic
         self.norm = nn.LayerNorm(d_model + d_embed, bias=False)

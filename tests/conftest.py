@@ -59,6 +59,15 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    """``set(on, warn_only=False)``: torch.use_deterministic_algorithms for one test, restored
+    afterwards."""
+    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield lambda on, warn_only=False: torch.use_deterministic_algorithms(on, warn_only=warn_only)
+    torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_poison(request):
     torch.manual_seed(0)

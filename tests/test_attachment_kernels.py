@@ -228,3 +228,25 @@ def test_nan_in_keys_or_features_propagates_like_the_reference(device):
         assert ref.isnan().any() and rdq.isnan().any()
         assert torch.equal(out.isnan().cpu(), ref.isnan()), which
         assert torch.equal(dq.isnan().cpu(), rdq.isnan()), which
+
+
+def test_backward_follows_torch_deterministic_algorithms(deterministic_algorithms, device):
+    """The depth-table gradient is summed with fp32 atomics on a GPU, and the kernels have no
+    deterministic twin: under torch.use_deterministic_algorithms(True) the backward refuses, as
+    torch's own ops without a deterministic implementation do (warn_only: a warning, and the
+    gradients). The forward has no atomics and runs."""
+    B, T, W, V = 2, 9, 8, 4
+    q, keys, feat = (x.requires_grad_() for x in make_inputs(B, T, T, W, V, device=device))
+    S = random_dense(B, T, T, V, torch.int32).to(device)
+    g = upstream(B, T, T, device)[1]
+    want = torch.autograd.grad(attachment_scores(q, keys, feat, S, backend="triton"), (q, keys, feat), g)
+    deterministic_algorithms(True)
+    out = attachment_scores(q, keys, feat, S, backend="triton")
+    with pytest.raises(RuntimeError, match=r"attachment_scores: the triton backward's depth-table gradient sums with fp32 "
+                                           r"atomics.*use backend='reference'"):
+        torch.autograd.grad(out, (q, keys, feat), g, retain_graph=True)
+    deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="depth-table gradient sums with fp32 atomics"):
+        got = torch.autograd.grad(out, (q, keys, feat), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))  # the atomics' order

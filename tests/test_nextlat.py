@@ -560,7 +560,21 @@ def test_deterministic_flag(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("torch_flag", [False, True])
+def test_deterministic_default_follows_torch(monkeypatch, deterministic_algorithms, torch_flag):
+    """deterministic=None (the default) takes torch.are_deterministic_algorithms_enabled(); an
+    explicit value wins. Checked on what the triton path is handed (a spy: no kernel runs)."""
+    seen = []
+    monkeypatch.setattr(nl, "_triton_losses", lambda *args: seen.append(args[9]) or (torch.zeros(()), torch.zeros(())))
+    monkeypatch.setattr(nl, "_resolve_backend", lambda backend, device_type: backend)  # triton on any device
+    x = make()
+    deterministic_algorithms(torch_flag)
+    for explicit in (None, False, True):
+        linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], backend="triton", deterministic=explicit)
+    assert seen == [torch_flag, False, True]
+
+
 def test_bad_deterministic():
     x = make()
-    with pytest.raises(TypeError, match="deterministic"):
+    with pytest.raises(TypeError, match=r"deterministic \(a bool, or None for torch's flag\): expected a bool, got int"):
         linear_cross_entropy_kl(x["hidden"], x["weight"], x["targets"], deterministic=1)

@@ -235,7 +235,7 @@ def test_bad_inputs():
         NextLatHead(D, horizon=0)
     with pytest.raises(ValueError, match="lambda_kl"):
         NextLatHead(D, lambda_kl=-1.0)
-    with pytest.raises(TypeError, match="deterministic: expected a bool"):
+    with pytest.raises(TypeError, match=r"deterministic \(a bool, or None for torch's flag\): expected a bool, got int"):
         NextLatHead(D, deterministic=1)
 
 

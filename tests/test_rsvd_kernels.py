@@ -208,6 +208,26 @@ def test_power_pass_splits_are_deterministic(device):
 
 
 @triton_only
+def test_atomic_passes_follow_torch_deterministic_algorithms(device, monkeypatch, deterministic_algorithms):
+    """FASTMODELS_RSVD_PASSES=atomic under torch.use_deterministic_algorithms(True): an error (a
+    warning with warn_only), as for torch's ops without a deterministic implementation; the
+    default passes are deterministic and run."""
+    from fastmodels.ops import randomized_svd
+
+    A = torch.randn(2, 40, 30, device=device)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # torch's condition for deterministic cuBLAS GEMMs
+    deterministic_algorithms(True)
+    randomized_svd(A, 3, seed=0, backend="triton")
+    monkeypatch.setenv("FASTMODELS_RSVD_PASSES", "atomic")
+    with pytest.raises(RuntimeError, match="FASTMODELS_RSVD_PASSES=atomic sums with fp32 atomics.*set FASTMODELS_RSVD_PASSES to auto"):
+        randomized_svd(A, 3, seed=0, backend="triton")
+    deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="FASTMODELS_RSVD_PASSES=atomic"):
+        U, S, V = randomized_svd(A, 3, seed=0, backend="triton")
+    assert torch.isfinite(S).all()
+
+
+@triton_only
 def test_power_pass_large_l_is_tiled(device):
     # l > 128 uses several column tiles of Y (a third grid axis).
     k = _rsvd_kernels()

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from fastmodels._autocast import autocast_dtype, autocast_off, cast_to
+from fastmodels._determinism import alert_not_deterministic
 from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, check_bool, check_tensor
 from fastmodels.ops.pushdown import (
@@ -116,6 +117,12 @@ def _bwd_impl(grad, q, keys, feat, depth, boundary, dense, binary: bool, backend
     depth, boundary, dense = _backend_tape(backend, depth, boundary, dense)
     if backend == "triton":
         from fastmodels.kernels.attachment import attachment_bwd
+
+        alert_not_deterministic(
+            "attachment_scores: the triton backward's depth-table gradient",
+            "use backend='reference' (it materializes [B, Tq, Tk, W]) or 'cpu' (CPU tensors), or "
+            "torch.use_deterministic_algorithms(True, warn_only=True) to go on with a warning",
+        )
 
         c = lambda x: x.contiguous()  # noqa: E731
         return attachment_bwd(c(grad), c(q), c(keys), c(feat), depth, boundary, dense, binary)

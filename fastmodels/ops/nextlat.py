@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from fastmodels._autocast import autocast_dtype, autocast_off, cast_to
+from fastmodels._determinism import deterministic_default
 from fastmodels._dispatch import register_op, select_backend
 from fastmodels._validation import check_bool, check_int, check_same_device, check_tensor
 
@@ -592,7 +593,7 @@ def linear_cross_entropy_kl(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str | None = None,
-    deterministic: bool = False,
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``(ce, kl)`` of an LM head over true and predicted hidden states, no N x V logits.
 
@@ -612,6 +613,7 @@ def linear_cross_entropy_kl(
             the backward instead of computing the gradients in the forward).
         backend: ``"reference"``, ``"cpu"`` or ``"triton"`` (default: the device's preference).
         deterministic: triton backend only: reductions without atomics (bit-reproducible).
+            Default None: ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         ``(ce, kl)`` (fp32; fp64 for fp64 inputs): 0-dim tensors unless ``reduction="none"``. With
@@ -630,7 +632,9 @@ def linear_cross_entropy_kl(
                                            bias=cast_to(bias, low), kl_weight=kl_weight, ignore_index=ignore_index, reduction=reduction,
                                            backend=backend, deterministic=deterministic)
     device, D = _validate(hidden, weight, targets, pred_hidden, teacher_index, bias, kl_weight, ignore_index)
-    check_bool(deterministic, "deterministic")
+    if deterministic is not None:
+        check_bool(deterministic, "deterministic (a bool, or None for torch's flag)")
+    deterministic = deterministic_default(deterministic)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     name = _resolve_backend(backend, device.type)

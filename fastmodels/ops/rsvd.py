@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from fastmodels._autocast import autocast_off
+from fastmodels._determinism import alert_not_deterministic
 from fastmodels._dispatch import register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, check_choice, check_finite, check_float, check_int, check_tensor
 
@@ -229,6 +230,9 @@ class _KernelOps:
         self.kernels = kernels
         self.A = A
         self.mode = _passes_mode()
+        if self.mode == "atomic":
+            alert_not_deterministic("randomized_svd with FASTMODELS_RSVD_PASSES=atomic",
+                                    "set FASTMODELS_RSVD_PASSES to auto (the default) or fused")
 
     def sketch(self, l: int, seed: int, transpose: bool = False):
         if self.mode in ("cublas", "auto"):
