@@ -125,17 +125,18 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ign
     valid = targets != ignore_index
 
     # Every row of dh, dp and the row losses is written by exactly one chunk; dw and db accumulate.
-    dh = torch.empty(N, D, dtype=cd) if grad_hidden else None
-    dw = torch.zeros(V, D, dtype=cd) if grad_weight else None
-    db = torch.zeros(V, dtype=cd) if (grad_weight and b is not None) else None
-    dp = torch.empty(M, D, dtype=cd) if grad_pred else None
-    ce_rows = torch.empty(N, dtype=cd)
-    kl_rows = torch.empty(M, dtype=cd)
+    dev = hidden.device
+    dh = torch.empty(N, D, dtype=cd, device=dev) if grad_hidden else None
+    dw = torch.zeros(V, D, dtype=cd, device=dev) if grad_weight else None
+    db = torch.zeros(V, dtype=cd, device=dev) if (grad_weight and b is not None) else None
+    dp = torch.empty(M, D, dtype=cd, device=dev) if grad_pred else None
+    ce_rows = torch.empty(N, dtype=cd, device=dev)
+    kl_rows = torch.empty(M, dtype=cd, device=dev)
 
     # Predicted rows grouped by teacher, so each chunk's teacher softmax serves all its KL rows.
     order = torch.argsort(teacher_index, stable=True)
     t_sorted = teacher_index[order]
-    bounds = torch.searchsorted(t_sorted, torch.arange(0, N + C, C, dtype=t_sorted.dtype)).tolist()
+    bounds = torch.searchsorted(t_sorted, torch.arange(0, N + C, C, dtype=t_sorted.dtype, device=dev)).tolist()
     for k, a in enumerate(range(0, N, C)):
         e = min(a + C, N)
         n = e - a
@@ -178,7 +179,7 @@ def _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ign
         p = logp.exp_()  # the softmax replaces the log-softmax in the stacked buffer (one gradient matmul below)
         s = ce_row_scale[a:e] if need_ce else None
         if need_ce:
-            p[torch.arange(n), y_safe] -= 1.0  # p - onehot(y); ignored rows carry s = 0
+            p[torch.arange(n, device=dev), y_safe] -= 1.0  # p - onehot(y); ignored rows carry s = 0
         kl_first = grad_pred and first.numel() > 0
         if grad_hidden or kl_first:
             rows = logs if (grad_hidden and kl_first) else (p if grad_hidden else logs[n:])
@@ -241,7 +242,7 @@ def _lce_kl_chunked(
         ce_rows, kl_rows, *grads = _lce_kl_chunked_impl(hidden, weight, bias, targets, pred, teacher_index, ignore_index,
                                                         ce_scale, kl_scale, grad_hidden, grad_weight, grad_pred)
         ce = ce_rows.sum() / ce_norm
-        kl = (kl_weight.to(cd) * kl_rows).sum() / kl_norm if kl_norm > 0 else torch.zeros((), dtype=cd)
+        kl = (kl_weight.to(cd) * kl_rows).sum() / kl_norm if kl_norm > 0 else torch.zeros((), dtype=cd, device=kl_rows.device)
     return (ce, kl, *grads)
 
 

@@ -224,10 +224,10 @@ def _blocked_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: boo
         return torch.matmul(s, vf).to(q.dtype), lse
     out = torch.empty(B, H, Tq, D, dtype=cd, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=cd, device=q.device)
-    s_buf = torch.empty(B * H * bm * Tk, dtype=cd)
-    qe_buf = torch.empty(B * H * bm * V, dtype=cd)
-    lse_buf = torch.empty(B * H * bm, dtype=cd)
-    o_buf = torch.empty(B * H * bm * D, dtype=cd)
+    s_buf = torch.empty(B * H * bm * Tk, dtype=cd, device=q.device)
+    qe_buf = torch.empty(B * H * bm * V, dtype=cd, device=q.device)
+    lse_buf = torch.empty(B * H * bm, dtype=cd, device=q.device)
+    o_buf = torch.empty(B * H * bm * D, dtype=cd, device=q.device)
     for r0 in range(0, Tq, bm):
         r1 = min(r0 + bm, Tq)
         m, kend = r1 - r0, off + r1
@@ -267,12 +267,12 @@ def _blocked_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: floa
     dv = torch.zeros(B, H, Tk, D, dtype=cd, device=q.device)
     demb = torch.zeros(B * H, V, D, dtype=cd, device=q.device)  # per (batch, head)
     bm = _block_rows(B, H, Tq, Tk, qf.element_size())
-    s_buf = torch.empty(B * H * bm * Tk, dtype=cd)
-    dp_buf = torch.empty(B * H * bm * Tk, dtype=cd)
-    kd_buf = torch.empty(B * H * Tk * D, dtype=cd)  # dk / dv contributions of a block
-    qe_buf = torch.empty(B * H * bm * V, dtype=cd)
-    hist_buf = torch.empty(B * H * bm * V, dtype=cd)
-    dq_buf = torch.empty(B * H * bm * D, dtype=cd)
+    s_buf = torch.empty(B * H * bm * Tk, dtype=cd, device=q.device)
+    dp_buf = torch.empty(B * H * bm * Tk, dtype=cd, device=q.device)
+    kd_buf = torch.empty(B * H * Tk * D, dtype=cd, device=q.device)  # dk / dv contributions of a block
+    qe_buf = torch.empty(B * H * bm * V, dtype=cd, device=q.device)
+    hist_buf = torch.empty(B * H * bm * V, dtype=cd, device=q.device)
+    dq_buf = torch.empty(B * H * bm * D, dtype=cd, device=q.device)
     for r0 in range(0, Tq, bm):
         r1 = min(r0 + bm, Tq)
         m, kend = r1 - r0, off + r1

@@ -228,7 +228,7 @@ class StackTape:
                 f"boundary {int(boundary[b, j])} > depth {int(depth[b, j])} at [{b}, {j}]")
         B, T = depth.shape
         if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.int64)
+            lengths = torch.full((B,), T, dtype=torch.int64, device=depth.device)
         try:
             lengths = torch.as_tensor(lengths, device=depth.device)
         except (TypeError, ValueError, RuntimeError):
@@ -260,14 +260,15 @@ class StackTape:
         T = max(lengths, default=0) if pad_to is None else check_int(pad_to, "pad_to", low=0)
         if lengths and max(lengths) > T:
             raise ValueError(f"pad_to: expected >= the longest sentence ({max(lengths)}), got {T}")
-        depth = torch.zeros(len(sentences), T, dtype=torch.int32)
-        boundary = torch.zeros(len(sentences), T, dtype=torch.int32)
+        # built on the CPU whatever torch's default device is, then moved once
+        depth = torch.zeros(len(sentences), T, dtype=torch.int32, device="cpu")
+        boundary = torch.zeros(len(sentences), T, dtype=torch.int32, device="cpu")
         for i, (n, spans) in enumerate(sentences):
             d, c = _compact_from_spans(int(n), spans)
             if n:
-                depth[i, :n] = torch.tensor(d, dtype=torch.int32)
-                boundary[i, :n] = torch.tensor(c, dtype=torch.int32)
-        tape = cls(depth, boundary, torch.tensor(lengths, dtype=torch.int64))
+                depth[i, :n] = torch.tensor(d, dtype=torch.int32, device="cpu")
+                boundary[i, :n] = torch.tensor(c, dtype=torch.int32, device="cpu")
+        tape = cls(depth, boundary, torch.tensor(lengths, dtype=torch.int64, device="cpu"))
         return tape if device is None else tape.to(device)
 
     @classmethod
@@ -421,15 +422,15 @@ class StackTape:
         block_k = check_int(block_k, "block_k", low=1)
         c = self.boundary.detach().to("cpu", torch.int64)
         B, T = c.shape
-        m0 = torch.arange(0, T, block_q)  # first row of every query block
+        m0 = torch.arange(0, T, block_q, device=c.device)  # first row of every query block
         n_full = (m0 + 1) // block_k
         if B == 0 or int(n_full.sum()) == 0:
             return 0.0
-        rows = m0[:, None] + torch.arange(1, block_q)[None, :]  # the block's other rows
+        rows = m0[:, None] + torch.arange(1, block_q, device=c.device)[None, :]  # the block's other rows
         big = torch.iinfo(torch.int64).max
         Q = torch.where(rows < T, c[:, rows.clamp(max=T - 1)], big)  # [B, blocks, block_q - 1]
-        Q = Q.amin(-1) if block_q > 1 else torch.full((B, len(m0)), big)
-        k = torch.arange(T)
+        Q = Q.amin(-1) if block_q > 1 else torch.full((B, len(m0)), big, device=c.device)
+        k = torch.arange(T, device=c.device)
         step = max(1, (1 << 24) // max(B * T, 1))  # query blocks per chunk: <= 16M elements at a time
         p = torch.cat([
             torch.where((c[:, None, :] <= Q[:, i : i + step, None]) & (k <= m0[i : i + step, None]), k, -1).amax(-1)
@@ -487,7 +488,8 @@ class StackTapeBuilder:
     i.e. the dense tape row a query at t needs; ``tape()`` returns the StackTape, equal to
     ``StackTape.from_trees`` on the same trees after the last token. ``stacks[b]`` lists the start
     token of each open constituent of sentence b, bottom to top (the valid reduce attachments);
-    ``select(parents)`` reorders sentences for a beam search.
+    ``select(parents)`` reorders sentences for a beam search. Rows and masks are CPU tensors
+    (host-side, like the stacks; whatever torch's default device is): move them with ``.to``.
     """
 
     def __init__(self, batch_size: int = 1):
@@ -495,7 +497,7 @@ class StackTapeBuilder:
         self.length = 0
         self.stacks: list[list[int]] = [[] for _ in range(self.batch_size)]  # constituent starts
         self.spans: list[list[tuple[int, int]]] = [[] for _ in range(self.batch_size)]
-        self._rows = torch.zeros(self.batch_size, 16, dtype=torch.int64)
+        self._rows = torch.zeros(self.batch_size, 16, dtype=torch.int64, device="cpu")  # host-side, as the stacks
 
     def push(self, attach=None) -> torch.Tensor:
         """Add one token to every sentence; return the new depth row [B, t + 1] (int64).
@@ -521,7 +523,7 @@ class StackTapeBuilder:
             if a is not None and a != -1 and (not (0 <= a < k) or not stack or a < stack[0]):
                 raise ValueError(f"attach[{b}]: token {a} is not on the stack of sentence {b} (tokens 0..{k - 1}, stack starts {stack})")
         if k >= self._rows.shape[1]:
-            grown = torch.zeros(self.batch_size, 2 * self._rows.shape[1], dtype=torch.int64)
+            grown = torch.zeros(self.batch_size, 2 * self._rows.shape[1], dtype=torch.int64, device="cpu")
             grown[:, :k] = self._rows[:, :k]
             self._rows = grown
         # Each pop closes one binary node [start, k]: tokens start..k-1 go one level deeper. The
@@ -539,11 +541,11 @@ class StackTapeBuilder:
             starts += popped
             depth_k[b] = len(popped)
         if starts:
-            delta = torch.zeros(self.batch_size, k, dtype=torch.int64)
-            delta.index_put_((torch.tensor(starts_b), torch.tensor(starts)), torch.ones(len(starts), dtype=torch.int64),
-                             accumulate=True)
+            delta = torch.zeros(self.batch_size, k, dtype=torch.int64, device="cpu")
+            index = (torch.tensor(starts_b, device="cpu"), torch.tensor(starts, device="cpu"))
+            delta.index_put_(index, torch.ones(len(starts), dtype=torch.int64, device="cpu"), accumulate=True)
             self._rows[:, :k] += delta.cumsum_(1)
-        self._rows[:, k] = torch.tensor(depth_k)
+        self._rows[:, k] = torch.tensor(depth_k, device="cpu")
         self.length = k + 1
         return self.row
 
@@ -578,8 +580,8 @@ class StackTapeBuilder:
                 ends = [s - 1 for s in stack[1:]] + [self.length - 1]
                 rows += [b] * len(ends)
                 cols += ends
-        mask = torch.zeros(self.batch_size, self.length, dtype=torch.bool)
-        mask[torch.tensor(rows, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64)] = True
+        mask = torch.zeros(self.batch_size, self.length, dtype=torch.bool, device="cpu")
+        mask[torch.tensor(rows, dtype=torch.int64, device="cpu"), torch.tensor(cols, dtype=torch.int64, device="cpu")] = True
         return mask
 
     def clone(self) -> "StackTapeBuilder":
