@@ -253,7 +253,9 @@ class StackTape:
 
     @classmethod
     def from_spans(cls, sentences: Sequence[tuple[int, Iterable[tuple[int, int]]]], *, pad_to: int | None = None, device=None) -> "StackTape":
-        """From (number of tokens, binary spans [a, b]) per sentence; padded to the longest."""
+        """From (number of tokens, binary spans [a, b]) per sentence; padded to the longest.
+        ``device`` (here and in from_trees / from_brackets): where the tape goes; None keeps it on
+        the CPU, whatever torch's default device is."""
         lengths = [int(n) for n, _ in sentences]
         if isinstance(pad_to, torch.Tensor) and pad_to.dim() == 0 and pad_to.dtype in INT_DTYPES:
             pad_to = int(pad_to)
