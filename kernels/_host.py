@@ -1,4 +1,4 @@
-"""Integer helpers for the host-side launchers.
+"""Integer helpers and launch options for the host-side launchers.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ConstexprFunction objects (usable inside
 @triton.jit code): a call from Python costs ~2 us, and the launchers make a dozen per op call (grid
@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import os
 
+
+# Compile options of every launch. FMA contraction: Triton 3.9 compiles with it unless told
+# otherwise, warns that 3.10 will not, and the kernels' instruction counts and error analyses
+# (docs/*.md) assume it, so the launches ask for it instead of inheriting the version's default.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 MAX_GRID_X = 2**31 - 1  # CUDA's limit on launch grid axis 0
 MAX_GRID_YZ = 65535  # and on axes 1 and 2

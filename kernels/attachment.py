@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
 from .pushdown import _depth_index, _min_combine  # the same tape helpers as pushdown attention
 from ._tuning import gpu_configs
 
@@ -472,7 +472,7 @@ def attachment_fwd(q, keys, feat, depth, boundary, dense, binary: bool) -> torch
     feat, SF = _padded_table(feat.contiguous())
     grid = lambda META: (cdiv(Tq, META["BT"]) * cdiv(Tk, META["BJ"]), B)  # noqa: E731
     attachment_fwd_kernel[grid](q, keys, feat, depth, boundary, dense, out, Tq, Tk, W, V, SF, *buckets,
-                                SCAN=_SCAN, **meta)
+                                SCAN=_SCAN, **meta, **LAUNCH_OPTIONS)
     return out
 
 
@@ -491,9 +491,9 @@ def attachment_bwd(g, q, keys, feat, depth, boundary, dense, binary: bool):
     dfeat = torch.zeros((V, SF), device=dev, dtype=torch.float32)  # atomics add into it
     if dq.numel():
         grid_q = lambda META: (cdiv(Tq, META["BT"]) * cdiv(W, META["BW"]), B)  # noqa: E731
-        attachment_bwd_dq_kernel[grid_q](g, keys, feat, depth, boundary, dense, dq, Tq, Tk, W, V, SF, *buckets, **meta)
+        attachment_bwd_dq_kernel[grid_q](g, keys, feat, depth, boundary, dense, dq, Tq, Tk, W, V, SF, *buckets, **meta, **LAUNCH_OPTIONS)
     if dkeys.numel():  # also with Tq = 0: keys no query reaches get zeros
         grid_k = lambda META: (cdiv(Tk, META["BJ"]) * cdiv(W, META["BW"]), B)  # noqa: E731
         attachment_bwd_dkf_kernel[grid_k](g, q, keys, feat, depth, boundary, dense, dkeys, dfeat,
-                                          Tq, Tk, W, V, SF, *buckets, SCAN=_SCAN, **meta)
+                                          Tq, Tk, W, V, SF, *buckets, SCAN=_SCAN, **meta, **LAUNCH_OPTIONS)
     return dq, dkeys, (dfeat if SF == W else dfeat[:, :W].contiguous())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._host import cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, cdiv, interpreting, next_power_of_2
 from ._tuning import gpu_configs
 
 _INTERPRET = interpreting()
@@ -204,5 +204,5 @@ def efield_fwd(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_ma
     efield_fwd_kernel[(B * N, cdiv(R, block_r))](
         fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm,
         arena if has_walls else fish_pos, active, comm if has_comm else active, N, M, R, 0.5 * float(pole_separation), float(eps), float(image_strength),
-        HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=block_r,
+        HAS_WALLS=has_walls, HAS_COMM=has_comm, FAST=not _INTERPRET, BLOCK_R=block_r, **LAUNCH_OPTIONS,
     )

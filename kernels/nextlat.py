@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, cdiv, interpreting, next_power_of_2
 from ._tuning import gpu_configs
 
 _INTERPRET = interpreting()
@@ -380,7 +380,7 @@ def lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index:
         zy_part = torch.empty(splits, N, device=dev, dtype=torch.float32)
         grid = lambda meta: (cdiv(N, meta["BM"]), splits)  # noqa: E731
         nextlat_ce_fwd_kernel[grid](hidden, weight, b_arg, targets, lse_part, zy_part,
-                                    N, D, V, chunk, ignore_index, HAS_BIAS=has_bias, DOT_F32=dot_f32)
+                                    N, D, V, chunk, ignore_index, HAS_BIAS=has_bias, DOT_F32=dot_f32, **LAUNCH_OPTIONS)
         lse.copy_(_merge_lse(lse_part))
         ce_rows.copy_(torch.where(targets != ignore_index, lse - zy_part.sum(0), 0.0))
 
@@ -392,7 +392,7 @@ def lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index:
         cross_part = torch.empty(splits, M, device=dev, dtype=torch.float32)
         grid = lambda meta: (cdiv(M, meta["BM"]), splits)  # noqa: E731
         nextlat_kl_fwd_kernel[grid](pred, hidden, teacher_index, weight, b_arg, lse, lseq_part, cross_part,
-                                    M, D, V, chunk, HAS_BIAS=has_bias, DOT_F32=dot_f32)
+                                    M, D, V, chunk, HAS_BIAS=has_bias, DOT_F32=dot_f32, **LAUNCH_OPTIONS)
         lse_pred.copy_(_merge_lse(lseq_part))
         kl_rows.copy_(cross_part.sum(0) - lse[teacher_index] + lse_pred)
     return ce_rows, lse, kl_rows, lse_pred
@@ -426,11 +426,11 @@ def lce_kl_bwd(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, 
             grid = lambda meta: (cdiv(N, meta["BM"]), n_dslices)  # noqa: E731
             nextlat_bwd_rows_kernel[grid](hidden, hidden, t_arg, weight, b_arg, targets, g, lse, lse, dhidden,
                                           N, D, V, ignore_index, KL=False, HAS_BIAS=has_bias, DOT_F32=dot_f32,
-                                          BDO=bdo)
+                                          BDO=bdo, **LAUNCH_OPTIONS)
             grid = lambda meta: (cdiv(V, meta["BV"]), n_dslices)  # noqa: E731
             nextlat_bwd_dw_kernel[grid](hidden, weight, b_arg, targets, g, lse, dweight,
                                         dbias if has_bias else dweight,
-                                        N, D, V, ignore_index, HAS_BIAS=has_bias, DOT_F32=dot_f32, BDO=bdo)
+                                        N, D, V, ignore_index, HAS_BIAS=has_bias, DOT_F32=dot_f32, BDO=bdo, **LAUNCH_OPTIONS)
         else:
             dweight.zero_()
             if has_bias:
@@ -440,7 +440,7 @@ def lce_kl_bwd(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, 
             grid = lambda meta: (cdiv(M, meta["BM"]), n_dslices)  # noqa: E731
             nextlat_bwd_rows_kernel[grid](pred, hidden, teacher_index, weight, b_arg, targets, w_kl, lse_pred, lse,
                                           dpred, M, D, V, ignore_index, KL=True, HAS_BIAS=has_bias,
-                                          DOT_F32=dot_f32, BDO=bdo)
+                                          DOT_F32=dot_f32, BDO=bdo, **LAUNCH_OPTIONS)
         else:
             dpred = hidden.new_empty((0, D))
         return dhidden, dweight, dbias, dpred
@@ -454,13 +454,13 @@ def lce_kl_bwd(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, 
         grid = lambda meta: (cdiv(N, meta["BM"]), cdiv(V, meta["BV"]))  # noqa: E731
         nextlat_bwd_atomic_kernel[grid](hidden, hidden, t_arg, weight, b_arg, targets, g, lse, lse,
                                         dhidden32, dweight32, dbias32, N, D, V, ignore_index,
-                                        KL=False, HAS_BIAS=has_bias, DOT_F32=dot_f32)
+                                        KL=False, HAS_BIAS=has_bias, DOT_F32=dot_f32, **LAUNCH_OPTIONS)
     if M > 0:
         dpred32 = torch.zeros(M, D, device=dev, dtype=f32)
         grid = lambda meta: (cdiv(M, meta["BM"]), cdiv(V, meta["BV"]))  # noqa: E731
         nextlat_bwd_atomic_kernel[grid](pred, hidden, teacher_index, weight, b_arg, targets, w_kl, lse_pred, lse,
                                         dpred32, dpred32, dpred32, M, D, V, ignore_index,
-                                        KL=True, HAS_BIAS=has_bias, DOT_F32=dot_f32)
+                                        KL=True, HAS_BIAS=has_bias, DOT_F32=dot_f32, **LAUNCH_OPTIONS)
         dpred = dpred32.to(pred.dtype)
     else:
         dpred = hidden.new_empty((0, D))

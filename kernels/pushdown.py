@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
 from ._tuning import gpu_configs
 
 __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
@@ -851,7 +851,7 @@ def pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale: float, b
     pushdown_attention_fwd_kernel[grid](
         q, k, v, emb, depth, boundary, dense, out, lse,
         emb.stride(0), emb.stride(1), emb.stride(2),
-        H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta,
+        H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta, **LAUNCH_OPTIONS,
     )
     return out, lse
 
@@ -873,19 +873,19 @@ def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, s
     pbuf = torch.empty((B, n_mblk), device=q.device, dtype=torch.int32) if meta["UNIFORM"] else delta
     pushdown_attention_bwd_preprocess_kernel[(n_mblk, H, B)](
         q, out, do, emb, delta, qe, boundary, pbuf, emb.stride(0), emb.stride(1), emb.stride(2), H, Tq, D, V,
-        FP32_DOT=meta["FP32_DOT"], PREC=meta["PREC"], BD=BD, VP=VP, BM=_DQ_BM, UNIFORM=meta["UNIFORM"],
+        FP32_DOT=meta["FP32_DOT"], PREC=meta["PREC"], BD=BD, VP=VP, BM=_DQ_BM, UNIFORM=meta["UNIFORM"], **LAUNCH_OPTIONS,
     )
     grid_kv = lambda META: (cdiv(Tk, META["BN"]), H, B)  # noqa: E731
     pushdown_attention_bwd_dkdv_kernel[grid_kv](
         q, k, v, emb, do, lse, delta, qe, boundary, depth, dense, dk, dv,
         emb.stride(0), emb.stride(1), emb.stride(2),
-        H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta,
+        H, Tq, Tk, D, V, float(scale), _pow2(Tk), **meta, **LAUNCH_OPTIONS,
     )
     de_part = torch.empty((B, n_mblk, H, V, D), device=q.device, dtype=torch.float32)
     pushdown_attention_bwd_dq_kernel[(n_mblk, H, B)](
         q, k, v, emb, do, lse, delta, qe, depth, boundary, pbuf, dense, dq, de_part,
         emb.stride(0), emb.stride(1), emb.stride(2),
-        H, Tq, Tk, D, V, float(scale), _pow2(Tk), BM=_DQ_BM, HIST_DOTS=_hist_dots(), **meta,
+        H, Tq, Tk, D, V, float(scale), _pow2(Tk), BM=_DQ_BM, HIST_DOTS=_hist_dots(), **meta, **LAUNCH_OPTIONS,
     )
     # deterministic reduction of the per-program partials (one kernel unless binary mode pads V)
     part_sum = de_part.sum(dim=(0, 1, 2) if shared_table else (0, 1))

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
 from . import _tuning as tuning
 
 _INTERPRET = interpreting()
@@ -323,7 +323,7 @@ def sketch_omega(b: int, rows: int, l: int, seed: int, device) -> torch.Tensor:
         return out
     BR, BL = 16, _block_l(l)
     grid = (b, cdiv(rows, BR), cdiv(l, BL))
-    sketch_omega_kernel[grid](out, seed, rows, l, BR=BR, BL=BL)
+    sketch_omega_kernel[grid](out, seed, rows, l, BR=BR, BL=BL, **LAUNCH_OPTIONS)
     return out
 
 
@@ -349,7 +349,7 @@ def sketch_matmul(A: torch.Tensor, l: int, seed: int, transpose: bool = False) -
         return Y.zero_()
     BL = _block_l(l)
     grid = lambda meta: (b, cdiv(M, meta["BM"]), cdiv(l, BL))  # noqa: E731
-    sketch_matmul_kernel[grid](A, Y, seed, M, K, l, m * n, stride_am, stride_ak, DOT_FP32=_dot_fp32(A.dtype), BL=BL)
+    sketch_matmul_kernel[grid](A, Y, seed, M, K, l, m * n, stride_am, stride_ak, DOT_FP32=_dot_fp32(A.dtype), BL=BL, **LAUNCH_OPTIONS)
     return Y
 
 
@@ -398,6 +398,6 @@ def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, 
         part = torch.zeros((1, b, m, L), device=A.device, dtype=torch.float32)
     power_pass_kernel[(S, b, l_tiles)](
         A, Y, part, b, m, n, L, per_split, DOT_FP32=_dot_fp32(A.dtype), USE_ATOMIC=not deterministic,
-        EVEN_N=n % BN == 0, BN=BN, BL=BL,
+        EVEN_N=n % BN == 0, BN=BN, BL=BL, **LAUNCH_OPTIONS,
     )
     return part[0] if part.shape[0] == 1 else part.sum(dim=0)

@@ -144,6 +144,19 @@ def test_every_kernel_is_launched_by_a_recorded_launcher(op):
 
 
 @pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+@pytest.mark.parametrize("op", sorted(_LAUNCHERS))
+def test_every_launch_asks_for_fp_fusion(op):
+    """FMA contraction is on in every launch by request (kernels._host.LAUNCH_OPTIONS), not by
+    Triton's default, which 3.10 turns off."""
+    import importlib
+
+    _, log = _record(importlib.import_module(f"fastmodels.kernels.{op}"), _LAUNCHERS[op])
+    assert log
+    missing = sorted({name for name, _, kwargs in log if kwargs.get("enable_fp_fusion") is not True})
+    assert not missing, f"launches without enable_fp_fusion=True: {missing}"
+
+
+@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 @pytest.mark.parametrize(("name", "jit", "heuristics", "args", "kwargs", "config"), _CASES)
 def test_compiles_for_sm90(name, jit, heuristics, args, kwargs, config, _fresh_triton_cache, record_property, request):
     # what Autotuner.run merges into the launch, then what @triton.heuristics adds
@@ -182,7 +195,7 @@ def test_compile_check_catches_what_the_interpreter_accepts(_fresh_triton_cache)
     from triton.compiler.errors import CompilationError
 
     with pytest.raises(CompilationError, match="_SCALE"):
-        _compile(_reads_plain_global_kernel, (torch.zeros(16),), dict(BLOCK=16))
+        _compile(_reads_plain_global_kernel, (torch.zeros(16),), dict(BLOCK=16, enable_fp_fusion=True))
 
 
 @pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
