@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
-import os
 import re
 import subprocess
 import sys
@@ -131,12 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("source")
     c.add_argument("--arch", default="sm_90")
     t = sub.add_parser("triton", help="a Triton kernel of fastmodels.kernels.<op>")
-    t.add_argument("op", choices=["efield", "nextlat", "pushdown", "rsvd"])
+    t.add_argument("op", choices=["attachment", "efield", "nextlat", "pushdown", "rsvd"])
     t.add_argument("kernel")
     t.add_argument("--match", action="append", default=[], help="substring of the launch variant label (repeatable)")
     t.add_argument("--config", type=int, default=0, help="index of the autotune config")
     args = p.parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns without it
     if args.kind == "cuda":
         cubin, what = compile_cuda(args.source, args.arch), f"{args.source} ({args.arch})"
     else:
