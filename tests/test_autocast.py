@@ -66,22 +66,29 @@ def grads_of(out, xs, seed=2):
     return torch.autograd.grad((out[fin].double() * g[fin]).sum(), xs)
 
 
+def check_runs_on_autocast_dtype(call, xs, out_dtype, atomic=()):
+    """``call(*xs)`` under autocast equals ``call`` on the inputs cast to LOW by hand, and its
+    gradients (backward outside the region) reach the fp32 leaves as the hand-cast ones' in fp32.
+    ``atomic``: indices of gradients that a GPU kernel sums with atomics."""
+    with autocast(xs[0].device):
+        out = call(*xs)
+    got = grads_of(out, xs)
+    low = [x.detach().to(LOW).requires_grad_() for x in xs]
+    want_out = call(*low)
+    want = grads_of(want_out, low)
+    assert out.dtype == out_dtype
+    assert torch.equal(out, want_out)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == torch.float32
+        same(g, w.float(), atomic=i in atomic)
+
+
 @pytest.mark.parametrize("decode", [False, True], ids=["train", "decode"])
 @pytest.mark.parametrize("backend", op_backends("pushdown_attention", include_reference=True))
 def test_pushdown_attention_runs_on_autocast_dtype(backend, decode):
     dev = backend_device(backend)
     tape, shapes = pushdown_case(dev, decode)
-    xs = leaves(*shapes, device=dev)
-    with autocast(dev):
-        out = pushdown_attention(*xs, tape, backend=backend)
-    got = grads_of(out, xs)
-    low = [x.detach().to(LOW).requires_grad_() for x in xs]
-    want_out = pushdown_attention(*low, tape, backend=backend)
-    want = grads_of(want_out, low)
-    assert out.dtype == LOW
-    assert torch.equal(out, want_out)
-    for g, w in zip(got, want):
-        assert g.dtype == torch.float32 and torch.equal(g, w.float())
+    check_runs_on_autocast_dtype(lambda *xs: pushdown_attention(*xs, tape, backend=backend), leaves(*shapes, device=dev), LOW)
 
 
 @pytest.mark.parametrize("backend", op_backends("attachment_scores", include_reference=True))
@@ -89,17 +96,8 @@ def test_attachment_scores_run_on_autocast_dtype(backend):
     dev = backend_device(backend)
     tape = StackTape.from_trees(TREES, device=dev)
     xs = leaves((2, 7, 24), (2, 7, 24), (5, 24), device=dev)
-    with autocast(dev):
-        out = attachment_scores(*xs, tape, backend=backend)
-    got = grads_of(out, xs)
-    low = [x.detach().to(LOW).requires_grad_() for x in xs]
-    want_out = attachment_scores(*low, tape, backend=backend)
-    want = grads_of(want_out, low)
-    assert out.dtype == torch.float32  # the scores are fp32 for bf16 operands
-    assert torch.equal(out, want_out)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g.dtype == torch.float32
-        same(g, w.float(), atomic=i == 2)
+    # the scores are fp32 for bf16 operands
+    check_runs_on_autocast_dtype(lambda *xs: attachment_scores(*xs, tape, backend=backend), xs, torch.float32, atomic=(2,))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
