@@ -223,6 +223,21 @@ def _env_choice(op: str) -> str | None:
     return parsed.get(op) if isinstance(parsed, dict) else parsed
 
 
+def constant_under_compile(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)``: torch.compile evaluates ``fn`` once at trace
+    time (the backend choice reads the environment and imports modules, which dynamo does not
+    trace). That function imports torch._dynamo, 1.1 s of a 3.2 s ``import fastmodels`` on the dev
+    machine; when dynamo is not loaded yet, this sets the marker it reads instead (the attribute
+    torch 2.x's decorator sets: tests/test_dispatch.py compares the two, and the pushdown module's
+    torch.compile(fullgraph=True) tests fail without it)."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def select_backend(op: str, backend: str | None, device: torch.device | str) -> str:
     """Resolve which backend runs ``op`` on tensors of ``device``.
 

@@ -33,7 +33,7 @@ import torch
 
 from fastmodels._autocast import autocast_dtype, autocast_off, cast_to
 from fastmodels._determinism import alert_not_deterministic
-from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
+from fastmodels._dispatch import constant_under_compile, cpp_symbol_check, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, check_bool, check_tensor
 from fastmodels.ops.pushdown import (
     _causal_mask,
@@ -219,7 +219,7 @@ class _EagerAttachment(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _choose_backend(backend: Optional[str], device_type: str) -> str:
     return select_backend(OP, backend, device_type)
 

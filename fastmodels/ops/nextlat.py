@@ -35,7 +35,7 @@ import torch
 
 from fastmodels._autocast import autocast_dtype, autocast_off, cast_to
 from fastmodels._determinism import deterministic_default
-from fastmodels._dispatch import register_op, select_backend
+from fastmodels._dispatch import constant_under_compile, register_op, select_backend
 from fastmodels._validation import check_bool, check_int, check_same_device, check_tensor
 
 OP = "linear_cross_entropy_kl"
@@ -523,7 +523,7 @@ def _triton_losses(hidden, weight, bias, targets, pred, teacher_index, kl_weight
 # ---------------------------------------------------------------------------------------------
 
 
-@torch._dynamo.assume_constant_result
+@constant_under_compile
 def _resolve_backend(backend: str | None, device_type: str) -> str:
     # Evaluated once at trace time under torch.compile (the dispatcher imports modules and reads
     # the environment, which dynamo cannot trace).

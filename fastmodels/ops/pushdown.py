@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from fastmodels._autocast import autocast_dtype, autocast_off, cast_to
-from fastmodels._dispatch import cpp_symbol_check, register_op, select_backend
+from fastmodels._dispatch import constant_under_compile, cpp_symbol_check, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, INT_DTYPES, check_bool, check_float, check_tensor
 
 __all__ = [
@@ -488,7 +488,7 @@ def unpack_tape(tape, B: int, Tq: int, Tk: int, device, check_values: bool, keys
     raise TypeError(f"tape: expected a StackTape or an integer tensor [B, Tq, Tk], got {type(tape).__name__}")
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _choose_backend(backend: Optional[str], device_type: str) -> str:
     return select_backend(OP, backend, device_type)
 

@@ -35,7 +35,7 @@ import torch
 
 from fastmodels._autocast import autocast_off
 from fastmodels._determinism import alert_not_deterministic
-from fastmodels._dispatch import register_op, select_backend
+from fastmodels._dispatch import constant_under_compile, register_op, select_backend
 from fastmodels._validation import FLOAT_DTYPES, check_choice, check_finite, check_float, check_int, check_tensor
 
 __all__ = [
@@ -575,7 +575,7 @@ def randomized_svd(A, rank: int, *, oversample: int | None = None, n_iter: int |
     return SVDResult(U.reshape(*batch, m, k), S.reshape(*batch, k), V.reshape(*batch, n, k))
 
 
-@torch._dynamo.assume_constant_result
+@constant_under_compile
 def _resolve_backend(backend: str | None, device: torch.device) -> str:
     # Evaluated once at trace time under torch.compile (the dispatcher reads the environment and
     # imports modules, which dynamo does not trace).
