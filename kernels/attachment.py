@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2, on_tensor_device
 from .pushdown import _depth_index, _min_combine  # the same tape helpers as pushdown attention
 from ._tuning import gpu_configs
 
@@ -459,6 +459,7 @@ def _padded_table(feat):
     return padded, SF
 
 
+@on_tensor_device
 def attachment_fwd(q, keys, feat, depth, boundary, dense, binary: bool) -> torch.Tensor:
     """Scores [B, Tq, Tk] fp32 (-inf where j > t).
 
@@ -476,6 +477,7 @@ def attachment_fwd(q, keys, feat, depth, boundary, dense, binary: bool) -> torch
     return out
 
 
+@on_tensor_device
 def attachment_bwd(g, q, keys, feat, depth, boundary, dense, binary: bool):
     """(dq [B, Tq, W], dkeys [B, Tk, W], dfeat [V, W]) in fp32 for upstream g [B, Tq, Tk] (its
     entries above the diagonal are never read, so they may hold anything, NaN included).

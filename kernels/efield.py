@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._host import LAUNCH_OPTIONS, cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, cdiv, interpreting, next_power_of_2, on_tensor_device
 from ._tuning import gpu_configs
 
 _INTERPRET = interpreting()
@@ -187,6 +187,7 @@ def efield_fwd_kernel(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast,
     tl.store(active + pid * R + o_r, acc, mask=m_r)
 
 
+@on_tensor_device
 def efield_fwd(fish_pos, heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, rec_pos, rec_nrm, arena, active,
                comm, pole_separation: float, eps: float, image_strength: float) -> None:
     """Fill ``active`` [B, N, R] and ``comm`` [B, N, N, R] (or None); fp32 contiguous inputs, a

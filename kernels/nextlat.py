@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import LAUNCH_OPTIONS, cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, cdiv, interpreting, next_power_of_2, on_tensor_device
 from ._tuning import gpu_configs
 
 _INTERPRET = interpreting()
@@ -359,6 +359,7 @@ def _merge_lse(parts: torch.Tensor) -> torch.Tensor:
     return parts[0] if parts.shape[0] == 1 else torch.logsumexp(parts, dim=0)
 
 
+@on_tensor_device
 def lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index: int):
     """Forward of the fused linear CE + KL loss; see the module docstring.
 
@@ -398,6 +399,7 @@ def lce_kl_fwd(hidden, weight, bias, targets, pred, teacher_index, ignore_index:
     return ce_rows, lse, kl_rows, lse_pred
 
 
+@on_tensor_device
 def lce_kl_bwd(grad_ce_rows, grad_kl_rows, hidden, weight, bias, targets, pred, teacher_index,
                lse, lse_pred, ignore_index: int, deterministic: bool):
     """Backward of ``lce_kl_fwd`` for upstream per-row factors; logits recomputed tile by tile.

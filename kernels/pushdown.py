@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2, on_tensor_device
 from ._tuning import gpu_configs
 
 __all__ = ["pushdown_attention_fwd", "pushdown_attention_bwd"]
@@ -835,6 +835,7 @@ def _common(q, k, emb, depth, boundary, dense, binary):
     return B, H, Tq, Tk, D, V_used, depth, boundary, dense, meta
 
 
+@on_tensor_device
 def pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale: float, binary: bool):
     """Forward: returns (out [B, H, Tq, D] in q's dtype, lse [B, H, Tq] fp32, natural log).
 
@@ -856,6 +857,7 @@ def pushdown_attention_fwd(q, k, v, emb, depth, boundary, dense, scale: float, b
     return out, lse
 
 
+@on_tensor_device
 def pushdown_attention_bwd(do, q, k, v, emb, depth, boundary, dense, out, lse, scale: float, binary: bool, *, shared_table: bool = False):
     """Backward: returns (dq, dk, dv) in the input dtype and demb [H, V, D] fp32 ([V, D], summed
     over heads, with ``shared_table``: the gradient of a [V, D] table that ``emb`` expands)."""

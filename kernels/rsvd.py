@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2
+from ._host import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, interpreting, next_power_of_2, on_tensor_device
 from . import _tuning as tuning
 
 _INTERPRET = interpreting()
@@ -313,6 +313,7 @@ def _check_seed(seed: int) -> int:
     return seed % (1 << 32)
 
 
+@on_tensor_device
 def sketch_omega(b: int, rows: int, l: int, seed: int, device) -> torch.Tensor:
     """The Gaussian test matrices [b, rows, l] (fp32) that ``sketch_matmul`` uses, materialized."""
     if rows * l >= 2**31:
@@ -327,6 +328,7 @@ def sketch_omega(b: int, rows: int, l: int, seed: int, device) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def sketch_matmul(A: torch.Tensor, l: int, seed: int, transpose: bool = False) -> torch.Tensor:
     """Y = A @ Omega_i ([b, m, l]), or A^T @ Omega_i ([b, n, l]) with ``transpose=True``; fp32.
 
@@ -361,6 +363,7 @@ def _num_splits(b: int, panels: int, l_tiles: int, device: torch.device) -> int:
     return max(1, min(panels, cdiv(target, b * l_tiles)))
 
 
+@on_tensor_device
 def power_pass(A: torch.Tensor, Y: torch.Tensor, *, deterministic: bool = True, num_splits: int | None = None) -> torch.Tensor:
     """Z = A @ (A^T @ Y) for A [b, m, n], Y [b, m, l] fp32 -> Z [b, m, l] fp32, reading A once.
 
