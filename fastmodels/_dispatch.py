@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
@@ -230,8 +231,6 @@ def constant_under_compile(fn: Callable) -> Callable:
     machine; when dynamo is not loaded yet, this sets the marker it reads instead (the attribute
     torch 2.x's decorator sets: tests/test_dispatch.py compares the two, and the pushdown module's
     torch.compile(fullgraph=True) tests fail without it)."""
-    import sys
-
     if "torch._dynamo" in sys.modules:
         return torch.compiler.assume_constant_result(fn)
     fn._dynamo_marked_constant = True
