@@ -39,7 +39,7 @@ def leaves(*shapes, device, dtype=torch.float32, seed=0):
 
 
 def pushdown_case(device, decode):
-    """(call, leaf shapes): a training shape with a compact tape, or 2 decoding rows with a dense
+    """(tape, leaf shapes): a training shape with a compact tape, or 2 decoding rows with a dense
     tape (the cpu backend's fused decode path)."""
     if decode:
         tape = torch.randint(0, 4, (2, 2, 7), generator=torch.Generator().manual_seed(1)).to(device)
