@@ -98,6 +98,13 @@ def test_backends_report(toy_op):
         assert set(r["available"]).isdisjoint(r["unavailable"]), op
 
 
+def _python(code: str) -> str:
+    """The stdout of ``code`` run in a fresh interpreter, which must exit with 0."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_import_and_backends_without_triton():
     # Block triton's import: fastmodels must still import and report why triton is unavailable.
     code = (
@@ -109,9 +116,7 @@ def test_import_and_backends_without_triton():
         "    assert e['default'] in e['available'], op\n"
         "print('OK', len(r))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("OK")
+    assert _python(code).startswith("OK")
 
 
 def test_import_loads_no_dynamo_and_marks_as_torch_does():
@@ -126,9 +131,7 @@ def test_import_loads_no_dynamo_and_marks_as_torch_does():
         "    pass\n"
         "print(vars(pushdown._choose_backend) == vars(torch.compiler.assume_constant_result(f)) != {})\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "True"]
+    assert _python(code).split() == ["False", "True"]
 
 
 def test_cpu_backend_without_extension(monkeypatch):
