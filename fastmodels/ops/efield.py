@@ -241,7 +241,6 @@ def _forward(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj
 # ------------------------------------------------------------------------------------------------
 
 
-@autocast_off
 def _electric_image_impl(fish_pos, fish_heading, eod, obj_pos, obj_radius, obj_contrast, obj_mask, receptor_pos,
                         receptor_normal, arena, pole_separation, eps, image_strength, per_emitter, backend):
     chosen = select_backend(OP, backend or None, fish_pos.device)

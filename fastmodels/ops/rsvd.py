@@ -322,7 +322,6 @@ def _exact_basis(ops_short, s: int, l: int) -> torch.Tensor:
     return evecs[..., s - l :].flip(-1)
 
 
-@autocast_off
 def _rsvd_bucket(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int, backend: str, amax: torch.Tensor):
     """(U, S, V, e) for a bucket A [b, m, n]: float64 (float32 from the torch_lowrank mode's fp32
     CPU path); S is that of A scaled by 2**-e where e is not None (see :func:`_rescale`, applied to
