@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", metavar="TEXT", help="only the cases whose name contains TEXT")
     p.set_defaults(fn=_bench)
 
-    p = sub.add_parser("demo", help="every op vs its reference and peer, then the quick reproductions (none registered yet)")
+    p = sub.add_parser("demo", help="every op vs its reference and peer, then the quick reproductions")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(fn=_demo)

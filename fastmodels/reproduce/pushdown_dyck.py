@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 from fastmodels.pushdown.lm import PushdownLM
 from fastmodels.pushdown.tape import StackTape
 from fastmodels.reproduce import register
+from fastmodels.reproduce._lm import collate, token_batches, train_lm
 
 
 @dataclass(frozen=True)
@@ -145,33 +145,6 @@ def encode(brackets: list[int], k: int, *, eos: bool = True) -> tuple[list[int],
     return [2 * k] + list(brackets) + ([2 * k + 1] if eos else []), dyck_spans(brackets, k)
 
 
-def batches(strings: list[list[int]], k: int, batch_tokens: int, rng: random.Random):
-    """Endless training batches: (tokens [B, T], gold tape), strings of similar length together."""
-    order = sorted(range(len(strings)), key=lambda i: len(strings[i]))
-    groups, cur, cur_max = [], [], 0
-    for i in order:
-        n = len(strings[i]) + 2
-        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
-            groups.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    if cur:
-        groups.append(cur)
-    while True:
-        rng.shuffle(groups)
-        for g in groups:
-            yield collate([encode(strings[i], k) for i in g])
-
-
-def collate(encoded: list[tuple[list[int], list[tuple[int, int]]]]) -> tuple[torch.Tensor, StackTape]:
-    T = max(len(t) for t, _ in encoded)
-    tokens = torch.zeros(len(encoded), T, dtype=torch.int64)
-    for i, (t, _) in enumerate(encoded):
-        tokens[i, : len(t)] = torch.tensor(t)
-    return tokens, StackTape.from_spans([(len(t), s) for t, s in encoded], pad_to=T)
-
-
 def depth_generalization_set(cfg: DyckConfig, rng: random.Random, fillers: list[list[int]]) -> list[tuple[list[int], int]]:
     """(prefix brackets, target close) pairs: d nested opens of random types (d in
     [depth_lo, depth_hi)), their closes but the last, and a filler string inserted at a random
@@ -215,41 +188,10 @@ def iid_set(cfg: DyckConfig, rng: random.Random, train: set) -> list[list[int]]:
 
 # -- training and evaluation ---------------------------------------------------------------------
 
-def train(model: PushdownLM, strings: list[list[int]], cfg: DyckConfig, log, seed: int) -> dict:
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
-    model.train()
-    data = batches(strings, cfg.bracket_types, cfg.batch_tokens, rng)
-    t0, hist = time.perf_counter(), []
-    for step in range(cfg.steps):
-        tokens, tape = next(data)
-        loss = model.loss(tokens, tape)
-        opt.zero_grad(set_to_none=True)
-        loss["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
-            row = {"step": step, **{k: round(v.item(), 4) for k, v in loss.items()}, "s": round(time.perf_counter() - t0, 1)}
-            hist.append(row)
-            log(row)
-    model.eval()
-    return {"train_s": round(time.perf_counter() - t0, 1), "final": hist[-1], "history": hist}
-
-
 @torch.no_grad()
-def next_close(model: PushdownLM, prefixes: list[list[int]], k: int, *, beam: int | None) -> list[int]:
-    """The model's most likely closing bracket after each prefix: on its own beam-search tape
-    (``beam``), else on the gold tape (the base LM's attention ignores it)."""
-    preds = []
-    if beam is not None:
-        for p in prefixes:
-            toks, _ = encode(p, k, eos=False)
-            lp = model.beam_parse(toks, beam=beam).next_log_probs
-            preds.append(k + int(lp[k : 2 * k].argmax()))
-        return preds
+def next_close(model: PushdownLM, prefixes: list[list[int]], k: int) -> list[int]:
+    """The model's most likely closing bracket after each prefix, on the gold tape (the base LM's
+    attention ignores it)."""
     order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
     out = [0] * len(prefixes)
     for s in range(0, len(order), 16):
@@ -261,6 +203,18 @@ def next_close(model: PushdownLM, prefixes: list[list[int]], k: int, *, beam: in
             last = len(encoded[row][0]) - 1
             out[i] = k + int(logits[row, last, k : 2 * k].argmax())
     return out
+
+
+def beam_eval(model: PushdownLM, prefixes: list[list[int]], k: int, beam: int) -> tuple[list[int], list[bool]]:
+    """Per prefix: the most likely closing bracket on the model's own beam-search tape, and
+    whether that tape is the gold one (every attachment right)."""
+    preds, exact = [], []
+    for p in prefixes:
+        toks, spans = encode(p, k, eos=False)
+        res = model.beam_parse(toks, beam=beam)
+        preds.append(k + int(res.next_log_probs[k : 2 * k].argmax()))
+        exact.append(torch.equal(res.tape.dense(), StackTape.from_spans([(len(toks), spans)]).dense()))
+    return preds, exact
 
 
 def accuracy(preds: list[int], targets: list[int]) -> float:
@@ -307,18 +261,20 @@ def run_config(cfg: DyckConfig, out_dir: Path, *, log=print) -> dict:
         torch.manual_seed(cfg.seed)
         model = PushdownLM(2 * k + 2, cfg.d_model, cfg.n_layers, cfg.n_heads, pushdown=pushdown, binary=True)
         log({"model": name, "parameters": sum(p.numel() for p in model.parameters())})
-        res = train(model, train_strings, cfg, lambda r, n=name: log({"model": n, **r}), cfg.seed)
+        data = token_batches([encode(s, k) for s in train_strings], cfg.batch_tokens, random.Random(cfg.seed))
+        res = train_lm(model, data, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, log=lambda r, n=name: log({"model": n, **r}))
         res["accuracy"] = {}
         for set_name, (prefixes, targets) in sets.items():
             t0 = time.perf_counter()
+            preds, exact = beam_eval(model, prefixes, k, cfg.beam)
+            acc = {"beam_tape" if pushdown else "no_tape": accuracy(preds if pushdown else next_close(model, prefixes, k), targets),
+                   "beam_tape_exact": sum(exact) / len(exact)}
             if pushdown:
-                acc = {"beam_tape": accuracy(next_close(model, prefixes, k, beam=cfg.beam), targets),
-                       "gold_tape": accuracy(next_close(model, prefixes, k, beam=None), targets)}
-            else:
-                acc = {"no_tape": accuracy(next_close(model, prefixes, k, beam=None), targets)}
+                acc["gold_tape"] = accuracy(next_close(model, prefixes, k), targets)
             res["accuracy"][set_name] = {**{a: round(v, 4) for a, v in acc.items()}, "eval_s": round(time.perf_counter() - t0, 1)}
             log({"model": name, set_name: res["accuracy"][set_name]})
         summary["models"][name] = res
+        torch.save(model.state_dict(), out_dir / f"{name}.pt")
     summary["headline"] = {s: {"base": summary["models"]["base"]["accuracy"][s]["no_tape"],
                                "pushdown": summary["models"]["pushdown"]["accuracy"][s]["beam_tape"]} for s in sets}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,71 @@
+"""Shared pieces of the Pushdown LM reproductions: batching (tokens, gold spans) examples into
+(tokens, StackTape) batches, and the training loop."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Iterable, Iterator
+
+import torch
+
+from fastmodels.pushdown.lm import PushdownLM
+from fastmodels.pushdown.tape import StackTape
+
+Example = tuple[list[int], list[tuple[int, int]]]  # token ids, binary spans over those positions
+
+
+def collate(examples: list[Example]) -> tuple[torch.Tensor, StackTape]:
+    """Right-padded tokens [B, T] (padding id 0: ignored by the loss) and the gold tape."""
+    T = max(len(t) for t, _ in examples)
+    tokens = torch.zeros(len(examples), T, dtype=torch.int64)
+    for i, (t, _) in enumerate(examples):
+        tokens[i, : len(t)] = torch.tensor(t)
+    return tokens, StackTape.from_spans([(len(t), s) for t, s in examples], pad_to=T)
+
+
+def token_batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> Iterator[tuple[torch.Tensor, StackTape]]:
+    """Endless shuffled batches of at most ``batch_tokens`` padded tokens, examples of similar
+    length together."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    groups, cur, cur_max = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
+            groups.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        groups.append(cur)
+    while True:
+        rng.shuffle(groups)
+        for g in groups:
+            yield collate([examples[i] for i in g])
+
+
+def train_lm(model: PushdownLM, data: Iterable[tuple[torch.Tensor, StackTape]], *, steps: int, lr: float, warmup: int,
+             log=lambda row: None) -> dict:
+    """AdamW (weight decay 0.01, betas 0.9/0.98), linear warm-up then cosine decay to lr / 10,
+    gradients clipped at norm 1; the loss of :meth:`PushdownLM.loss`. Returns the log."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    model.train()
+    data = iter(data)
+    t0, hist = time.perf_counter(), []
+    for step in range(steps):
+        tokens, tape = next(data)
+        loss = model.loss(tokens, tape)
+        opt.zero_grad(set_to_none=True)
+        loss["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % max(1, steps // 20) == 0 or step == steps - 1:
+            row = {"step": step, **{k: round(v.item(), 4) for k, v in loss.items()}, "s": round(time.perf_counter() - t0, 1)}
+            hist.append(row)
+            log(row)
+    model.eval()
+    return {"train_s": round(time.perf_counter() - t0, 1), "final": hist[-1], "history": hist}
