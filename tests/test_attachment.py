@@ -113,6 +113,39 @@ def test_head_equals_the_authors_per_pair_mlp(binary):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_relative_position_term():
+    """relative_positions=True adds q~_t . W_r r(t + 1 - j) to key j and q~_t . W_r r(0) to the
+    shift (r: sinusoidal encoding of a distance), written here as a loop over pairs; queries
+    that are the last Tq of Tk positions (a decoding step) get their own distances; W_r trains."""
+    from fastmodels.pushdown._positions import sinusoidal
+
+    torch.manual_seed(5)
+    tape, _ = random_tapes(random.Random(5), [9, 6])
+    head = AttachmentHead(12, width=10, max_depth=4, d_embed=6, relative_positions=True, backend="reference").double()
+    plain = AttachmentHead(12, width=10, max_depth=4, d_embed=6, backend="reference").double()
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("rel.")})
+    hidden, nxt = torch.randn(2, 9, 12, dtype=torch.float64), torch.randn(2, 9, 6, dtype=torch.float64)
+    got, base = head(hidden, nxt, tape), plain(hidden, nxt, tape)
+    qt = head.query(torch.cat([hidden, nxt], -1))
+    R = head.rel(sinusoidal(0, 10, 10, dtype=torch.float64))  # distances 0..9
+    want = base.clone()
+    for t in range(9):
+        for j in range(t + 1):
+            want[:, t, j] += qt[:, t] @ R[t + 1 - j]
+        want[:, t, 9] += qt[:, t] @ R[0]
+    causal = torch.ones(9, 10, dtype=torch.bool).tril(0)
+    causal[:, 9] = True
+    torch.testing.assert_close(got[:, causal], want[:, causal], rtol=1e-10, atol=1e-10)
+    # a decoding step: the last 2 queries against all 9 keys, as in the full forward
+    step = head(hidden[:, 7:], nxt[:, 7:], tape.dense()[:, 7:], context=hidden)
+    torch.testing.assert_close(step[:, :, :8], got[:, 7:, :8], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(step[:, :, 9], got[:, 7:, 9], rtol=1e-10, atol=1e-10)
+    (g,) = torch.autograd.grad(head.loss(got, tape.attachment_targets()), [head.rel.weight])
+    assert g.abs().sum() > 0
+    with pytest.raises(TypeError, match="relative_positions"):
+        AttachmentHead(12, relative_positions=1)
+
+
 def test_loss_masks_ignored_targets_and_is_zero_when_all_ignored():
     logits = torch.randn(2, 3, 4, requires_grad=True)
     targets = torch.tensor([[0, 3, -100], [-100, -100, 1]])

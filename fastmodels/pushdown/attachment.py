@@ -12,7 +12,9 @@ without a [B, T, T, W] tensor. The same function class, parameterized directly:
     q~_t = MLP_q([h_t ; e_{t+1}]),  s_t = MLP_s([h_t ; e_{t+1}]),  keys_j = W_k h_j + b1
 
 with e_{t+1} the embedding of the next token (a synchronous LM predicts the token, then its
-attachment). The authors' relative-position term is not included.
+attachment). ``relative_positions=True`` adds the authors' relative-position term: key j gets
+q~_t . W_r r(t + 1 - j) and the shift q~_t . W_r r(0), with r the sinusoidal encoding of a
+distance (the next token sits at distance 0; Transformer-XL style, as their head does).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmodels._validation import check_tensor
+from fastmodels._validation import check_bool, check_tensor
 from fastmodels.ops.attachment import attachment_scores
 from fastmodels.ops.pushdown import check_tape_device
 from fastmodels.pushdown import _cache
+from fastmodels.pushdown._positions import sinusoidal
 
 __all__ = ["AttachmentHead"]
 
@@ -56,12 +59,14 @@ class AttachmentHead(nn.Module):
         max_depth: rows of the depth table (depths clamped to max_depth - 1); binary: index it
             by S > 0 (Dyck), 2 rows.
         dropout: in the query and shift MLPs (the per-pair MLP runs fused, without dropout).
+        relative_positions: add the relative-position term (above); queries are the last Tq of
+            the Tk key positions, as in ``pushdown_attention``.
         backend: forwarded to ``fastmodels.ops.attachment_scores``.
     """
 
     def __init__(self, d_model: int, width: int | None = None, hidden: int | None = None, max_depth: int = 50,
-                 binary: bool = False, *, d_embed: int | None = None, dropout: float = 0.0, backend: str | None = None,
-                 device=None, dtype=None):
+                 binary: bool = False, *, d_embed: int | None = None, dropout: float = 0.0, relative_positions: bool = False,
+                 backend: str | None = None, device=None, dtype=None):
         super().__init__()
         width = d_model if width is None else width
         hidden = width if hidden is None else hidden
@@ -81,6 +86,8 @@ class AttachmentHead(nn.Module):
         self.depth_feat = nn.Parameter(torch.empty(2 if binary else max_depth, hidden, **factory))  # W1's depth half
         self.out = nn.Linear(hidden, width, **factory)  # W2, b2
         nn.init.normal_(self.depth_feat, std=hidden ** -0.5)
+        check_bool(relative_positions, "relative_positions")
+        self.rel = nn.Linear(width, width, bias=False, **factory) if relative_positions else None  # W_r
 
     def key_features(self, context: torch.Tensor) -> torch.Tensor:
         """keys_j = W_k h_j + b1 for hidden states [B, T, d_model]: what a decoder caches."""
@@ -133,6 +140,14 @@ class AttachmentHead(nn.Module):
         if mask is not None:
             reduce = reduce.masked_fill(~mask, float("-inf"))
         shift = (qt * self.shift(x)).sum(-1, keepdim=True).to(reduce.dtype)
+        if self.rel is not None:
+            B, Tq, Tk = reduce.shape
+            # q~_t . W_r r(d) for every distance d = 0..Tk, then each pair's distance t + 1 - j
+            table = (qt @ self.rel(sinusoidal(0, Tk + 1, self.rel.in_features, device=qt.device, dtype=qt.dtype)).T).to(reduce.dtype)
+            t = torch.arange(Tk - Tq, Tk, device=qt.device)
+            dist = (t[:, None] + 1 - torch.arange(Tk, device=qt.device)[None, :]).clamp(min=0)  # j > t: masked by callers
+            reduce = reduce + table.gather(-1, dist.expand(B, Tq, Tk))
+            shift = shift + table[..., :1]
         return torch.cat([reduce, shift], dim=-1)
 
     @staticmethod

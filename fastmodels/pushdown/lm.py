@@ -16,7 +16,6 @@ relative positions, which the op leaves to the caller; spec section 2).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from fastmodels._validation import check_bool, check_int
 from fastmodels.pushdown import _cache
+from fastmodels.pushdown._positions import sinusoidal
 from fastmodels.pushdown.attachment import AttachmentHead
 from fastmodels.pushdown.module import PushdownAttention
 from fastmodels.pushdown.tape import StackTape, StackTapeBuilder
@@ -80,16 +80,6 @@ class _Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-def sinusoidal_positions(start: int, n: int, d_model: int, *, device=None, dtype=None) -> torch.Tensor:
-    """[n, d_model] sinusoidal position embeddings of positions start .. start + n - 1."""
-    pos = torch.arange(start, start + n, device=device, dtype=torch.float64)[:, None]
-    freq = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / d_model))
-    out = torch.zeros(n, d_model, device=device, dtype=torch.float64)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)[:, : d_model // 2]
-    return out.to(dtype or torch.get_default_dtype())
-
-
 @dataclass
 class BeamParse:
     """The best beam of :meth:`PushdownLM.beam_parse` on one prefix.
@@ -118,12 +108,14 @@ class PushdownLM(nn.Module):
         max_depth, binary: the depth tables of the pushdown layers and of the attachment head
             (binary: the Dyck 0/1 tape).
         dropout: residual and MLP dropout.
+        relative_positions: the attachment head's relative-position term (the authors' head has
+            it; it tells the head how far back each stack constituent ends).
         backend: forwarded to the pushdown ops.
     """
 
     def __init__(self, vocab_size: int, d_model: int = 128, n_layers: int = 6, n_heads: int = 4, d_ff: int | None = None, *,
                  pushdown: bool = True, max_depth: int = 50, binary: bool = False, dropout: float = 0.0,
-                 backend: str | None = None, device=None, dtype=None):
+                 relative_positions: bool = True, backend: str | None = None, device=None, dtype=None):
         super().__init__()
         vocab_size = check_int(vocab_size, "vocab_size", low=1)
         d_model = check_int(d_model, "d_model", low=1)
@@ -142,7 +134,8 @@ class PushdownLM(nn.Module):
                                     for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model, **factory)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False, **factory)
-        self.attach = AttachmentHead(d_model, max_depth=max_depth, binary=binary, dropout=dropout, backend=backend, **factory)
+        self.attach = AttachmentHead(d_model, max_depth=max_depth, binary=binary, dropout=dropout,
+                                     relative_positions=relative_positions, backend=backend, **factory)
         nn.init.normal_(self.embed.weight, std=0.02)
 
     # -- the trunk ------------------------------------------------------------------------------
@@ -168,7 +161,7 @@ class PushdownLM(nn.Module):
             start = cache.get("length", 0)
             cache.setdefault("layers", [{} for _ in self.blocks])
             cache["length"] = start + T
-        x = self.embed(tokens) + sinusoidal_positions(start, T, self.d_model, device=tokens.device, dtype=self.embed.weight.dtype)
+        x = self.embed(tokens) + sinusoidal(start, T, self.d_model, device=tokens.device, dtype=self.embed.weight.dtype)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, tape, None if cache is None else cache["layers"][i])

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import random
 import time
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -69,3 +72,27 @@ def train_lm(model: PushdownLM, data: Iterable[tuple[torch.Tensor, StackTape]], 
             log(row)
     model.eval()
     return {"train_s": round(time.perf_counter() - t0, 1), "final": hist[-1], "history": hist}
+
+
+def _flag(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false (or 1/0), got {value!r}")
+
+
+def config_from_argv(presets: dict, argv: list[str] | None, prog: str, description: str, default_out: str):
+    """(config, out dir) from ``--preset NAME`` and ``--<field> VALUE`` for every field of the
+    presets' dataclass (booleans as true/false)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--preset", choices=sorted(presets), default="paper")
+    base = presets["paper"]
+    for f in dataclasses.fields(base):
+        default = getattr(base, f.name)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=_flag if isinstance(default, bool) else type(default), default=None)
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name) is not None}
+    return dataclasses.replace(presets[args.preset], **overrides), Path(args.out)

@@ -19,7 +19,6 @@ shift. Both LMs are trained with the attachment loss (as the paper's base LM is)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -33,7 +32,7 @@ import torch
 from fastmodels.pushdown.lm import PushdownLM
 from fastmodels.pushdown.tape import StackTape
 from fastmodels.reproduce import register
-from fastmodels.reproduce._lm import collate, token_batches, train_lm
+from fastmodels.reproduce._lm import config_from_argv, collate, token_batches, train_lm
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,7 @@ class DyckConfig:
     long_max_len: int = 600
     n_long_eval: int = 50
     n_iid_eval: int = 200  # held-out strings of the training distribution (every closing bracket)
+    attach_rel_pos: bool = True  # the attachment head's relative-position term (the authors' head has it)
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
 
@@ -259,7 +259,8 @@ def run_config(cfg: DyckConfig, out_dir: Path, *, log=print) -> dict:
             "in_distribution": (iid_p, iid_t)}
     for name, pushdown in (("base", False), ("pushdown", True)):
         torch.manual_seed(cfg.seed)
-        model = PushdownLM(2 * k + 2, cfg.d_model, cfg.n_layers, cfg.n_heads, pushdown=pushdown, binary=True)
+        model = PushdownLM(2 * k + 2, cfg.d_model, cfg.n_layers, cfg.n_heads, pushdown=pushdown, binary=True,
+                           relative_positions=cfg.attach_rel_pos)
         log({"model": name, "parameters": sum(p.numel() for p in model.parameters())})
         data = token_batches([encode(s, k) for s in train_strings], cfg.batch_tokens, random.Random(cfg.seed))
         res = train_lm(model, data, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, log=lambda r, n=name: log({"model": n, **r}))
@@ -289,15 +290,8 @@ def run(quick: bool, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastmodels.reproduce.pushdown_dyck", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/pushdown-dyck")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    for f in dataclasses.fields(DyckConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(PAPER, f.name)), default=None)
-    args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DyckConfig) if getattr(args, f.name) is not None}
-    cfg = dataclasses.replace(PRESETS[args.preset], **overrides)
-    summary = run_config(cfg, Path(args.out), log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
+    cfg, out = config_from_argv(PRESETS, argv, "python -m fastmodels.reproduce.pushdown_dyck", __doc__.split("\n\n")[0], "runs/pushdown-dyck")
+    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
     print(json.dumps(summary["headline"], indent=2))
     return 0
 

@@ -19,7 +19,6 @@ embedding (object relatives inside object relatives).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -33,7 +32,7 @@ import torch
 from fastmodels.pushdown.lm import PushdownLM
 from fastmodels.pushdown.tape import StackTapeBuilder, tree_spans
 from fastmodels.reproduce import register
-from fastmodels.reproduce._lm import token_batches, train_lm
+from fastmodels.reproduce._lm import config_from_argv, token_batches, train_lm
 
 NOUNS = [("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("man", "men"), ("woman", "women"), ("teacher", "teachers"),
          ("lawyer", "lawyers"), ("farmer", "farmers"), ("child", "children"), ("doctor", "doctors"), ("pilot", "pilots"),
@@ -76,6 +75,7 @@ class GrammarConfig:
     beam: int = 20
     n_pairs: int = 100  # minimal pairs per test suite
     n_parse: int = 200  # held-out sentences parsed
+    attach_rel_pos: bool = True  # the attachment head's relative-position term (the authors' head has it)
     seed: int = 0
     threads: int = 0
 
@@ -248,7 +248,8 @@ def run_config(cfg: GrammarConfig, out_dir: Path, *, log=print) -> dict:
     train_examples = [encode(t, index) for t in train_trees]
     for name, pushdown in (("base", False), ("pushdown", True)):
         torch.manual_seed(cfg.seed)
-        model = PushdownLM(len(vocab), cfg.d_model, cfg.n_layers, cfg.n_heads, pushdown=pushdown, max_depth=cfg.max_depth)
+        model = PushdownLM(len(vocab), cfg.d_model, cfg.n_layers, cfg.n_heads, pushdown=pushdown, max_depth=cfg.max_depth,
+                           relative_positions=cfg.attach_rel_pos)
         log({"model": name, "parameters": sum(p.numel() for p in model.parameters())})
         data = token_batches(train_examples, cfg.batch_tokens, random.Random(cfg.seed))
         res = train_lm(model, data, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, log=lambda r, n=name: log({"model": n, **r}))
@@ -284,15 +285,8 @@ def run(quick: bool, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastmodels.reproduce.pushdown_grammar", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/pushdown-grammar")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    for f in dataclasses.fields(GrammarConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(PAPER, f.name)), default=None)
-    args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(GrammarConfig) if getattr(args, f.name) is not None}
-    cfg = dataclasses.replace(PRESETS[args.preset], **overrides)
-    summary = run_config(cfg, Path(args.out), log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
+    cfg, out = config_from_argv(PRESETS, argv, "python -m fastmodels.reproduce.pushdown_grammar", __doc__.split("\n\n")[0], "runs/pushdown-grammar")
+    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
     print(json.dumps(summary["headline"], indent=2))
     return 0
 
