@@ -115,3 +115,19 @@ def test_quick_reproduction_runs_and_learns(tmp_path):
     assert models["base"]["accuracy"]["in_distribution"]["no_tape"] > 2 / k
     pd = models["pushdown"]["accuracy"]["in_distribution"]
     assert pd["gold_tape"] > 2 / k and pd["beam_tape"] >= pd["gold_tape"] - 0.1
+
+
+def test_command_line_config_and_device():
+    from fastmodels.reproduce._lm import config_from_argv, resolve_device
+
+    cfg, out = config_from_argv(dy.PRESETS, ["--preset", "cpu", "--steps", "7", "--attach-rel-pos", "false", "--out", "x"], "p", "d", "runs/y")
+    assert cfg == dataclasses.replace(dy.CPU, steps=7, attach_rel_pos=False) and str(out) == "x"
+    with pytest.raises(SystemExit):  # argparse: "expected true/false (or 1/0)"
+        config_from_argv(dy.PRESETS, ["--attach-rel-pos", "maybe"], "p", "d", "runs/y")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device: expected 'auto', 'cpu' or 'cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            resolve_device("cuda")

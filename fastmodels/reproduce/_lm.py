@@ -48,6 +48,25 @@ def token_batches(examples: list[Example], batch_tokens: int, rng: random.Random
             yield collate([examples[i] for i in g])
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when visible, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asked for, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
+    return device
+
+
+def run_environment(device: torch.device) -> dict:
+    """Where and at which commit a reproduction ran (the benchmark rows' facts)."""
+    from fastmodels.bench.harness import environment
+
+    return environment(device.type)
+
+
 def train_lm(model: PushdownLM, data: Iterable[tuple[torch.Tensor, StackTape]], *, steps: int, lr: float, warmup: int,
              log=lambda row: None) -> dict:
     """AdamW (weight decay 0.01, betas 0.9/0.98), linear warm-up then cosine decay to lr / 10,
@@ -56,11 +75,12 @@ def train_lm(model: PushdownLM, data: Iterable[tuple[torch.Tensor, StackTape]], 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     model.train()
+    device = next(model.parameters()).device
     data = iter(data)
     t0, hist = time.perf_counter(), []
     for step in range(steps):
         tokens, tape = next(data)
-        loss = model.loss(tokens, tape)
+        loss = model.loss(tokens.to(device), tape.to(device))
         opt.zero_grad(set_to_none=True)
         loss["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -32,7 +32,7 @@ import torch
 from fastmodels.pushdown.lm import PushdownLM
 from fastmodels.pushdown.tape import StackTape
 from fastmodels.reproduce import register
-from fastmodels.reproduce._lm import config_from_argv, collate, token_batches, train_lm
+from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment, collate, token_batches, train_lm
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class DyckConfig:
     attach_rel_pos: bool = True  # the attachment head's relative-position term (the authors' head has it)
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
+    device: str = "auto"  # "auto": CUDA when visible, else the CPU
 
 
 PAPER = DyckConfig()
@@ -198,7 +199,8 @@ def next_close(model: PushdownLM, prefixes: list[list[int]], k: int) -> list[int
         idx = order[s : s + 16]
         encoded = [encode(prefixes[i], k, eos=False) for i in idx]
         tokens, tape = collate(encoded)
-        logits = model.logits(model(tokens, tape))
+        device = next(model.parameters()).device
+        logits = model.logits(model(tokens.to(device), tape.to(device))).cpu()
         for row, i in enumerate(idx):
             last = len(encoded[row][0]) - 1
             out[i] = k + int(logits[row, last, k : 2 * k].argmax())
@@ -213,7 +215,7 @@ def beam_eval(model: PushdownLM, prefixes: list[list[int]], k: int, beam: int) -
         toks, spans = encode(p, k, eos=False)
         res = model.beam_parse(toks, beam=beam)
         preds.append(k + int(res.next_log_probs[k : 2 * k].argmax()))
-        exact.append(torch.equal(res.tape.dense(), StackTape.from_spans([(len(toks), spans)]).dense()))
+        exact.append(torch.equal(res.tape.dense().cpu(), StackTape.from_spans([(len(toks), spans)]).dense()))
     return preds, exact
 
 
@@ -248,7 +250,8 @@ def run_config(cfg: DyckConfig, out_dir: Path, *, log=print) -> dict:
     # forward step per token per prefix)
     sub = random.Random(cfg.seed + 1).sample(range(len(iid_p)), min(len(iid_p), cfg.n_iid_eval))
     iid_p, iid_t = [iid_p[i] for i in sub], [iid_t[i] for i in sub]
-    summary: dict = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    device = resolve_device(cfg.device)
+    summary: dict = {"config": dataclasses.asdict(cfg), "environment": run_environment(device),
                      "data": {"train_strings": len(train_strings), "mean_train_len": round(sum(map(len, train_strings)) / len(train_strings), 1),
                               "depth_eval": len(depth), "mean_depth_prefix_len": round(sum(len(p) for p, _ in depth) / len(depth), 1),
                               "long_eval": len(long), "mean_long_prefix_len": round(sum(len(p) for p, _ in long) / len(long), 1),
@@ -260,7 +263,7 @@ def run_config(cfg: DyckConfig, out_dir: Path, *, log=print) -> dict:
     for name, pushdown in (("base", False), ("pushdown", True)):
         torch.manual_seed(cfg.seed)
         model = PushdownLM(2 * k + 2, cfg.d_model, cfg.n_layers, cfg.n_heads, pushdown=pushdown, binary=True,
-                           relative_positions=cfg.attach_rel_pos)
+                           relative_positions=cfg.attach_rel_pos).to(device)
         log({"model": name, "parameters": sum(p.numel() for p in model.parameters())})
         data = token_batches([encode(s, k) for s in train_strings], cfg.batch_tokens, random.Random(cfg.seed))
         res = train_lm(model, data, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, log=lambda r, n=name: log({"model": n, **r}))

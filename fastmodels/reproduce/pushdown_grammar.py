@@ -32,7 +32,7 @@ import torch
 from fastmodels.pushdown.lm import PushdownLM
 from fastmodels.pushdown.tape import StackTapeBuilder, tree_spans
 from fastmodels.reproduce import register
-from fastmodels.reproduce._lm import config_from_argv, token_batches, train_lm
+from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment, token_batches, train_lm
 
 NOUNS = [("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("man", "men"), ("woman", "women"), ("teacher", "teachers"),
          ("lawyer", "lawyers"), ("farmer", "farmers"), ("child", "children"), ("doctor", "doctors"), ("pilot", "pilots"),
@@ -78,6 +78,7 @@ class GrammarConfig:
     attach_rel_pos: bool = True  # the attachment head's relative-position term (the authors' head has it)
     seed: int = 0
     threads: int = 0
+    device: str = "auto"  # "auto": CUDA when visible, else the CPU
 
 
 PAPER = GrammarConfig()
@@ -186,8 +187,9 @@ def sentence_log_prob(model: PushdownLM, ids: list[int], *, beam: int | None) ->
     """log p(sentence) including </s>: the base LM's exactly (its attention ignores the tape),
     the Pushdown LM's as the beam marginal log sum_beams p(words, tape)."""
     if beam is None:
-        x = torch.tensor([ids])
-        logits = model.logits(model(x, torch.zeros(1, len(ids), len(ids), dtype=torch.int64)))
+        device = next(model.parameters()).device
+        x = torch.tensor([ids], device=device)
+        logits = model.logits(model(x, torch.zeros(1, len(ids), len(ids), dtype=torch.int64, device=device)))
         return float(torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None]).sum())
     # beam_parse scores log p(w_1.., attachments) of every final beam; the attachment of </s> is
     # part of it, summed over by the marginal
@@ -238,7 +240,8 @@ def run_config(cfg: GrammarConfig, out_dir: Path, *, log=print) -> dict:
             held_out.append(encode(t, index))
     suites = agreement_suites(cfg, random.Random(cfg.seed + 1))
     lengths = [len(leaves(t)) for t in train_trees]
-    summary: dict = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    device = resolve_device(cfg.device)
+    summary: dict = {"config": dataclasses.asdict(cfg), "environment": run_environment(device),
                      "data": {"vocab": len(vocab), "train_sentences": len(train_trees), "mean_train_len": round(sum(lengths) / len(lengths), 1),
                               "max_train_len": max(lengths), "parse_sentences": len(held_out),
                               "right_branching_f1": round(right_branching_f1(held_out), 4),
@@ -249,7 +252,7 @@ def run_config(cfg: GrammarConfig, out_dir: Path, *, log=print) -> dict:
     for name, pushdown in (("base", False), ("pushdown", True)):
         torch.manual_seed(cfg.seed)
         model = PushdownLM(len(vocab), cfg.d_model, cfg.n_layers, cfg.n_heads, pushdown=pushdown, max_depth=cfg.max_depth,
-                           relative_positions=cfg.attach_rel_pos)
+                           relative_positions=cfg.attach_rel_pos).to(device)
         log({"model": name, "parameters": sum(p.numel() for p in model.parameters())})
         data = token_batches(train_examples, cfg.batch_tokens, random.Random(cfg.seed))
         res = train_lm(model, data, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, log=lambda r, n=name: log({"model": n, **r}))
