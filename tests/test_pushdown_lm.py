@@ -159,6 +159,10 @@ def test_bad_inputs():
         lm.loss(torch.zeros(1, 2, dtype=torch.int64), tape.dense())
     with pytest.raises(ValueError, match=r"tokens: expected ids in \[0, 7\)"):
         lm.beam_parse([6, 7])
+    with pytest.raises(ValueError, match=r"tokens: expected ids in \[0, 7\), got min -1"):
+        lm(torch.tensor([[1, -1]]), tape)
+    with pytest.raises(ValueError, match="tape: expected non-negative depths, got a minimum of -2"):
+        lm(torch.tensor([[1, 2]]), torch.tensor([[[0, 0], [-2, 0]]]))
     with pytest.raises(ValueError, match="tokens: expected a non-empty"):
         lm.beam_parse([])
     with pytest.raises(ValueError, match="beam: expected"):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmodels._validation import check_bool, check_int
+from fastmodels.ops.pushdown import check_dense_tape
 from fastmodels.pushdown import _cache
 from fastmodels.pushdown._positions import sinusoidal
 from fastmodels.pushdown.attachment import AttachmentHead
@@ -146,13 +147,21 @@ class PushdownLM(nn.Module):
             raise ValueError(f"tokens: expected an int64 or int32 tensor [B, T], got {got}")
         return tokens
 
-    def forward(self, tokens: torch.Tensor, tape, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, tape, cache: dict | None = None, *, check_values: bool = True) -> torch.Tensor:
         """Final hidden states [B, T, d_model] (after the last LayerNorm) of ``tokens`` [B, T].
 
         ``tape``: a StackTape of the same batch and length, or a dense [B, T, T_total] tape. With
         ``cache`` (a dict, empty on the first call) the tokens continue the cached ones (a
-        decoding step; the tape must then be dense, one row per new token)."""
+        decoding step; the tape must then be dense, one row per new token). ``check_values``:
+        token ids in range and no negative depth in a dense tape, checked once for all layers
+        (one host sync; a decoding loop whose inputs are known good turns it off)."""
         tokens = self._check_tokens(tokens)
+        check_bool(check_values, "check_values")
+        if check_values:
+            if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+                raise ValueError(f"tokens: expected ids in [0, {self.vocab_size}), got min {int(tokens.min())}, max {int(tokens.max())}")
+            if isinstance(tape, torch.Tensor):
+                check_dense_tape(tape)
         B, T = tokens.shape
         start = 0
         if cache is not None:
@@ -231,7 +240,7 @@ class PushdownLM(nn.Module):
         attachments: list[list] = [[None]]
         for t in range(n):
             k = builder.batch_size
-            hidden = self(toks[t].expand(k)[:, None], row.to(device)[:, None, :], cache)  # [k, 1, d]
+            hidden = self(toks[t].expand(k)[:, None], row.to(device)[:, None, :], cache, check_values=False)  # [k, 1, d]
             log_p = torch.log_softmax(self.logits(hidden[:, 0]).double(), dim=-1)
             if t == n - 1:
                 break
