@@ -6,7 +6,9 @@ beam search over attachments; it is also scored on gold tapes as a diagnostic.
 
 Paper (spec pushdown.md section 5): depth generalization 40.6 (base) vs 68.3 (Pushdown);
 long-range (>= 300) 14.1 vs 42.9. The paper's setup is ``PAPER`` (6 layers, width 128, 100k
-strings, k=20, m=10, beam 50; a GPU job); ``QUICK`` checks the pipeline in about a minute of CPU.
+strings, k=20, m=10, beam 50; a GPU job); ``CPU`` is a 4-layer model for about 20 minutes of the
+2-core development CPU (results in docs/reproductions.md); ``QUICK`` checks the pipeline in about
+20 s of it.
 
     python -m fastmodels.reproduce.pushdown_dyck --out runs/dyck [--preset quick|cpu|paper] [--steps N ...]
 
@@ -32,7 +34,7 @@ import torch
 from fastmodels.pushdown.lm import PushdownLM
 from fastmodels.pushdown.tape import StackTape
 from fastmodels.reproduce import register
-from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment, collate, token_batches, train_lm
+from fastmodels.reproduce._lm import collate, config_from_argv, resolve_device, run_environment, token_batches, train_lm
 
 
 @dataclass(frozen=True)
