@@ -114,10 +114,5 @@ def reorder(cache: dict, names: tuple[str, ...], parents, dim: int) -> None:
     buf = _live_buffer(past, dim)
     if buf is None:
         cache.update(zip(names, (p[idx] for p in past)))
-    else:  # new capacity buffers, each gathering only the filled prefix (straight into place)
-        parts = []
-        for p in buf.parts:
-            part = p.new_empty((idx.numel(), *p.shape[1:]))
-            torch.index_select(p.narrow(dim, 0, buf.filled), 0, idx, out=part.narrow(dim, 0, buf.filled))
-            parts.append(part)
-        cache.update(zip(names, _Buffer(tuple(parts), dim, buf.filled).views()))
+    else:  # each whole capacity buffer in one contiguous gather; the prefix stays a view of it
+        cache.update(zip(names, _Buffer(tuple(p.index_select(0, idx) for p in buf.parts), dim, buf.filled).views()))
