@@ -375,10 +375,11 @@ def test_fp32_orthonormalization_checks_every_basis(cond):
         assert (resid <= 1e-4).all(), (passes, resid)
 
 
-def test_torch_lowrank_matches_torch_statistically():
+@pytest.mark.parametrize("m, n, k", [(96, 260, 10), (260, 96, 10), (90, 200, 60), (200, 90, 60)])
+def test_torch_lowrank_matches_torch_statistically(m, n, k):
     # Same algorithm as torch.svd_lowrank(A, q=k, niter=2): the mean excess residual over seeds
-    # agrees with torch's, and is well above the accurate mode's.
-    m, n, k = 96, 260, 10
+    # agrees with torch's, and is well above the accurate mode's. k = 60 of 90 takes the CPU
+    # path for a basis of more than half the short side (Householder QR, fp32 SVD of B^T).
     A = spectrum_matrix("power", m, n, b=1)[0].to(torch.float32)
     ours, theirs = [], []
     for seed in range(12):
@@ -394,6 +395,25 @@ def test_torch_lowrank_matches_torch_statistically():
     # n_iter and oversample are honoured: more iterations -> smaller residual on average.
     more = [residual_ratio(A, *randomized_svd(A, k, method="torch_lowrank", n_iter=6, seed=s), k).item() - 1 for s in range(4)]
     assert sum(more) / 4 < mo
+
+
+def test_torch_lowrank_wide_basis_path_on_degenerate_inputs():
+    """The CPU torch_lowrank path for l > s / 2 (Householder QR, fp32 SVD of B^T): orthonormal
+    factors, sorted non-negative S, exact reconstruction of a matrix of rank < k, and zeros for a
+    zero matrix (torch's QR completes any basis)."""
+    g = torch.Generator().manual_seed(5)
+    low = torch.randn(70, 4, generator=g) @ torch.randn(4, 40, generator=g)  # rank 4
+    full = torch.randn(70, 40, generator=g)
+    A = torch.stack([low, torch.zeros(70, 40), full])
+    for X in (A, A.mT):
+        U, S, V = randomized_svd(X, 30, method="torch_lowrank", seed=3)
+        assert U.dtype == torch.float32 and U.shape == (3, X.shape[1], 30) and V.shape == (3, X.shape[2], 30)
+        assert orth_defect(U) <= 1e-5 and orth_defect(V) <= 1e-5
+        assert (S >= 0).all() and (S[:, :-1] >= S[:, 1:]).all()
+        R = (U * S[:, None]) @ V.mT
+        torch.testing.assert_close(R[0], X[0], rtol=0, atol=1e-4)  # rank 4 < k: exact
+        assert S[1].abs().max() == 0 and R[1].abs().max() == 0
+        assert residual_ratio(X[2], U[2], S[2], V[2], 30) < 1.2
 
 
 # ---------------------------------------------------------------------------------------------
