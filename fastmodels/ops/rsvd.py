@@ -407,9 +407,9 @@ def _rsvd_route(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int,
     if wd != torch.float64 and 2 * l > s:
         # A basis of more than half the short side: torch's own steps, Householder QR (LAPACK) and
         # an fp32 SVD of B^T = M^T Q, cost less here than CholeskyQR with its checks and the
-        # float64 orthonormalization and SVD of the Rayleigh-Ritz step (1536 x 576, l = 518: 1.6
-        # against 3.9 s for 12 matrices on the 2-core dev CPU; below l = s / 2 CholeskyQR is
-        # as fast or faster, 1.2-1.5x at l = 28-115).
+        # float64 orthonormalization and SVD of the Rayleigh-Ritz step (12 matrices 1536 x 576,
+        # l = 518, 2-core dev CPU: 2.2 s against 3.9 s, torch.svd_lowrank looped 2.05 s; below
+        # l = s / 2 CholeskyQR is as fast or faster, 1.2-1.5x torch's speed at l = 28-115).
         Q = torch.linalg.qr(ops.mul(omega)).Q
         for _ in range(q):
             Q = torch.linalg.qr(ops.mul_t(Q)).Q

