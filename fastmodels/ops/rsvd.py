@@ -408,8 +408,8 @@ def _rsvd_route(A: torch.Tensor, k: int, p: int, q: int, method: str, seed: int,
         # A basis of more than half the short side: torch's own steps, Householder QR (LAPACK) and
         # an fp32 SVD of B^T = M^T Q, cost less here than CholeskyQR with its checks and the
         # float64 orthonormalization and SVD of the Rayleigh-Ritz step (12 matrices 1536 x 576,
-        # l = 518, 2-core dev CPU: 2.2 s against 3.9 s, torch.svd_lowrank looped 2.05 s; below
-        # l = s / 2 CholeskyQR is as fast or faster, 1.2-1.5x torch's speed at l = 28-115).
+        # l = 518, 2-core dev CPU: 2.2 s against 3.9-5.5 s, torch.svd_lowrank looped 2.05 s; below
+        # l = s / 2 CholeskyQR keeps 0.8-1.5x torch's speed at l = 28-115, 1.36x at rank 64 of 1024).
         Q = torch.linalg.qr(ops.mul(omega)).Q
         for _ in range(q):
             Q = torch.linalg.qr(ops.mul_t(Q)).Q
