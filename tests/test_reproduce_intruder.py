@@ -124,6 +124,6 @@ def test_bad_inputs(tmp_path):
         it.run_config(it.IntruderConfig(targets=" "), tmp_path, model=model, tokenizer=CharTokenizer())
     with pytest.raises(ValueError, match="tokenizer: expected"):
         it.run_config(it.QUICK, tmp_path, model=model)
-    with pytest.raises(ValueError, match="matrices: no module 'mlp.fc_in'"):
+    with pytest.raises(ValueError, match="targets: no module 'mlp.fc_in'"):
         it.add_lora(model, ["mlp.fc_in"], 2, 4.0)
     assert "intruder-dimensions" in reproductions()

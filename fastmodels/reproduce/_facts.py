@@ -66,6 +66,13 @@ def encode_facts(tokenizer, facts: list[Fact]) -> list[tuple[list[int], list[int
     return out
 
 
+def sample_facts(facts: list[Fact], n: int, seed: int) -> list[Fact]:
+    """A seeded subset of ``n`` facts in their original order (all of them for n = 0 or n >= len)."""
+    if not n or n >= len(facts):
+        return list(facts)
+    return [facts[i] for i in sorted(random.Random(seed).sample(range(len(facts)), n))]
+
+
 def split_facts(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded split of range(n): (validation indices, test indices)."""
     order = list(range(n))
@@ -103,14 +110,16 @@ def decoder_layers(model) -> list:
     return list(layers)
 
 
-def linear_at(layer, path: str) -> torch.nn.Linear:
+def linear_at(layer, path: str, arg: str = "matrices") -> torch.nn.Linear:
+    """The Linear at ``path`` (e.g. "mlp.up_proj") of a decoder layer; errors name the config field
+    ``arg`` the path came from."""
     mod = layer
     for part in path.split("."):
         mod = getattr(mod, part, None)
         if mod is None:
-            raise ValueError(f"matrices: no module {path!r} in a decoder layer of type {type(layer).__name__}")
+            raise ValueError(f"{arg}: no module {path!r} in a decoder layer of type {type(layer).__name__}")
     if not isinstance(mod, torch.nn.Linear):
-        raise ValueError(f"matrices: {path!r} is a {type(mod).__name__}, expected a Linear")
+        raise ValueError(f"{arg}: {path!r} is a {type(mod).__name__}, expected a Linear")
     return mod
 
 

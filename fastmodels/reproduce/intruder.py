@@ -36,7 +36,7 @@ import torch
 from fastmodels.ops import intruder_dimensions
 from fastmodels.reproduce import register
 from fastmodels.reproduce._facts import (answer_batches, answer_logprobs, country_facts, decoder_layers, encode_facts, evaluate,
-                                         linear_at, load_smollm2, split_facts)
+                                         linear_at, load_smollm2, sample_facts, split_facts)
 from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
 
 ALL_LINEAR = "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj,mlp.gate_proj,mlp.up_proj,mlp.down_proj"
@@ -111,7 +111,7 @@ def add_lora(model, targets: list[str], r: int, alpha: float, rank_stabilized: b
     out = {}
     for i, layer in enumerate(decoder_layers(model)):
         for t in targets:
-            lin = linear_at(layer, t)
+            lin = linear_at(layer, t, "targets")
             parent_path, _, attr = t.rpartition(".")
             parent = layer.get_submodule(parent_path) if parent_path else layer
             lora = LoRALinear(lin, r, alpha, rank_stabilized)
@@ -159,7 +159,7 @@ def base_left_vectors(model, targets: list[str]) -> dict:
     out = {}
     for i, layer in enumerate(decoder_layers(model)):
         for t in targets:
-            W = linear_at(layer, t).weight.detach().clone()
+            W = linear_at(layer, t, "targets").weight.detach().clone()
             out[(i, t)] = (W, torch.linalg.svd(W.double(), full_matrices=False).U)
     return out
 
@@ -194,9 +194,7 @@ def run_config(cfg: IntruderConfig, out_dir: Path, *, log=print, model=None, tok
     elif tokenizer is None:
         raise ValueError("tokenizer: expected the model's tokenizer with the model")
     model = model.to(device).eval()
-    facts = country_facts()
-    if cfg.max_facts:
-        facts = [facts[i] for i in sorted(random.Random(cfg.seed).sample(range(len(facts)), min(cfg.max_facts, len(facts))))]
+    facts = sample_facts(country_facts(), cfg.max_facts, cfg.seed)
     examples = encode_facts(tokenizer, facts)
     held, train = split_facts(len(examples), cfg.test_fraction, cfg.seed)
     train_ex, held_ex = [examples[i] for i in train], [examples[i] for i in held]

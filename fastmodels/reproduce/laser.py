@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import torch
 from fastmodels.ops import randomized_svd, singular_value_grads
 from fastmodels.reproduce import register
 from fastmodels.reproduce._facts import (TEMPLATES, answer_batches, answer_logprobs, country_facts, decoder_layers, encode_facts,
-                                         evaluate, linear_at, load_smollm2, split_facts)
+                                         evaluate, linear_at, load_smollm2, sample_facts, split_facts)
 from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
 
 
@@ -306,9 +305,7 @@ def run_config(cfg: LaserConfig, out_dir: Path, *, log=print, model=None, tokeni
     elif tokenizer is None:
         raise ValueError("tokenizer: expected the model's tokenizer with the model")
     load_s = time.perf_counter() - t0
-    facts = country_facts()
-    if cfg.max_facts:
-        facts = [facts[i] for i in sorted(random.Random(cfg.seed).sample(range(len(facts)), min(cfg.max_facts, len(facts))))]
+    facts = sample_facts(country_facts(), cfg.max_facts, cfg.seed)
     examples = encode_facts(tokenizer, facts)
     val, test = split_facts(len(examples), cfg.val_fraction, cfg.seed)
     summary = {"config": dataclasses.asdict(cfg), "environment": run_environment(device),
