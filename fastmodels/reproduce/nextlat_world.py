@@ -8,7 +8,7 @@ trajectories out of distribution 97.0% vs 98.7%. The paper's routes are taxi rid
 street graph, which is not available offline; this stand-in draws a synthetic street grid with
 closed blocks and one-way streets (strongly connected) and routes between random intersections
 that follow a shortest path except for a random legal turn with probability ``noise`` per step.
-``CPU`` is an 8 x 8 grid and a 4-layer model for about 15 minutes of the 2-core development CPU;
+``CPU`` is an 8 x 8 grid and a 4-layer model for about 30 minutes of the 2-core development CPU;
 ``PAPER`` a 16 x 16 grid and a 6-layer model (a GPU job); ``QUICK`` checks the pipeline.
 
     python -m fastmodels.reproduce.nextlat_world --out runs/nextlat-world [--preset quick|cpu|paper] [--horizon 4 ...]
@@ -89,7 +89,7 @@ class WorldConfig:
 
 PAPER = WorldConfig()
 CPU = dataclasses.replace(PAPER, width=8, height=8, max_moves=40, n_train=40_000, n_test=1000, d_model=128, n_layers=4,
-                          n_heads=4, steps=3000, batch_size=64, lr=1e-3, warmup=200, mlp_hidden=256, n_eval_pairs=500,
+                          n_heads=4, steps=6000, batch_size=64, lr=1e-3, warmup=200, mlp_hidden=256, n_eval_pairs=500,
                           rank_positions=4096, n_probe_train=2000)
 QUICK = dataclasses.replace(CPU, width=4, height=4, max_moves=16, n_train=2000, n_test=200, d_model=32, n_layers=2,
                             n_heads=2, steps=400, batch_size=32, lr=3e-3, warmup=20, horizon=2, n_eval_pairs=64,
