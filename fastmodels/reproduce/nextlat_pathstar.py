@@ -7,8 +7,9 @@ Teacher forcing makes every step after the first easy (follow the edge out of th
 written: the "Clever Hans" cheat), so next-token training learns those and leaves the first step,
 which needs planning back from the leaf, at chance (1 / degree). Paper (spec nextlat.md section
 4): G(7, 7) accuracy at most 13% for GPT, about 94% for NextLat. ``PAPER`` is G(7, 7) with a
-6-layer model (a GPU job); ``CPU`` a smaller graph and model for the 2-core development CPU;
-``QUICK`` checks the pipeline.
+6-layer model (a GPU job); ``CPU`` a smaller graph and model for the 2-core development CPU
+(where, so far, neither model learns the task in 3000 steps: docs/reproductions.md); ``QUICK``
+checks the pipeline.
 
     python -m fastmodels.reproduce.nextlat_pathstar --out runs/nextlat-pathstar [--preset quick|cpu|paper] [--degree 3 ...]
 
