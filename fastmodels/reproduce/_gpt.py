@@ -120,6 +120,26 @@ def fit(model: TinyGPT, head: NextLatHead | None, tokens: torch.Tensor, target_m
     return result
 
 
+def gpt_and_nextlat(cfg, vocab_size: int, max_len: int, tokens: torch.Tensor, target_mask: torch.Tensor,
+                    attention_mask: torch.Tensor, device: torch.device, log=lambda row: None) -> Iterator[tuple[str, TinyGPT, dict]]:
+    """Trains the paper's two models in turn and yields ``(name, trained model, fit's log)`` for
+    "gpt" (next-token prediction) and "nextlat" (``NextLatHead``): the same architecture, the same
+    initialization and the same batches. ``cfg`` has the fields d_model, n_layers, n_heads,
+    horizon, mlp_hidden (0: 4 * d_model), lambda_h, lambda_kl, steps, batch_size, lr, warmup and
+    seed."""
+    for name in ("gpt", "nextlat"):
+        torch.manual_seed(cfg.seed)
+        model = TinyGPT(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, max_len=max_len).to(device)
+        head = None if name == "gpt" else NextLatHead(cfg.d_model, horizon=cfg.horizon, mlp_hidden=cfg.mlp_hidden or None,
+                                                      lambda_h=cfg.lambda_h, lambda_kl=cfg.lambda_kl).to(device)
+        res = fit(model, head, tokens, target_mask, attention_mask, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                  warmup=cfg.warmup, seed=cfg.seed, log=lambda row, name=name: log({"model": name, **row}))
+        res["parameters"] = sum(p.numel() for p in model.parameters())
+        if head is not None:
+            res["head_parameters"] = sum(p.numel() for p in head.parameters())  # used in training only
+        yield name, model, res
+
+
 def effective_rank(states: torch.Tensor) -> float:
     """exp(entropy of the normalized singular values) of a [n, D] matrix of hidden states (Roy and
     Vetterli's effective rank, the NextLat paper's compression measure): 1 for a rank-one matrix,

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-from fastmodels.nextlat import NextLatHead
 from fastmodels.reproduce import register
-from fastmodels.reproduce._gpt import TinyGPT, fit
+from fastmodels.reproduce._gpt import TinyGPT, gpt_and_nextlat
 from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
 
 
@@ -141,14 +140,8 @@ def run_config(cfg: PathStarConfig, out_dir: Path, *, log=print) -> dict:
                "data": {"sequence_length": task.length, "vocab_size": task.vocab_size, "train_graphs": cfg.n_train,
                         "test_graphs": cfg.n_test, "test_arm_counts": [sum(a == k for _, a in test) for k in range(cfg.degree)]},
                "models": {}}
-    for name in ("gpt", "nextlat"):
-        torch.manual_seed(cfg.seed)  # the same initialization for both (and the same batches: fit's seed)
-        model = TinyGPT(task.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, max_len=task.length).to(device)
-        head = None if name == "gpt" else NextLatHead(cfg.d_model, horizon=cfg.horizon, mlp_hidden=cfg.mlp_hidden or None,
-                                                      lambda_h=cfg.lambda_h, lambda_kl=cfg.lambda_kl).to(device)
-        res = fit(model, head, tokens, task.target_mask(len(tokens)), am, steps=cfg.steps, batch_size=cfg.batch_size,
-                  lr=cfg.lr, warmup=cfg.warmup, seed=cfg.seed, log=lambda row, name=name: log({"model": name, **row}))
-        res["parameters"] = sum(p.numel() for p in model.parameters())
+    for name, model, res in gpt_and_nextlat(cfg, task.vocab_size, task.length, tokens, task.target_mask(len(tokens)), am,
+                                            device, log):
         res.update(evaluate(model, task, test_tokens))
         summary["models"][name] = res
         torch.save(model.state_dict(), out_dir / f"{name}.pt")

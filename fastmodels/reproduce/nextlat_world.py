@@ -45,9 +45,8 @@ from pathlib import Path
 
 import torch
 
-from fastmodels.nextlat import NextLatHead
 from fastmodels.reproduce import register
-from fastmodels.reproduce._gpt import TinyGPT, effective_rank, fit
+from fastmodels.reproduce._gpt import TinyGPT, effective_rank, gpt_and_nextlat
 from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
 
 DIRECTIONS = "NESW"
@@ -404,16 +403,7 @@ def run_config(cfg: WorldConfig, out_dir: Path, *, log=print) -> dict:
                         "train_routes": len(train_rows), "mean_moves": round(float(lengths.double().mean()) - 3, 2),
                         "mean_shortest": round(sum(routes.dist[d][o] for o, d, _ in train_rows) / len(train_rows), 2)},
                "models": {}}
-    for name in ("gpt", "nextlat"):
-        torch.manual_seed(cfg.seed)  # the same initialization and batches for both
-        model = TinyGPT(routes.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, max_len=cfg.max_moves + 3).to(device)
-        head = None if name == "gpt" else NextLatHead(cfg.d_model, horizon=cfg.horizon, mlp_hidden=cfg.mlp_hidden or None,
-                                                      lambda_h=cfg.lambda_h, lambda_kl=cfg.lambda_kl).to(device)
-        res = fit(model, head, tokens, targets, am, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
-                  seed=cfg.seed, log=lambda row, name=name: log({"model": name, **row}))
-        res["parameters"] = sum(p.numel() for p in model.parameters())
-        if head is not None:
-            res["head_parameters"] = sum(p.numel() for p in head.parameters())
+    for name, model, res in gpt_and_nextlat(cfg, routes.vocab_size, cfg.max_moves + 3, tokens, targets, am, device, log):
         res.update(evaluate(model, routes, train_pairs, test_pairs, train_rows[: cfg.n_probe_train], test_rows, cfg,
                             cfg.seed + 1))
         summary["models"][name] = res
