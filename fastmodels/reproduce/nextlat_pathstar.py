@@ -7,7 +7,7 @@ Teacher forcing makes every step after the first easy (follow the edge out of th
 written: the "Clever Hans" cheat), so next-token training learns those and leaves the first step,
 which needs planning back from the leaf, at chance (1 / degree). Paper (spec nextlat.md section
 4): G(7, 7) accuracy at most 13% for GPT, about 94% for NextLat. ``PAPER`` is G(7, 7) with a
-6-layer model (a GPU job); ``CPU`` G(2, 3) and a 4-layer model for about 20 minutes of the 2-core
+6-layer model (a GPU job); ``CPU`` G(2, 3) and a 4-layer model for about 16 minutes of the 2-core
 development CPU; ``QUICK`` checks the pipeline.
 
     python -m fastmodels.reproduce.nextlat_pathstar --out runs/nextlat-pathstar [--preset quick|cpu|paper] [--degree 3 ...]

@@ -26,8 +26,8 @@ Measures, per model:
   ``max_moves``. On training pairs, on held-out pairs, and on held-out pairs with detours: at each
   step, with probability ``detour``, the model's (legal) move is replaced by another legal one, as
   in Vafa et al.'s detour test of taxi world models;
-* effective rank of the hidden states (exp of the entropy of the normalized singular values) of
-  every position of held-out routes: lower is a more compact representation;
+* effective rank of the hidden states (exp of the entropy of the normalized singular values) at
+  the positions of held-out routes (the first ``rank_positions``): lower is more compact;
 * a ridge-regression probe of the current intersection from the hidden state (trained on training
   routes, tested on held-out ones): does the latent hold the world state;
 * held-out next-token cross-entropy and the share of positions whose most likely token is legal.
@@ -49,7 +49,6 @@ from fastmodels.reproduce import register
 from fastmodels.reproduce._gpt import TinyGPT, effective_rank, gpt_and_nextlat
 from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
 
-DIRECTIONS = "NESW"
 _STEP = ((0, 1), (1, 0), (0, -1), (-1, 0))  # (dx, dy) of N, E, S, W
 
 
