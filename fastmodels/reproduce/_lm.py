@@ -1,11 +1,14 @@
-"""Shared pieces of the Pushdown LM reproductions: batching (tokens, gold spans) examples into
-(tokens, StackTape) batches, and the training loop."""
+"""Shared pieces of the reproductions: the Pushdown LM ones' batching of (tokens, gold spans)
+examples into (tokens, StackTape) batches and training loop, and every reproduction's entry
+points (the registry's ``run``, the command line's ``main``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import sys
 import random
 import time
 from pathlib import Path
@@ -116,3 +119,22 @@ def config_from_argv(presets: dict, argv: list[str] | None, prog: str, descripti
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name) is not None}
     return dataclasses.replace(presets[args.preset], **overrides), Path(args.out)
+
+
+def registry_run(run_config, presets: dict):
+    """The registry's ``run(quick, out_dir)`` of a reproduction: ``run_config`` at the ``quick``
+    or the ``paper`` preset, quietly; returns the headline and where the summary is."""
+    def run(quick: bool, out_dir: Path) -> dict:
+        summary = run_config(presets["quick" if quick else "paper"], Path(out_dir), log=lambda r: None)
+        return {"headline": summary["headline"], "summary": str(Path(out_dir) / "summary.json")}
+
+    return run
+
+
+def cli_main(run_config, presets: dict, argv: list[str] | None, module: str, doc: str, default_out: str) -> int:
+    """``python -m fastmodels.reproduce.<module>``: the config from ``--preset`` and field flags,
+    progress rows as JSON on stderr, the headline on stdout."""
+    cfg, out = config_from_argv(presets, argv, f"python -m fastmodels.reproduce.{module}", doc.split("\n\n")[0], default_out)
+    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
+    print(json.dumps(summary["headline"], indent=2))
+    return 0

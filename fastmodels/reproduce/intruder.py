@@ -37,7 +37,7 @@ from fastmodels.ops import intruder_dimensions
 from fastmodels.reproduce import register
 from fastmodels.reproduce._facts import (answer_batches, answer_logprobs, country_facts, decoder_layers, encode_facts, evaluate,
                                          linear_at, load_smollm2, sample_facts, split_facts)
-from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
+from fastmodels.reproduce._lm import cli_main, registry_run, resolve_device, run_environment
 
 ALL_LINEAR = "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj,mlp.gate_proj,mlp.up_proj,mlp.down_proj"
 
@@ -244,18 +244,13 @@ def run_config(cfg: IntruderConfig, out_dir: Path, *, log=print, model=None, tok
     return summary
 
 
-@register("intruder-dimensions", "LoRA vs full fine-tuning: intruder dimensions (arXiv:2410.21228)",
-          "SmolLM2-135M fine-tuned on facts by full fine-tuning and LoRA of several ranks: intruder dimensions per matrix, forgetting")
-def run(quick: bool, out_dir: Path) -> dict:
-    summary = run_config(QUICK if quick else PAPER, Path(out_dir), log=lambda r: None)
-    return {"headline": summary["headline"], "summary": str(Path(out_dir) / "summary.json")}
+run = registry_run(run_config, PRESETS)
+register("intruder-dimensions", "LoRA vs full fine-tuning: intruder dimensions (arXiv:2410.21228)",
+         "SmolLM2-135M fine-tuned on facts by full fine-tuning and LoRA of several ranks: intruder dimensions per matrix, forgetting")(run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, out = config_from_argv(PRESETS, argv, "python -m fastmodels.reproduce.intruder", __doc__.split("\n\n")[0], "runs/intruder")
-    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
-    print(json.dumps(summary["headline"], indent=2))
-    return 0
+    return cli_main(run_config, PRESETS, argv, "intruder", __doc__, "runs/intruder")
 
 
 if __name__ == "__main__":

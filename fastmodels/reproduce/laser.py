@@ -46,7 +46,7 @@ from fastmodels.ops import randomized_svd, singular_value_grads
 from fastmodels.reproduce import register
 from fastmodels.reproduce._facts import (TEMPLATES, answer_batches, answer_logprobs, country_facts, decoder_layers, encode_facts,
                                          evaluate, linear_at, load_smollm2, sample_facts, split_facts)
-from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
+from fastmodels.reproduce._lm import cli_main, registry_run, resolve_device, run_environment
 
 
 @dataclass(frozen=True)
@@ -322,18 +322,13 @@ def run_config(cfg: LaserConfig, out_dir: Path, *, log=print, model=None, tokeni
     return summary
 
 
-@register("laser", "LASER (arXiv:2312.13558) and fast LASER (arXiv:2510.20800)",
-          "rank-reduction search over SmolLM2-135M's MLP matrices for factual recall: full LASER grid vs gradient-ranked fast LASER")
-def run(quick: bool, out_dir: Path) -> dict:
-    summary = run_config(QUICK if quick else PAPER, Path(out_dir), log=lambda r: None)
-    return {"headline": summary["headline"], "summary": str(Path(out_dir) / "summary.json")}
+run = registry_run(run_config, PRESETS)
+register("laser", "LASER (arXiv:2312.13558) and fast LASER (arXiv:2510.20800)",
+         "rank-reduction search over SmolLM2-135M's MLP matrices for factual recall: full LASER grid vs gradient-ranked fast LASER")(run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, out = config_from_argv(PRESETS, argv, "python -m fastmodels.reproduce.laser", __doc__.split("\n\n")[0], "runs/laser")
-    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
-    print(json.dumps(summary["headline"], indent=2))
-    return 0
+    return cli_main(run_config, PRESETS, argv, "laser", __doc__, "runs/laser")
 
 
 if __name__ == "__main__":

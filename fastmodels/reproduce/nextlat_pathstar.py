@@ -34,7 +34,7 @@ import torch
 
 from fastmodels.reproduce import register
 from fastmodels.reproduce._gpt import TinyGPT, gpt_and_nextlat
-from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
+from fastmodels.reproduce._lm import cli_main, registry_run, resolve_device, run_environment
 
 
 @dataclass(frozen=True)
@@ -152,19 +152,13 @@ def run_config(cfg: PathStarConfig, out_dir: Path, *, log=print) -> dict:
     return summary
 
 
-@register("nextlat-path-star", "NextLat (arXiv:2511.05963), planning",
-          "GPT vs NextLat on path-star graphs: the path from the center to a given leaf (next-token training learns only the easy steps)")
-def run(quick: bool, out_dir: Path) -> dict:
-    summary = run_config(QUICK if quick else CPU, Path(out_dir), log=lambda r: None)
-    return {"headline": summary["headline"], "summary": str(Path(out_dir) / "summary.json")}
+run = registry_run(run_config, PRESETS)
+register("nextlat-path-star", "NextLat (arXiv:2511.05963), planning",
+         "GPT vs NextLat on path-star graphs: the path from the center to a given leaf (next-token training learns only the easy steps)")(run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, out = config_from_argv(PRESETS, argv, "python -m fastmodels.reproduce.nextlat_pathstar", __doc__.split("\n\n")[0],
-                                "runs/nextlat-pathstar")
-    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
-    print(json.dumps(summary["headline"], indent=2))
-    return 0
+    return cli_main(run_config, PRESETS, argv, "nextlat_pathstar", __doc__, "runs/nextlat-pathstar")
 
 
 if __name__ == "__main__":

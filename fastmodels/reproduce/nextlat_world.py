@@ -47,7 +47,7 @@ import torch
 
 from fastmodels.reproduce import register
 from fastmodels.reproduce._gpt import TinyGPT, effective_rank, gpt_and_nextlat
-from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment
+from fastmodels.reproduce._lm import cli_main, registry_run, resolve_device, run_environment
 
 _STEP = ((0, 1), (1, 0), (0, -1), (-1, 0))  # (dx, dy) of N, E, S, W
 
@@ -115,34 +115,35 @@ class StreetGrid:
 
     def distances_to(self, d: int) -> list[int]:
         """Moves needed to reach ``d`` from every intersection (BFS on the reversed streets)."""
-        into = [[] for _ in range(self.n)]
-        for u in range(self.n):
-            for v in self.moves[u]:
-                if v >= 0:
-                    into[v].append(u)
-        dist, queue = [-1] * self.n, deque([d])
-        dist[d] = 0
-        while queue:
-            v = queue.popleft()
-            for u in into[v]:
-                if dist[u] < 0:
-                    dist[u] = dist[v] + 1
-                    queue.append(u)
-        return dist
+        return _bfs(_reversed(self.moves), d)
 
 
-def _strongly_connected(moves: list[list[int]]) -> bool:
-    n = len(moves)
-    grid = StreetGrid(1, n, tuple(map(tuple, moves)))
-    if min(grid.distances_to(0)) < 0:  # someone cannot reach 0
-        return False
-    seen, queue = {0}, deque([0])
+def _bfs(neighbours, start: int) -> list[int]:
+    """Hops from ``start`` to every node along ``neighbours[u]`` (entries -1 skipped), -1 where
+    unreachable."""
+    dist, queue = [-1] * len(neighbours), deque([start])
+    dist[start] = 0
     while queue:
-        for v in moves[queue.popleft()]:
-            if v >= 0 and v not in seen:
-                seen.add(v)
+        u = queue.popleft()
+        for v in neighbours[u]:
+            if v >= 0 and dist[v] < 0:
+                dist[v] = dist[u] + 1
                 queue.append(v)
-    return len(seen) == n
+    return dist
+
+
+def _reversed(moves) -> list[list[int]]:
+    into = [[] for _ in moves]
+    for u, out in enumerate(moves):
+        for v in out:
+            if v >= 0:
+                into[v].append(u)
+    return into
+
+
+def _strongly_connected(moves) -> bool:
+    """Every intersection reaches 0 and 0 reaches every intersection."""
+    return min(_bfs(moves, 0)) >= 0 and min(_bfs(_reversed(moves), 0)) >= 0
 
 
 def make_street_grid(width: int, height: int, closed: float, one_way: float, rng: random.Random) -> StreetGrid:
@@ -359,13 +360,11 @@ def probe_accuracy(train_states, test_states, n_nodes: int, ridge: float) -> flo
 
 def evaluate(model: TinyGPT, routes: Routes, train_pairs, test_pairs, probe_rows, test_rows, cfg: WorldConfig,
              seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
+    gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)  # sampling the moves
+    rng = random.Random(seed)  # the detours
     pick = random.Random(seed + 1)
     train_eval = pick.sample(train_pairs, min(cfg.n_eval_pairs, len(train_pairs)))
     test_eval = pick.sample(test_pairs, min(cfg.n_eval_pairs, len(test_pairs)))
-    if model.lm_head.weight.device.type != "cpu":
-        gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     valid = {
         "training_pairs": drive(model, routes, train_eval, detour=0.0, temperature=cfg.temperature, gen=gen, rng=rng),
         "heldout_pairs": drive(model, routes, test_eval, detour=0.0, temperature=cfg.temperature, gen=gen, rng=rng),
@@ -420,19 +419,13 @@ def run_config(cfg: WorldConfig, out_dir: Path, *, log=print) -> dict:
     return summary
 
 
-@register("nextlat-world-model", "NextLat (arXiv:2511.05963), world modeling",
-          "GPT vs NextLat on turn-by-turn routes of a street grid: valid trajectories (held-out pairs, detours), effective latent rank")
-def run(quick: bool, out_dir: Path) -> dict:
-    summary = run_config(QUICK if quick else CPU, Path(out_dir), log=lambda r: None)
-    return {"headline": summary["headline"], "summary": str(Path(out_dir) / "summary.json")}
+run = registry_run(run_config, PRESETS)
+register("nextlat-world-model", "NextLat (arXiv:2511.05963), world modeling",
+         "GPT vs NextLat on turn-by-turn routes of a street grid: valid trajectories (held-out pairs, detours), effective latent rank")(run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, out = config_from_argv(PRESETS, argv, "python -m fastmodels.reproduce.nextlat_world", __doc__.split("\n\n")[0],
-                                "runs/nextlat-world")
-    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
-    print(json.dumps(summary["headline"], indent=2))
-    return 0
+    return cli_main(run_config, PRESETS, argv, "nextlat_world", __doc__, "runs/nextlat-world")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 from fastmodels.pushdown.lm import PushdownLM
 from fastmodels.pushdown.tape import StackTape
 from fastmodels.reproduce import register
-from fastmodels.reproduce._lm import collate, config_from_argv, resolve_device, run_environment, token_batches, train_lm
+from fastmodels.reproduce._lm import cli_main, collate, registry_run, resolve_device, run_environment, token_batches, train_lm
 
 
 @dataclass(frozen=True)
@@ -287,18 +287,13 @@ def run_config(cfg: DyckConfig, out_dir: Path, *, log=print) -> dict:
     return summary
 
 
-@register("pushdown-dyck", "Pushdown Layers (arXiv:2310.19089), section 4.1",
-          "Pushdown LM vs base LM on Dyck(k, m): closing-bracket accuracy under depth generalization and long-range dependencies")
-def run(quick: bool, out_dir: Path) -> dict:
-    summary = run_config(QUICK if quick else PAPER, Path(out_dir), log=lambda r: None)
-    return {"headline": summary["headline"], "summary": str(Path(out_dir) / "summary.json")}
+run = registry_run(run_config, PRESETS)
+register("pushdown-dyck", "Pushdown Layers (arXiv:2310.19089), section 4.1",
+         "Pushdown LM vs base LM on Dyck(k, m): closing-bracket accuracy under depth generalization and long-range dependencies")(run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, out = config_from_argv(PRESETS, argv, "python -m fastmodels.reproduce.pushdown_dyck", __doc__.split("\n\n")[0], "runs/pushdown-dyck")
-    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
-    print(json.dumps(summary["headline"], indent=2))
-    return 0
+    return cli_main(run_config, PRESETS, argv, "pushdown_dyck", __doc__, "runs/pushdown-dyck")
 
 
 if __name__ == "__main__":

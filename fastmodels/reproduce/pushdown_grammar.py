@@ -32,7 +32,7 @@ import torch
 from fastmodels.pushdown.lm import PushdownLM
 from fastmodels.pushdown.tape import StackTapeBuilder, tree_spans
 from fastmodels.reproduce import register
-from fastmodels.reproduce._lm import config_from_argv, resolve_device, run_environment, token_batches, train_lm
+from fastmodels.reproduce._lm import cli_main, registry_run, resolve_device, run_environment, token_batches, train_lm
 
 NOUNS = [("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("man", "men"), ("woman", "women"), ("teacher", "teachers"),
          ("lawyer", "lawyers"), ("farmer", "farmers"), ("child", "children"), ("doctor", "doctors"), ("pilot", "pilots"),
@@ -280,18 +280,13 @@ def run_config(cfg: GrammarConfig, out_dir: Path, *, log=print) -> dict:
     return summary
 
 
-@register("pushdown-grammar", "Pushdown Layers (arXiv:2310.19089), sections 4.2-4.3 on a generated grammar",
-          "Pushdown LM vs base LM on an English-like grammar: agreement minimal pairs across attractors, and parsing F1 by beam search")
-def run(quick: bool, out_dir: Path) -> dict:
-    summary = run_config(QUICK if quick else PAPER, Path(out_dir), log=lambda r: None)
-    return {"headline": summary["headline"], "summary": str(Path(out_dir) / "summary.json")}
+run = registry_run(run_config, PRESETS)
+register("pushdown-grammar", "Pushdown Layers (arXiv:2310.19089), sections 4.2-4.3 on a generated grammar",
+         "Pushdown LM vs base LM on an English-like grammar: agreement minimal pairs across attractors, and parsing F1 by beam search")(run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, out = config_from_argv(PRESETS, argv, "python -m fastmodels.reproduce.pushdown_grammar", __doc__.split("\n\n")[0], "runs/pushdown-grammar")
-    summary = run_config(cfg, out, log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
-    print(json.dumps(summary["headline"], indent=2))
-    return 0
+    return cli_main(run_config, PRESETS, argv, "pushdown_grammar", __doc__, "runs/pushdown-grammar")
 
 
 if __name__ == "__main__":
