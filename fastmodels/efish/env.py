@@ -64,7 +64,7 @@ class EnvConfig:
     active_receptors: int = 36
     passive_receptors: int = 24
     comm_receptors: int = 12
-    food_dipole: float = 2e-3  # a food item's intrinsic dipole moment (normalized units, cm^3 E)
+    food_dipole: float = 5e-6  # a food item's weak intrinsic dipole (normalized units): above the floor within ~2 cm
     food_reward: float = 10.0
     shaping: float = 0.2  # reward per cm closer to the nearest sensed food
     bite_penalty: float = 1.0  # times biter size / victim size

@@ -11,11 +11,14 @@ environment steps: a GPU job); ``CPU`` smaller tanks, 256-step episodes and a GR
 about 30 minutes of the 2-core development CPU; ``QUICK`` checks the pipeline.
 
 Measured, on fresh evaluation tanks (patchy and uniform food), for the trained policy, the same
-policy with its EOD forced off, and a uniformly random policy: food eaten per fish per episode;
+policy with its EOD forced off or its communication receptors silenced, and a uniformly random
+policy: food eaten per fish per episode;
 the EOD rate by food layout; the inter-discharge intervals (IDIs) with a discrete power-law fit
 (Clauset, Shalizi and Newman 2009) against a geometric one (what memoryless emission gives);
 freeloading (a fish's EOD rate against its neighbours', and its EOD probability after a
-neighbour's EOD); and the environment's speed with the fused ``electric_image`` against the
+neighbour's EOD); dominance (food against body size within a tank) and the policy with its
+communication receptors silenced (the paper's two-fish assay asks both; ``--n-fish 2`` runs the
+same measures on two fish); and the environment's speed with the fused ``electric_image`` against the
 PyTorch reference backend.
 """
 
@@ -87,7 +90,7 @@ def _power_law_alpha(x: np.ndarray, xmin: int) -> float:
     """MLE of the exponent of a discrete power law p(x) = x^-a / zeta(a, xmin), x >= xmin."""
     n, sum_log = len(x), float(np.log(x).sum())
     nll = lambda a: n * math.log(hurwitz_zeta(a, xmin)) + a * sum_log  # noqa: E731
-    lo, hi = 1.0001, 8.0
+    lo, hi = 1.0001, 20.0
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = nll(a), nll(b)
@@ -151,10 +154,14 @@ def inter_discharge_intervals(eod: torch.Tensor) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
+def _round(x, digits):
+    return None if x is None else round(x, digits)
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     den = (a.norm() * b.norm()).item()
-    return a.dot(b).item() / den if den > 0 else float("nan")
+    return a.dot(b).item() / den if den > 0 else None  # undefined for a constant (None in the JSON)
 
 
 # -- training and evaluation ----------------------------------------------------------------------
@@ -215,14 +222,19 @@ def train(cfg: EfishConfig, device: torch.device, log=print) -> tuple[GRUPolicy,
 
 @torch.no_grad()
 def rollout_episodes(cfg: EfishConfig, policy: GRUPolicy | None, food: str, device: torch.device, *, seed: int,
-                     eod_off: bool = False) -> dict:
-    """One full episode in each of ``cfg.eval_envs`` fresh tanks: the EOD record [T, B, N] and
-    the food eaten per fish [B, N] (events after an environment's episode ends are dropped).
-    ``policy=None``: uniformly random actions; ``eod_off``: the policy's EODs forced to 0."""
+                     eod_off: bool = False, comm_off: bool = False) -> dict:
+    """One full episode in each of ``cfg.eval_envs`` fresh tanks: the EOD record [T, B, N], the
+    food eaten per fish [B, N] (events after an environment's episode ends are dropped) and the
+    fish's sizes [B, N]. ``policy=None``: uniformly random actions; ``eod_off``: the policy's EODs
+    forced to 0; ``comm_off``: its communication receptors read 0 (it cannot hear the others' EODs;
+    its active sense still gets their echoes)."""
     env = ForagingEnv(env_config(cfg, food=food, n_envs=cfg.eval_envs), seed=seed, device=device)
     B, N = cfg.eval_envs, cfg.n_fish
+    c = env.cfg
+    comm = slice(c.active_receptors + c.passive_receptors, c.active_receptors + c.passive_receptors + c.comm_receptors * (N - 1))
     gen = torch.Generator().manual_seed(seed)
     obs = env.reset().reshape(B * N, -1)
+    size = env.size.clone()
     h = policy.initial_state(B * N, device) if policy is not None else None
     live = torch.ones(B, dtype=torch.bool, device=device)
     food_eaten = torch.zeros(B, N, device=device)
@@ -231,6 +243,8 @@ def rollout_episodes(cfg: EfishConfig, policy: GRUPolicy | None, food: str, devi
         if policy is None:
             action = torch.stack([torch.randint(0, n, (B * N,), generator=gen) for n in ACTION_SIZES], -1).to(device)
         else:
+            if comm_off:
+                obs[:, comm] = 0
             logits, _, h = policy.step(obs, h)
             action = sample(logits, gen)
         if eod_off:
@@ -242,11 +256,13 @@ def rollout_episodes(cfg: EfishConfig, policy: GRUPolicy | None, food: str, devi
         live &= ~done
         if not live.any():
             break
-    return {"eod": torch.stack(eods), "food": food_eaten}
+    return {"eod": torch.stack(eods), "food": food_eaten, "size": size}
 
 
 def analyse(ep: dict) -> dict:
-    """Food, EOD rate, IDIs and freeloading of one set of evaluation episodes."""
+    """Food, EOD rate, IDIs, dominance and freeloading of one set of evaluation episodes. Food is
+    counted per episode and per 100 steps (a tank whose food is gone ends its episode early, so the
+    rate still separates policies that all empty their tanks)."""
     eod, food = ep["eod"], ep["food"]
     valid = ~eod.isnan()
     e = eod.nan_to_num(0.0)
@@ -254,17 +270,29 @@ def analyse(ep: dict) -> dict:
     rate = e.sum(0) / steps  # per fish-episode
     N = rate.shape[1]
     others = (rate.sum(1, keepdim=True) - rate) / max(N - 1, 1)
-    out = {"food_per_fish": round(food.mean().item(), 3), "eod_rate": round(e.sum().item() / valid.sum().item(), 4)}
+    live = valid[:, :, 0].sum(0).float()  # steps each tank's episode lasted (it ends when the food is gone)
+    out = {"food_per_fish": round(food.mean().item(), 3),
+           "food_per_fish_per_100_steps": round(100 * food.sum().item() / (N * live.sum().item()), 4),
+           "episode_steps": round(live.mean().item(), 1),
+           "eod_rate": round(e.sum().item() / valid.sum().item(), 4)}
     if N > 1:
+        # dominance: within a tank, food against body size (both relative to the tank's mean)
+        size = ep["size"]
+        largest = size.argmax(1, keepdim=True)
+        total = food.sum(1)
+        share = (food.gather(1, largest).squeeze(1) / total.clamp_min(1e-9))[total > 0]
+        out.update(food_vs_relative_size_r=_round(_pearson((food - food.mean(1, keepdim=True)).flatten(),
+                                                          (size - size.mean(1, keepdim=True)).flatten()), 4),
+                   food_share_of_largest=round(share.mean().item(), 4) if len(share) else None)
         # freeloading: EOD probability at t given whether any neighbour emitted at t - 1
         prev_other = (e.sum(2, keepdim=True) - e)[:-1] > 0
         cur, ok = e[1:], valid[1:] & valid[:-1]
         p_after = (cur * (prev_other & ok)).sum() / (prev_other & ok).sum().clamp_min(1)
         p_quiet = (cur * (~prev_other & ok)).sum() / (~prev_other & ok).sum().clamp_min(1)
-        out.update(eod_rate_vs_neighbours_r=round(_pearson(rate.flatten(), others.flatten()), 4),
+        out.update(eod_rate_vs_neighbours_r=_round(_pearson(rate.flatten(), others.flatten()), 4),
                    eod_prob_after_neighbour_eod=round(p_after.item(), 4), eod_prob_after_quiet=round(p_quiet.item(), 4),
-                   food_vs_own_eod_rate_r=round(_pearson(food.flatten(), rate.flatten()), 4),
-                   food_vs_neighbour_eod_rate_r=round(_pearson(food.flatten(), others.flatten()), 4))
+                   food_vs_own_eod_rate_r=_round(_pearson(food.flatten(), rate.flatten()), 4),
+                   food_vs_neighbour_eod_rate_r=_round(_pearson(food.flatten(), others.flatten()), 4))
     idi = inter_discharge_intervals(e)
     if len(idi) >= 50 and len(np.unique(idi)) > 1:
         out["idi"] = {"count": int(len(idi)), "mean": round(float(idi.mean()), 3),
@@ -314,15 +342,17 @@ def run_config(cfg: EfishConfig, out_dir: Path, *, log=print) -> dict:
         seed = cfg.seed + (1000 if food == "patchy" else 2000)
         evals[food] = {"trained": analyse(rollout_episodes(cfg, policy, food, device, seed=seed)),
                        "eod_off": analyse(rollout_episodes(cfg, policy, food, device, seed=seed, eod_off=True)),
+                       "comm_off": analyse(rollout_episodes(cfg, policy, food, device, seed=seed, comm_off=True)),
                        "random": analyse(rollout_episodes(cfg, None, food, device, seed=seed))}
-        log({"eval": food, **{k: v["food_per_fish"] for k, v in evals[food].items()}})
+        log({"eval": food, **{k: v["food_per_fish_per_100_steps"] for k, v in evals[food].items()}})
     summary["evaluation"] = evals
     tr = {f: evals[f]["trained"] for f in evals}
     summary["headline"] = {
-        "food_per_fish": {f: {k: evals[f][k]["food_per_fish"] for k in evals[f]} for f in evals},
+        "food_per_fish_per_100_steps": {f: {k: evals[f][k]["food_per_fish_per_100_steps"] for k in evals[f]} for f in evals},
         "eod_rate": {f: tr[f]["eod_rate"] for f in tr},
         "idi_power_law_alpha": {f: tr[f].get("idi", {}).get("power_law", {}).get("alpha") for f in tr},
         "eod_rate_vs_neighbours_r": {f: tr[f].get("eod_rate_vs_neighbours_r") for f in tr},
+        "food_vs_relative_size_r": {f: tr[f].get("food_vs_relative_size_r") for f in tr},
         "env_speedup_vs_reference": summary["env_speed"]["speedup"],
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
