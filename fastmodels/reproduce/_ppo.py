@@ -103,7 +103,7 @@ def ppo_update(policy: GRUPolicy, opt: torch.optim.Optimizer, cfg: PPOConfig, ba
     stats = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
     n = 0
     for _ in range(cfg.epochs):
-        perm = torch.randperm(A, generator=generator)
+        perm = torch.randperm(A, generator=generator, device=generator.device if generator is not None else "cpu")
         for idx in perm.chunk(cfg.minibatches):
             logits, values = policy.sequence(batch["obs"][:, idx], batch["h0"][idx], batch["starts"][:, idx])
             logp, ent = log_prob_entropy(logits, batch["actions"][:, idx])

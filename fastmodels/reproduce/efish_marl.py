@@ -172,7 +172,7 @@ def train(cfg: EfishConfig, device: torch.device, log=print) -> tuple[GRUPolicy,
     policy = GRUPolicy(env.obs_dim, ACTION_SIZES, cfg.hidden).to(device)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
     ppo = PPOConfig(rollout=cfg.rollout, epochs=cfg.epochs, minibatches=cfg.minibatches, lr=cfg.lr, entropy_coef=cfg.entropy_coef)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # action sampling and minibatches
     A = cfg.n_envs * cfg.n_fish
     obs = env.reset().reshape(A, -1)
     h = policy.initial_state(A, device)
@@ -232,7 +232,7 @@ def rollout_episodes(cfg: EfishConfig, policy: GRUPolicy | None, food: str, devi
     B, N = cfg.eval_envs, cfg.n_fish
     c = env.cfg
     comm = slice(c.active_receptors + c.passive_receptors, c.active_receptors + c.passive_receptors + c.comm_receptors * (N - 1))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     obs = env.reset().reshape(B * N, -1)
     size = env.size.clone()
     h = policy.initial_state(B * N, device) if policy is not None else None
@@ -241,7 +241,7 @@ def rollout_episodes(cfg: EfishConfig, policy: GRUPolicy | None, food: str, devi
     eods = []
     for _ in range(cfg.episode_steps):
         if policy is None:
-            action = torch.stack([torch.randint(0, n, (B * N,), generator=gen) for n in ACTION_SIZES], -1).to(device)
+            action = torch.stack([torch.randint(0, n, (B * N,), generator=gen, device=device) for n in ACTION_SIZES], -1)
         else:
             if comm_off:
                 obs[:, comm] = 0
