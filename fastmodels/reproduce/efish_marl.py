@@ -8,7 +8,7 @@ communication senses are the fused ``electric_image``.
 
 ``PAPER`` is the paper's scale (tanks of 40-300 cm, 1600-step episodes, GRU 512, about 5M
 environment steps: a GPU job); ``CPU`` smaller tanks, 256-step episodes and a GRU of 128 for
-about 30 minutes of the 2-core development CPU; ``QUICK`` checks the pipeline.
+about 35 minutes of the 2-core development CPU; ``QUICK`` checks the pipeline.
 
 Measured, on fresh evaluation tanks (patchy and uniform food), for the trained policy, the same
 policy with its EOD forced off or its communication receptors silenced, and a uniformly random
