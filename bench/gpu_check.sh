@@ -92,6 +92,7 @@ if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
   PRIORITY_NODES=(tests/test_nextlat.py::test_all_ignored_and_all_zero_weights tests/test_nextlat.py::test_deterministic_flag
                   tests/test_pushdown_kernels.py::test_every_tile_config
                   tests/test_pushdown.py::test_forward_and_grads_vs_float64_reference
+                  tests/test_pushdown.py::test_long_peaked_rows_fp32_as_accurate_as_reference
                   tests/test_rsvd_kernels.py::test_jacobi_cuda_matches_reference tests/test_rsvd_kernels.py::test_jacobi_cuda_special_inputs)
   PRIORITY_FILES=(tests/test_efield.py tests/test_rsvd.py)
   PRIORITY=("${PRIORITY_NODES[@]}" "${PRIORITY_FILES[@]}")
