@@ -177,12 +177,14 @@ def _gpu_impls(k: int, short: int) -> dict:
     """Ours first, the peer second (so a run cut off by the GPU check's time limit still has the
     ratio that the target is about), then the variants in the order the next decision needs them.
     The default passes are "auto" (cuBLAS GEMMs at these sketch widths); "passes=fused" is the
-    previous default, timed against it.
+    previous default, timed against it, as "small_svd=default" is the small SVD's previous route.
     At rank 512 the sketch is 768 wide, beyond the CUDA Jacobi kernel (l <= 512), so backend=cuda
     would repeat the default there (``short``: the matrices' short side, which caps the sketch)."""
     acc = lambda x: randomized_svd(x["A"], x["k"], seed=0)  # noqa: E731
     low = lambda x: randomized_svd(x["A"], x["k"], method="torch_lowrank", seed=0)  # noqa: E731
     impls = {"fastmodels (accurate, default)": acc, "torch.svd_lowrank looped (fp32)": _svd_lowrank_looped}
+    # the small SVD's previous route (torch.linalg.svd's default driver instead of checked gesvda)
+    impls["fastmodels (accurate, small_svd=default)"] = with_env("FASTMODELS_RSVD_SMALL_SVD", "default", acc)
     if k + default_oversample_niter(k, short)[0] <= _CUDA_JACOBI_MAX:
         impls["fastmodels (accurate, backend=cuda)"] = lambda x: randomized_svd(x["A"], x["k"], seed=0, backend="cuda")
     impls["fastmodels (accurate, passes=fused)"] = _with_passes("fused", acc)  # the default before "auto"

@@ -580,6 +580,48 @@ def test_cuda_small_svd_route_keeps_factors_orthonormal(monkeypatch):
     torch.testing.assert_close(Ur @ torch.diag_embed(S) @ Vr.mT, R, rtol=0, atol=1e-6)
 
 
+def test_checked_small_svd_recomputes_only_the_bad_matrices():
+    """The CUDA small SVD's fast route (gesvda, from the Gram) is checked per matrix: factors that
+    are not orthonormal, do not reproduce R, or are not finite are recomputed with the default
+    driver; accurate ones are kept as they are. Here a stand-in fast SVD spoils matrices 1 and 3."""
+    from fastmodels.ops.rsvd import _svd_checked
+
+    g = torch.Generator().manual_seed(4)
+    R = torch.linalg.qr(torch.randn(5, 12, 7, dtype=F64, generator=g)).R
+    R[2] = 0  # an all-zero factor: any orthonormal U, V with S = 0 is accepted
+    exact = torch.linalg.svd(R)
+
+    def fast(X):
+        U, S, Vh = (t.clone() for t in torch.linalg.svd(X))
+        U[0] *= 1 + 1e-13  # within the tolerance: kept
+        U[1, :, 6] *= 1 + 1e-6  # a column 1e-6 off unit length (as a tiny singular value's vector)
+        S[3, 0] = float("nan")
+        return U, S, Vh
+
+    U, S, Vh = _svd_checked(R, fast)
+    for i in (1, 3):  # recomputed: the default driver's factors (to rounding: batched vs not)
+        for got, want in zip((U, S, Vh), exact):
+            torch.testing.assert_close(got[i], want[i], rtol=0, atol=1e-12)
+    assert torch.equal(U[0], exact[0][0] * (1 + 1e-13))  # the fast factors themselves
+    eye = torch.eye(7, dtype=F64)
+    torch.testing.assert_close(U.mT @ U, eye.expand(5, 7, 7), rtol=0, atol=1e-12)
+    torch.testing.assert_close((U * S[..., None, :]) @ Vh, R, rtol=0, atol=1e-12)
+
+
+def test_small_svd_route_knob(monkeypatch):
+    from fastmodels.ops.rsvd import _small_svd
+
+    R = torch.linalg.qr(torch.randn(2, 9, 6, dtype=F64, generator=torch.Generator().manual_seed(1))).R
+    for mode in ("gesvda", "default"):  # on the CPU both run LAPACK's SVD
+        monkeypatch.setenv("FASTMODELS_RSVD_SMALL_SVD", mode)
+        Ur, S, Vr = _small_svd(R, "reference")
+        torch.testing.assert_close((Ur * S[..., None, :]) @ Vr.mT, R, rtol=0, atol=1e-12)
+    if DEVICE == "cuda":
+        monkeypatch.setenv("FASTMODELS_RSVD_SMALL_SVD", "exact")
+        with pytest.raises(ValueError, match="FASTMODELS_RSVD_SMALL_SVD: expected one of"):
+            _small_svd(R.cuda(), "reference")
+
+
 def test_bad_inputs():
     A = torch.randn(10, 20)
     with pytest.raises(ValueError, match="rank: expected an int >= 1"):
