@@ -409,6 +409,22 @@ def test_inference_calls_build_no_autograd_node(backend):
         torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the warning is about the compiled Triton backward")
+def test_gpu_backward_warns_past_the_verified_table_size():
+    """The Triton backward on a GPU warns for depth tables of more than 16 rows (wrong dq and dE on
+    an H200, see _GPU_DQ_FAULT) and stays silent for 16 rows and for binary tapes."""
+    import warnings
+
+    tape = make_tape([40], 40, seed=1)
+    for V, binary, warns in ((17, False, True), (50, False, True), (16, False, False), (50, True, False)):
+        q, k, v, E, do = make_inputs(1, 2, 40, 40, 16, V, False, torch.float32)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            run("triton", q, k, v, E, do, tape, binary)
+        hits = [w for w in seen if issubclass(w.category, RuntimeWarning) and "wrong dq" in str(w.message)]
+        assert bool(hits) == warns, (V, binary, [str(w.message) for w in seen])
+
+
 @pytest.mark.parametrize("backend", op_backends("pushdown_attention"))
 def test_long_peaked_rows_fp32_as_accurate_as_reference(backend):
     """fp32 at T = 2048 on a deep binary Dyck tape with peaked scores and an offset depth table:
