@@ -83,6 +83,10 @@ def test_gpu_check_runs_every_step(tmp_path):
     assert "gpu_check finished" in res.stdout, out[-3000:]
     assert "unbound variable" not in out and "syntax error" not in out, out[-3000:]
 
+    # the pushdown dq probe before the benchmarks
+    probe = ["-m", "fastmodels.bench.pushdown_dq_probe"]
+    assert probe in calls and calls.index(probe) < min(i for i, c in enumerate(calls) if c[:2] == ["-m", "fastmodels.bench.harness"])
+
     # benchmarks: every op, on cuda, in the script's priority order
     benched = [c[2] for c in calls if c[:2] == ["-m", "fastmodels.bench.harness"]]
     assert benched == ["electric_image", "linear_cross_entropy_kl", "randomized_svd", "pushdown_attention"]

@@ -427,3 +427,18 @@ def test_fp32_dot_precision_follows_torch_float32_matmul_setting():
             assert prec(64, torch.bfloat16) == "tf32"  # bf16 operands: native bf16 dots either way
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+def test_dq_probe_is_exact_where_the_kernels_are(device, tmp_path, monkeypatch):
+    """bench/pushdown_dq_probe.py (the next GPU run's diagnostic of the dq fault) runs and, where
+    the kernels are right (the interpreter), reports rounding-level errors for every case; the
+    reports cover every case."""
+    from fastmodels.bench import pushdown_dq_probe
+
+    T, D = (24, 16) if device == "cpu" else (512, 64)
+    rows = pushdown_dq_probe.probe(device, T=T, D=D)
+    assert len(rows) == 2 * 2 * 7
+    for r in rows:
+        tol = 2e-2 if r["dtype"] == "bfloat16" else 1e-5
+        for key, e in r["errors"].items():
+            assert e <= tol, (r["case"], r["dtype"], r["uniform"], key, e)
