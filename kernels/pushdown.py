@@ -211,14 +211,6 @@ def _n_uniform(p, n_full, BN: tl.constexpr):
 
 
 @triton.jit
-def _fused_keys(p, KG: tl.constexpr):
-    """Fused backward: the keys [0, K_f) whose tiles with this query block the dk/dv pass finishes
-    (dq by atomics, dE in its own partials); K_f = p rounded down to a multiple of KG, which every
-    key-tile width divides, so both passes agree on the split whatever their tiles."""
-    return tl.where(p >= 0, tl.maximum(p, 0) // KG * KG, 0)
-
-
-@triton.jit
 def _table_rows(e_h, idx, s_ev, s_ed, o_d, m_d):
     """E[idx_j] for a row-uniform tile: one table row per key ([BN, BD], from L1/L2)."""
     return tl.load(e_h + idx[:, None] * s_ev + o_d[None, :] * s_ed, mask=m_d[None, :], other=0.0)
@@ -373,7 +365,7 @@ def pushdown_attention_bwd_preprocess_kernel(
 ):
     """delta = rowsum(dO * O) and QE = q E^T ([BM, VP] per block, fp32), shared by both passes;
     with UNIFORM (compact tapes, Tq = Tk), also the block's _uniform_p (per sentence: the first
-    head's programs write it), which the dq pass (row blocks of BM) and the fused dk/dv pass read."""
+    head's programs write it), which the dq pass (row blocks of BM) reads."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)  # grid (blocks, H, B)
     h = bh % H
