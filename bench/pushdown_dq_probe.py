@@ -29,25 +29,9 @@ import random
 
 import torch
 
+from fastmodels.bench.bench_pushdown import _random_tree  # the benchmark's deep random trees
 from fastmodels.bench.harness import RESULTS_DIR, environment
 from fastmodels.pushdown import StackTape
-
-
-def _random_tree(rng: random.Random, n: int):
-    """Nested lists over n leaves, 2-4 children per node (deep trees, as the benchmark's)."""
-    root: list = []
-    stack = [(root, n)]
-    while stack:
-        node, size = stack.pop()
-        if size == 1:
-            node.append("w")
-            continue
-        cuts = sorted(rng.sample(range(1, size), rng.randint(2, min(4, size)) - 1))
-        for a, b in zip([0] + cuts, cuts + [size]):
-            child: list = []
-            node.append(child)
-            stack.append((child, b - a))
-    return root
 
 
 def _reference_grads(q, k, v, E, S, scale, do):
